@@ -1,0 +1,1 @@
+"""Data: source layouts, the shard packer, the streaming loader, the synthetic set."""

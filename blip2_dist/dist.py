@@ -1,0 +1,145 @@
+"""Rank and world from the environment, process-group start-up, and small collective helpers.
+
+Rank/world are read once from the variables the launchers set: `deepspeed` and `torchrun` set
+RANK/WORLD_SIZE/LOCAL_RANK; under `srun` only SLURM_* exist, so those are the fallback (the same
+idea as open_clip's `world_info_from_env`). Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_int(*names: str, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+def world_info_from_env() -> WorldInfo:
+    """RANK/WORLD_SIZE/LOCAL_RANK (deepspeed, torchrun), else SLURM_PROCID/NTASKS/LOCALID (srun)."""
+    return WorldInfo(
+        rank=_first_int("RANK", "SLURM_PROCID", default=0),
+        local_rank=_first_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+        world_size=_first_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
+    )
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    hosts = out.stdout.split()
+    return hosts[0] if out.returncode == 0 and hosts else "127.0.0.1"
+
+
+def export_env_for_torch(info: WorldInfo) -> None:
+    """Under plain `srun`, torch.distributed's env:// init needs RANK etc.: derive them from SLURM."""
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _slurm_master_addr() if "SLURM_PROCID" in os.environ else "127.0.0.1"
+    if "MASTER_PORT" not in os.environ:
+        # Derived from the job id so two jobs sharing a node do not collide.
+        job = int(os.environ.get("SLURM_JOB_ID", "0"))
+        os.environ["MASTER_PORT"] = str(20000 + job % 20000)
+
+
+def device_for(info: WorldInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_minutes: int = 30) -> WorldInfo:
+    """Start the process group through DeepSpeed (nccl on GPU, gloo on CPU). Safe with world 1."""
+    import datetime
+
+    import deepspeed
+
+    info = world_info_from_env()
+    export_env_for_torch(info)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            verbose=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return info
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if is_initialized() else 1
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    if get_rank() == 0:
+        print(*args, flush=True, **kwargs)
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (a one-element list without a group)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    # nccl only reduces CUDA tensors; gloo only CPU ones.
+    if is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max(value: float) -> float:
+    if not is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
