@@ -1,0 +1,244 @@
+"""Typed configuration: one dataclass per concern, defaults <- config file <- command line.
+
+Every field has help text; the CLI flag is the field name with dashes (`--lora-r`), so a flag means
+the same in every entry point. A config file (JSON or YAML) is nested by section
+(`{"model": {"lora_r": 8}, "optim": {"lr": 1e-4}}`); unknown keys are rejected. The resolved
+config is written into the run directory by the trainer.
+
+DeepSpeed JSON files may hold "auto" values; `fill_deepspeed_config` replaces them from these
+settings the way the Hugging Face Trainer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArgs:
+    model: str = _f("Salesforce/blip2-flan-t5-xl", "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt")
+    random_init: bool = _f(False, "build the named architecture with random weights, no download (benchmarks only)")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA path")
+    lora_targets: list[str] | None = _f(None, "language-model modules to adapt (default T5: q v; OPT: q_proj v_proj)", nargs="+")
+    qformer_lora_targets: list[str] | None = _f(None, "Q-Former modules to adapt with LoRA too (e.g. query value)", nargs="+")
+    vision_lora_targets: list[str] | None = _f(None, "vision-encoder modules to adapt with LoRA too (e.g. qkv)", nargs="+")
+    train_qformer: bool = _f(False, "train the Q-Former, query tokens and projection fully")
+    train_query_tokens: bool = _f(False, "train the query tokens (saved beside the adapter)")
+
+
+@dataclass
+class DataArgs:
+    data: str = _f("shards/flickr8k", "shard folder with manifest.json (python -m blip2_dist.data.pack)")
+    train_split: str = _f("train", "split to train on")
+    eval_split: str = _f("val", "split to evaluate on during training")
+    micro_batch: int = _f(16, "captions per micro-batch per rank")
+    num_workers: int = _f(2, "loader worker processes per rank (0 = in the main process)")
+    caption_mode: str = _f("all", "all: every caption once per epoch; random: one random caption per image per epoch", choices=["all", "random"])
+    prompt: str = _f("", 'text prompt before the caption (LAVIS uses "a photo of")')
+    max_caption_tokens: int = _f(64, "captions longer than this many tokens are truncated (counted)")
+    shuffle_buffer: int = _f(1000, "images in each worker's shuffle buffer")
+    augment: bool = _f(False, "training-time image augmentation (off by default: flips contradict left/right captions)")
+
+
+@dataclass
+class OptimArgs:
+    lr: float = _f(1e-4, "peak learning rate (fills DeepSpeed's \"auto\")")
+    weight_decay: float = _f(0.05, "AdamW weight decay; never applied to biases and norms")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas", nargs=2)
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    warmup_steps: int = _f(100, "linear warm-up steps (optimizer steps)")
+    min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+
+
+@dataclass
+class EvalArgs:
+    num_beams: int = _f(5, "beam search width")
+    max_new_tokens: int = _f(30, "longest caption generated")
+    min_length: int = _f(8, "shortest caption generated, in tokens")
+    repetition_penalty: float = _f(1.0, "generation repetition penalty")
+    eval_batch: int = _f(16, "images per generation batch per rank")
+    max_eval_images: int = _f(0, "evaluate only the first N images of the split (0 = all)")
+    best_metric: str = _f("CIDEr", "metric that picks the best checkpoint")
+    gallery_images: int = _f(24, "images shown in the HTML gallery and TensorBoard")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = _f("runs/blip2", "run directory: checkpoints, adapters, TensorBoard, eval results")
+    deepspeed: str = _f("ds_configs/zero2.json", "DeepSpeed JSON config (\"auto\" values are filled from these flags)")
+    epochs: int = _f(1, "epochs to train (ignored when --max-steps is set)")
+    max_steps: int = _f(0, "optimizer steps to train (0 = use --epochs)")
+    save_steps: int = _f(500, "checkpoint every N optimizer steps (and at the end)")
+    eval_steps: int = _f(0, "evaluate every N optimizer steps (0 = only at the end)")
+    keep_last: int = _f(2, "checkpoints kept (the best adapter is kept apart)")
+    resume: str = _f("", "auto (latest complete checkpoint, if any) or a checkpoint path")
+    seed: int = _f(42, "seed for data order, LoRA init and dropout")
+    log_steps: int = _f(10, "TensorBoard scalars every N optimizer steps")
+    max_nonfinite: int = _f(0, "micro-batches with a NaN/inf loss skipped before the run stops")
+    skip_eval: bool = _f(False, "no evaluation during or after training")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "optim": OptimArgs,
+    "eval": EvalArgs,
+    "train": TrainArgs,
+}
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One flag per field, defaults suppressed so we can tell what the user actually set."""
+    group = parser.add_argument_group(title)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "nargs" in meta:
+            kw["nargs"] = meta.pop("nargs")
+            kw["type"] = float if "float" in str(kind) else str
+        else:
+            kw["type"] = kind if kind in (int, float, str) else str
+        kw.update(meta)
+        group.add_argument(_flag(f.name), **kw)
+
+
+def build_parser(description: str, sections: tuple[str, ...] = tuple(SECTIONS)) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON or YAML file with sections " + ", ".join(sections))
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for name in sections:
+        add_section_args(parser, SECTIONS[name], name)
+    return parser
+
+
+def _read_file(path: str) -> dict:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def _apply(section_obj: Any, values: dict, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in names:
+            raise ValueError(f"{where}: unknown option {key!r} (known: {', '.join(sorted(names))})")
+        setattr(section_obj, key, value)
+
+
+def parse_config(argv: list[str] | None, description: str, sections: tuple[str, ...] = tuple(SECTIONS)) -> Config:
+    """defaults <- --config file <- command-line flags; unknown keys in the file are errors."""
+    args = build_parser(description, sections).parse_args(argv)
+    cfg = Config()
+    if args.config:
+        for section, values in _read_file(args.config).items():
+            if section not in sections:
+                raise ValueError(f"{args.config}: unknown section {section!r} (known: {', '.join(sections)})")
+            _apply(getattr(cfg, section), values, f"{args.config} [{section}]")
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "local_rank")}
+    for section in sections:
+        obj = getattr(cfg, section)
+        names = {f.name for f in dataclasses.fields(obj)}
+        _apply(obj, {k: v for k, v in given.items() if k in names}, "command line")
+    return cfg
+
+
+# ---------------------------------------------------------------- DeepSpeed "auto" filling
+
+def _fill(section: dict, key: str, value: Any, path: str) -> None:
+    """Replace "auto" with our value; a concrete value that disagrees is an error, not a surprise."""
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value and not (isinstance(value, float) and isinstance(current, (int, float)) and abs(current - value) < 1e-12):
+        raise ValueError(
+            f"DeepSpeed config sets {path}.{key}={current!r} but the run's settings give {value!r}: "
+            f'set it to "auto" or make the flags agree'
+        )
+
+
+def load_deepspeed_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found (the shipped ones are in ds_configs/)")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: line {e.lineno}: {e.msg}") from None
+
+
+def fill_deepspeed_config(ds: dict, cfg: Config, world_size: int, total_steps: int, bf16_ok: bool) -> dict:
+    """Resolve every "auto" the way the HF Trainer does (batch sizes, lr, warm-up, steps, clipping)."""
+    ds = json.loads(json.dumps(ds))  # deep copy
+    o = cfg.optim
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.data.micro_batch, "")
+    _fill(ds, "gradient_accumulation_steps", o.grad_accum, "")
+    _fill(ds, "train_batch_size", cfg.data.micro_batch * o.grad_accum * world_size, "")
+    _fill(ds, "gradient_clipping", float(o.max_grad_norm), "")
+    for precision, enabled in (("bf16", bf16_ok), ("fp16", False)):
+        if precision in ds and ds[precision].get("enabled") == "auto":
+            ds[precision]["enabled"] = enabled
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        _fill(params, "lr", o.lr, "optimizer.params")
+        _fill(params, "betas", list(o.adam_betas), "optimizer.params")
+        _fill(params, "eps", o.adam_eps, "optimizer.params")
+        _fill(params, "weight_decay", o.weight_decay, "optimizer.params")
+    if "scheduler" in ds:
+        params = ds["scheduler"].setdefault("params", {})
+        _fill(params, "total_num_steps", total_steps, "scheduler.params")
+        _fill(params, "warmup_num_steps", min(o.warmup_steps, total_steps), "scheduler.params")
+        _fill(params, "cos_min_ratio", o.min_lr_ratio, "scheduler.params")
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ValueError(f"DeepSpeed config: no value for \"auto\" at {', '.join(leftover)}")
+    return ds
+
+
+def _walk(obj: Any, prefix: str = ""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, obj

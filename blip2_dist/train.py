@@ -1,0 +1,370 @@
+"""The trainer: LoRA-adapted BLIP-2 in a DeepSpeed engine, fed by the shard stream.
+
+    train(cfg)   # cfg from blip2_dist.config.parse_config; launch/train.py is the CLI
+
+Order of work: validate everything that can be checked without other ranks (so a bad argument
+fails fast instead of hanging a process group) -> start the process group -> model + LoRA ->
+engine -> resume -> loop (train_step, log, evaluate, checkpoint) -> final save + eval.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from blip2_dist import dist
+from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoint, write_json_atomic
+from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config
+from blip2_dist.data.shards import read_manifest
+from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
+from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
+from blip2_dist.model import LoraSettings, apply_lora, caption_loss, describe_trainable, load_model, save_adapter
+
+EXIT_PREEMPTED = 75  # saved after SIGTERM/SIGUSR1; the SLURM script requeues on it
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CaptionLossModule(torch.nn.Module):
+    """What DeepSpeed wraps: batch in, loss out. The BLIP-2 model itself stays untouched."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return caption_loss(self.model, batch)
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a save and a clean exit at the next step.
+
+    A signal may reach only some ranks, so the decision is all-reduced: every rank saves together.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        return dist.all_reduce_max(1.0 if self.requested else 0.0) > 0
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine to `min_ratio` at `total` (DeepSpeed WarmupCosineLR's shape)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only; no decay on biases, norms and 1-d tensors (query tokens too)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("query_tokens") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class Plan:
+    """Step counts decided before training, identical on every rank."""
+
+    micro_per_epoch: int     # micro-batches each rank takes per epoch
+    steps_per_epoch: int     # optimizer steps per epoch
+    total_steps: int
+
+
+def plan_steps(cfg: Config, loader_steps: int) -> Plan:
+    accum = cfg.optim.grad_accum
+    steps_per_epoch = loader_steps // accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"one epoch gives {loader_steps} micro-batches per rank, fewer than --grad-accum {accum}"
+        )
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    return Plan(steps_per_epoch * accum, steps_per_epoch, total)
+
+
+def validate(cfg: Config, world_size: int) -> dict:
+    """Checks that need no other rank. Returns the raw DeepSpeed config."""
+    read_manifest(cfg.data.data)  # clear error if the shards are missing
+    ds = load_deepspeed_config(cfg.train.deepspeed)
+    for name, value in (("--micro-batch", cfg.data.micro_batch), ("--grad-accum", cfg.optim.grad_accum)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    fill_deepspeed_config(ds, cfg, world_size, total_steps=1, bf16_ok=True)  # surfaces conflicts early
+    return ds
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+
+
+def build_model(cfg: Config, dtype: torch.dtype):
+    m = cfg.model
+    model, processor = load_model(m.model, dtype=dtype, random_init=m.random_init, seed=cfg.train.seed)
+    settings = LoraSettings(
+        r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets,
+        qformer_targets=m.qformer_lora_targets, vision_targets=m.vision_lora_targets,
+        train_qformer=m.train_qformer, train_query_tokens=m.train_query_tokens,
+    )
+    torch.manual_seed(cfg.train.seed)  # LoRA init identical on every rank
+    return apply_lora(model, settings), processor, settings
+
+
+def build_engine(model, cfg: Config, ds: dict):
+    """Our torch AdamW + LambdaLR unless the optimizer is offloaded (then DeepSpeed's CPU Adam)."""
+    import deepspeed
+
+    o = cfg.optim
+    sched = ds.pop("scheduler", None)
+    total = sched["params"]["total_num_steps"] if sched else 1
+    warmup = sched["params"]["warmup_num_steps"] if sched else o.warmup_steps
+    min_ratio = sched["params"].get("cos_min_ratio", o.min_lr_ratio) if sched else o.min_lr_ratio
+    offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    wrapped = CaptionLossModule(model)
+    groups = param_groups(wrapped, o.weight_decay)
+    optimizer = None
+    if not offloaded:
+        ds.pop("optimizer", None)
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps, fused=torch.cuda.is_available()
+        )
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, min_ratio))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapped, optimizer=optimizer, model_parameters=groups if offloaded else None,
+        lr_scheduler=scheduler, config=ds,
+    )
+    return engine
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def seed_step(seed: int, rank: int, micro_step: int) -> None:
+    # DeepSpeed does not restore RNG state; seeding per micro-step makes dropout replay on resume.
+    torch.manual_seed((seed * 1_000_003 + micro_step * 1009 + rank) % (2**63))
+
+
+def train_step(engine, batch: dict, state: TrainState, cfg: Config) -> float | None:
+    """One micro-batch: forward, non-finite check (agreed across ranks), backward, step."""
+    loss = engine(batch)
+    value = loss.detach().float()
+    bad = dist.all_reduce_max(0.0 if torch.isfinite(value) else 1.0) > 0
+    if bad:
+        state.nonfinite_skipped += 1
+        if state.nonfinite_skipped > cfg.train.max_nonfinite:
+            raise NonFiniteLoss(
+                f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, micro-batch "
+                f"{state.batch_in_epoch}); {state.nonfinite_skipped} so far, --max-nonfinite "
+                f"{cfg.train.max_nonfinite}. Lower --lr or check the data."
+            )
+        dist.print0(f"warning: non-finite loss at step {state.step + 1}, micro-batch skipped")
+        # A zero loss over the trainable parameters keeps every rank's backward/step (and
+        # DeepSpeed's accumulation counter) in lock-step while contributing no gradient.
+        loss = sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad), torch.zeros(()))
+        engine.backward(loss)
+        engine.step()
+        return None
+    engine.backward(loss)
+    engine.step()
+    return float(value)
+
+
+class Trainer:
+    """Holds the run's objects; `fit()` is the loop."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        info = dist.world_info_from_env()
+        ds_raw = validate(cfg, info.world_size)
+        self.info = dist.init_distributed()
+        self.out = Path(cfg.train.output_dir)
+        self.is_main = self.info.is_main
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        self.bf16 = bf16_supported() and ds_raw.get("bf16", {}).get("enabled", False) in (True, "auto")
+        model, self.processor, self.lora = build_model(cfg, torch.bfloat16 if self.bf16 else torch.float32)
+        dist.print0(describe_trainable(model))
+        self.fmt = CaptionFormat.from_processor(
+            self.processor, model.config, prompt=cfg.data.prompt, max_caption_tokens=cfg.data.max_caption_tokens
+        )
+        self.transform = ImageTransform.from_processor(self.processor, augment=cfg.data.augment)
+        self.stream = TrainStream(
+            cfg.data.data, cfg.data.train_split, self.fmt, self.transform,
+            micro_batch=cfg.data.micro_batch, rank=self.info.rank, world_size=self.info.world_size,
+            num_workers=cfg.data.num_workers, seed=cfg.train.seed, caption_mode=cfg.data.caption_mode,
+            shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=torch.cuda.is_available(),
+        )
+        self.plan = plan_steps(cfg, self.stream.steps_per_epoch)
+        self.ds = fill_deepspeed_config(ds_raw, cfg, self.info.world_size, self.plan.total_steps, self.bf16)
+        self.engine = build_engine(model, cfg, dict(self.ds))
+        self.model = self.engine.module.model
+        self.writer = build_writer(self.out / "tensorboard", self.is_main)
+        self.checkpointer = Checkpointer(self.out, cfg.train.keep_last, self._export_adapter)
+        self.state = TrainState()
+        self.stop = StopFlag()
+
+    def _export_adapter(self, out_dir: Path) -> None:
+        save_adapter(self.model, self.processor, out_dir, base_name=self.cfg.model.model)
+
+    def _write_config(self) -> None:
+        resolved = {**self.cfg.to_dict(), "deepspeed_resolved": self.ds, "world_size": self.info.world_size,
+                    "plan": vars(self.plan), "dropped_examples_per_epoch": self.stream.dropped_examples_per_epoch}
+        if self.is_main:
+            write_json_atomic(self.out / "config.json", resolved)
+        self.writer.text("config", "```\n" + _json(resolved) + "\n```")
+
+    def resume(self) -> None:
+        path = find_resume_checkpoint(self.out, self.cfg.train.resume)
+        if path is not None:
+            self.state = self.checkpointer.load(self.engine, path)
+            dist.print0(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                        f"micro-batch {self.state.batch_in_epoch})")
+
+    def fit(self) -> int:
+        """Returns the process exit code: 0 done, EXIT_PREEMPTED saved after a signal."""
+        self._write_config()
+        self.resume()
+        cfg, plan, state = self.cfg, self.plan, self.state
+        bar = tqdm(total=plan.total_steps, initial=state.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        meter, window = ThroughputMeter(), []
+        while state.step < plan.total_steps:
+            batches = self.stream.epoch(state.epoch, start_batch=state.batch_in_epoch)
+            t_wait, start = time.perf_counter(), state.batch_in_epoch
+            for batch in batches:
+                if state.batch_in_epoch >= plan.micro_per_epoch or state.step >= plan.total_steps:
+                    break
+                wait = time.perf_counter() - t_wait
+                seed_step(cfg.train.seed, self.info.rank, state.step * cfg.optim.grad_accum + state.batch_in_epoch)
+                loss = train_step(self.engine, to_device(batch, self.engine.device), state, cfg)
+                state.batch_in_epoch += 1
+                meter.add(batch["num_examples"], len(batch["image_ids"]), int(batch["attention_mask"].sum()), wait)
+                if loss is not None:
+                    window.append(loss)
+                if state.batch_in_epoch % cfg.optim.grad_accum == 0:  # DeepSpeed stepped the optimizer
+                    self._after_step(window, meter, bar)
+                    window = []
+                    if self._maybe_stop_or_save():
+                        bar.close()
+                        return EXIT_PREEMPTED
+                t_wait = time.perf_counter()
+            if state.batch_in_epoch == start and state.step < plan.total_steps:
+                raise RuntimeError(f"epoch {state.epoch} yielded no batch after micro-batch {start}: loader bug")
+            if state.batch_in_epoch >= plan.micro_per_epoch:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+        bar.close()
+        self._finish()
+        return 0
+
+    def _after_step(self, window: list[float], meter: ThroughputMeter, bar) -> None:
+        state, cfg = self.state, self.cfg
+        state.step += 1
+        local = sum(window) / len(window) if window else float("nan")
+        loss = _mean_over_ranks(local)
+        state.losses.append(loss)
+        state.examples_seen += cfg.data.micro_batch * cfg.optim.grad_accum * self.info.world_size
+        meter.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}")
+        if state.step % cfg.train.log_steps == 0 or state.step == 1:
+            self._log_scalars(loss, meter)
+            meter.reset()
+        if cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0 and state.step < self.plan.total_steps:
+            self.evaluate()
+
+    def _lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def _log_scalars(self, loss: float, meter: ThroughputMeter) -> None:
+        step = self.state.step
+        grad_norm = self.engine.get_global_grad_norm()
+        values = {"train/loss": loss, "train/lr": self._lr(), "train/epoch": self.state.epoch}
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        values.update({f"perf/{k}": v for k, v in meter.summary(self.info.world_size).items()})
+        values["perf/peak_mem_gb"] = peak_memory_gb(self.engine.device)
+        self.writer.scalars(values, step)
+        self.writer.flush()
+
+    def _maybe_stop_or_save(self) -> bool:
+        state = self.state
+        if self.stop.agreed():
+            dist.print0(f"signal received: saving at step {state.step} and exiting with {EXIT_PREEMPTED}")
+            self.checkpointer.save(self.engine, state)
+            self.writer.close()
+            return True
+        if state.step % self.cfg.train.save_steps == 0 and state.step < self.plan.total_steps:
+            self.checkpointer.save(self.engine, state)
+        return False
+
+    def evaluate(self) -> dict | None:
+        if self.cfg.train.skip_eval:
+            return None
+        from blip2_dist.evaluate import evaluate_in_training
+
+        metrics = evaluate_in_training(self)
+        key = self.cfg.eval.best_metric
+        if metrics and key in metrics and (self.state.best_metric is None or metrics[key] > self.state.best_metric):
+            self.state.best_metric, self.state.best_step = metrics[key], self.state.step
+            self.checkpointer.save_best(self.state.step, metrics)
+        return metrics
+
+    def _finish(self) -> None:
+        state = self.state
+        self.evaluate()
+        self.checkpointer.save(self.engine, state)
+        if self.is_main:
+            write_json_atomic(self.out / "final_state.json", {
+                "step": state.step, "epoch": state.epoch, "loss_history": state.losses,
+                "examples_seen": state.examples_seen, "best_metric": state.best_metric,
+                "best_step": state.best_step,
+            })
+        self.writer.hparams(
+            {k: v for k, v in flatten(self.cfg.to_dict()).items()},
+            {"hparam/final_loss": state.losses[-1] if state.losses else float("nan")},
+        )
+        self.writer.close()
+        dist.print0(f"done: {state.step} steps, final loss {state.losses[-1]:.4f}, run in {self.out}")
+
+
+def _mean_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=dist._collective_device())
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def train(cfg: Config) -> int:
+    return Trainer(cfg).fit()
