@@ -1,0 +1,535 @@
+"""Pack image-caption data into WebDataset shards + manifest.json (the contract in shards.py).
+
+    python -m blip2_dist.data.pack flickr8k ~/data/flickr8k --out shards/flickr8k
+    python -m blip2_dist.data.pack flickr8k ~/data/flickr8k --out shards/f8k364 --max-side 364
+    python -m blip2_dist.data.pack hf ~/data/my_captions --out shards/mine --split-ratio 0.8,0.1,0.1
+    python -m blip2_dist.data.pack synthetic --out shards/synthetic      # the demo's set, seconds
+    (`blip2-pack ...` is the same command once the package is installed.)
+
+Records come from a source layout (flickr8k.py, or any Hugging Face `datasets` image-caption set
+on disk), images are read, fully decoded (a truncated JPEG is an error) and, where needed,
+re-encoded by a pool of worker processes, in order, and written by one ShardWriter: the same
+input gives byte-identical shards whatever --workers is. Any bad input stops the run with an
+error naming the file (and line), and no manifest is left in --out; with --skip-bad the rest is
+packed and what was left out is listed in the manifest and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from PIL import Image, ImageFile, ImageOps
+from tqdm import tqdm
+
+from blip2_dist.data.flickr8k import LAYOUTS, PackError, Problem, Record, flickr8k_records, stem
+from blip2_dist.data.shards import MANIFEST, SPLITS, Sample, ShardWriter
+
+DEFAULT_QUALITY = 95
+_SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+_MAX_LISTED = 20  # problems shown in an error message or the summary; the manifest has them all
+_HINT = "(--skip-bad packs the rest and lists what was left out in the manifest)"
+
+
+# ---- one image ------------------------------------------------------------------------------
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    w, h = size
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _jpeg_mode(im: Image.Image) -> Image.Image:
+    """A mode JPEG can hold: L and RGB stay; alpha goes onto white; CMYK, P, 16-bit... convert."""
+    if im.mode in ("RGB", "L"):
+        return im
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit or float grayscale
+        gray = im.convert("I") if im.mode.startswith("I;16") else im
+        if gray.getextrema()[1] > 255:
+            gray = gray.point(lambda v: v * (1 / 256))
+        return gray.convert("L")
+    if im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat = Image.alpha_composite(background, rgba)
+        return flat.convert("L" if im.mode in ("LA", "La") else "RGB")
+    return im.convert("RGB")
+
+
+def prepare_image(data: bytes, max_side: int | None = None, quality: int = DEFAULT_QUALITY) -> tuple[bytes, str]:
+    """Verify an image by decoding it fully; return (JPEG bytes, what was done).
+
+    A JPEG no larger than `max_side` keeps its original bytes ("kept", grayscale and CMYK
+    included); any other format is re-encoded to JPEG ("converted"); a larger one is shrunk so its
+    long side is `max_side` ("resized"), with JPEG draft decoding for speed. Re-encoding keeps
+    the EXIF orientation tag and, when the mode is unchanged, the ICC profile. Raises on a
+    truncated or unreadable image (LOAD_TRUNCATED_IMAGES must stay False).
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        is_jpeg = im.format in ("JPEG", "MPO")
+        too_big = max_side is not None and max(im.size) > max_side
+        if is_jpeg and not too_big:
+            im.load()
+            return data, "kept"
+        target = _fit(im.size, max_side) if too_big else None
+        if is_jpeg and target is not None:
+            im.draft(None, target)  # decode at 1/2, 1/4 or 1/8 scale when that stays >= target
+        im.load()
+        orientation = im.getexif().get(0x0112)
+        out = _jpeg_mode(im)
+        if target is not None and out.size != target:
+            out = out.resize(target, Image.Resampling.LANCZOS)
+        options = {"quality": quality}
+        if out.mode == im.mode and im.info.get("icc_profile"):
+            options["icc_profile"] = im.info["icc_profile"]
+        if orientation not in (None, 1):
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            options["exif"] = exif.tobytes()
+        buf = io.BytesIO()
+        out.save(buf, "JPEG", **options)
+        return buf.getvalue(), ("resized" if target is not None else "converted")
+
+
+def _load_task(task: tuple[str | None, bytes | None, int | None, int]) -> tuple[bool, bytes | str]:
+    """Worker: (path or bytes, max_side, quality) → (True, JPEG bytes) or (False, why not)."""
+    path, data, max_side, quality = task
+    try:
+        if data is None:
+            data = Path(path).read_bytes()
+        return True, prepare_image(data, max_side, quality)[0]
+    except FileNotFoundError:
+        return False, "missing image file"
+    except Exception as e:  # noqa: BLE001 - any decoder failure means a bad image; say which
+        return False, f"unreadable image ({type(e).__name__}: {e})"
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int = 64) -> Iterator:
+    """`map(fn, items)` over `workers` processes, results in input order, at most `ahead` in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_workers() -> int:
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+# ---- records → shards -----------------------------------------------------------------------
+
+
+def remove_pack(out_dir: str | os.PathLike) -> None:
+    """Delete a previous pack in `out_dir`: its manifest and `{split}-NNNNNN.tar` shards only."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    for name in (MANIFEST, MANIFEST + ".tmp"):
+        (out / name).unlink(missing_ok=True)
+    for entry in os.scandir(out):
+        if _SHARD_NAME.match(entry.name) and entry.is_file():
+            os.unlink(entry.path)
+
+
+def _problem_report(problems: Sequence[Problem]) -> str:
+    lines = [str(p) for p in problems[:_MAX_LISTED]]
+    if len(problems) > _MAX_LISTED:
+        lines.append(f"... and {len(problems) - _MAX_LISTED} more")
+    lines.append(_HINT)
+    return "\n".join(lines)
+
+
+def _tasks(records: Sequence[Record], max_side: int | None, quality: int) -> Iterator[tuple]:
+    for r in records:
+        data = r.data() if callable(r.data) else r.data
+        yield (r.path, data, max_side, quality)
+
+
+def pack_records(
+    records: Sequence[Record],
+    out_dir: str | os.PathLike,
+    *,
+    problems: Sequence[Problem] = (),
+    source: dict | None = None,
+    samples_per_shard: int = 1000,
+    max_side: int | None = None,
+    quality: int = DEFAULT_QUALITY,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Read, verify and (re-)encode the records' images in parallel and write them in order.
+
+    Records of a split are written in the given order (splits may interleave). `problems` found
+    while reading the source, and images that are missing or don't decode, stop the run with a
+    PackError unless `skip_bad`. Returns the manifest; on failure no manifest is left in out_dir.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise PackError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated JPEGs would pass; unset it")
+    if max_side is not None and max_side < 1:
+        raise PackError(f"--max-side must be >= 1, got {max_side}")
+    remove_pack(out_dir)
+    problems = list(problems)
+    todo = []
+    for r in records:  # a cheap check first, so a missing file stops the run before any work
+        if r.data is None and r.path is not None and not os.path.isfile(r.path):
+            problems.append(Problem(r.image_id, r.path, "missing image file"))
+        else:
+            todo.append(r)
+    if problems and not skip_bad:
+        raise PackError(_problem_report(problems))
+    source = dict(source or {}, max_side=max_side, samples_per_shard=samples_per_shard, jpeg_quality=quality)
+    workers = default_workers() if workers is None else workers
+    writer = ShardWriter(out_dir, samples_per_shard, source=source)
+    try:
+        for p in problems:
+            writer.skip(p.image_id, p.file, p.manifest_reason())
+        written = 0
+        results = ordered_map(_load_task, _tasks(todo, max_side, quality), workers)
+        with tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None if progress else True) as bar:
+            for record, (ok, payload) in zip(todo, results):
+                bar.update(1)
+                if ok:
+                    writer.write(Sample(record.image_id, record.split, record.captions, payload))
+                    written += 1
+                elif skip_bad:
+                    writer.skip(record.image_id, record.origin, f"image skipped: {payload}")
+                else:
+                    raise PackError(f"{record.origin}: {payload}\n{_HINT}")
+        if written == 0:
+            raise PackError("nothing to pack: no image with a caption was found" + (" (all skipped)" if problems else ""))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        remove_pack(out_dir)
+        raise
+
+
+def pack_flickr8k(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    format: str | None = None,
+    images_dir: str | os.PathLike | None = None,
+    splits_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+    **options,
+) -> dict:
+    """Pack a Flickr8k folder in any of the three layouts (see flickr8k.py). `options`: pack_records's."""
+    remove_pack(out_dir)  # even if the source turns out bad: no stale manifest survives a failed run
+    layout, records, problems = flickr8k_records(source, format, images_dir, splits_dir)
+    for note in layout.notes:
+        log(note)
+    info = {"layout": layout.kind, "path": str(source), "split_rule": layout.split_rule}
+    return pack_records(records, out_dir, problems=problems, source=info, **options)
+
+
+# ---- Hugging Face datasets on disk ----------------------------------------------------------
+
+HF_SPLITS = {
+    "train": "train", "training": "train", "restval": "train",
+    "validation": "val", "valid": "val", "val": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "sentence")
+
+
+def parse_split_ratio(text: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise PackError(f"--split-ratio {text!r}: expected three non-negative numbers like 0.8,0.1,0.1")
+    total = sum(parts)
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def ratio_split(key: str, ratio: tuple[float, float, float]) -> str:
+    """train/val/test by sha1(key) as a number in [0, 1): stable whatever the row order."""
+    u = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "train" if u < ratio[0] else ("val" if u < ratio[0] + ratio[1] else "test")
+
+
+def _load_hf(root: Path, cache_dir: str | None):
+    import datasets  # heavy; only this path needs it
+
+    try:
+        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+            return "load_from_disk", datasets.load_from_disk(str(root))
+        return "imagefolder", datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; name the folder
+        raise PackError(f"{root}: cannot load as a Hugging Face dataset ({type(e).__name__}: {e})") from e
+
+
+def _image_refs(ds, column: str) -> list[tuple[str | None, bool]]:
+    """(path, has embedded bytes) per row, read from Arrow without touching the image bytes."""
+    import pyarrow as pa
+
+    table = ds.select_columns([column]).with_format("arrow")[:]
+    refs: list[tuple[str | None, bool]] = []
+    for chunk in table.column(column).chunks:
+        if pa.types.is_struct(chunk.type):
+            valid = chunk.is_valid().to_pylist()
+            paths = chunk.field("path").to_pylist()
+            has = chunk.field("bytes").is_valid().to_pylist()
+            refs.extend((p if v else None, bool(b and v)) for p, b, v in zip(paths, has, valid))
+        elif pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):
+            refs.extend((p, False) for p in chunk.to_pylist())
+        else:
+            raise PackError(f"column {column!r} is {chunk.type}, not an image or a path")
+    return refs
+
+
+def _hf_bytes(view, column: str, index: int) -> bytes:
+    return view[index].column(column)[0]["bytes"].as_py()
+
+
+def _row_captions(row: dict, columns: list[str], image_id: str, where: str) -> tuple[list[str], list[Problem]]:
+    captions, problems = [], []
+    for column in columns:
+        value = row[column]
+        items = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise PackError(f"{where}: column {column!r} holds {value!r}; captions must be strings or lists of strings")
+        for item in items:
+            if item.strip():
+                captions.append(item.strip())
+            else:
+                problems.append(Problem(image_id, where, f"empty caption in column {column!r}", "caption"))
+    return captions, problems
+
+
+def hf_records(
+    path: str | os.PathLike,
+    image_column: str = "image",
+    caption_column: str | Sequence[str] | None = None,
+    split_column: str | None = None,
+    split_ratio: str | tuple[float, float, float] | None = None,
+    cache_dir: str | None = None,
+) -> tuple[dict, list[Record], list[Problem]]:
+    """Records from a `datasets` imagefolder (metadata.jsonl) or a save_to_disk folder.
+
+    Splits: the DatasetDict's own (train, validation|val|dev, test), or `split_column`, or
+    `split_ratio` (by sha1 of the image id key). Image id: the file stem, else
+    `{split}-{index:08d}` with index counted over all source rows.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise PackError(f"{path}: not a folder")
+    if split_column and split_ratio:
+        raise PackError("give --split-column or --split-ratio, not both")
+    ratio = parse_split_ratio(split_ratio) if isinstance(split_ratio, str) else split_ratio
+    loader, obj = _load_hf(root, cache_dir)
+    parts = list(obj.items()) if hasattr(obj, "items") else [("train", obj)]
+    columns = parts[0][1].column_names
+    if caption_column is None:
+        found = [c for c in CAPTION_COLUMNS if c in columns]
+        if not found:
+            raise PackError(f"{path}: no caption column among {columns}; name it with --caption-column")
+        caption_columns = found[:1]
+    else:
+        caption_columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
+    for column in [image_column, *caption_columns, *([split_column] if split_column else [])]:
+        if column not in columns:
+            raise PackError(f"{path}: no column {column!r} (columns: {', '.join(columns)})")
+    if not (split_column or ratio):
+        unknown = [name for name, _ in parts if name.lower() not in HF_SPLITS]
+        if unknown:
+            raise PackError(f"{path}: split {unknown[0]!r} is not train/validation/test; use --split-column or --split-ratio")
+
+    records, problems, seen = [], [], {}
+    index = 0
+    for part_name, ds in parts:
+        refs = _image_refs(ds, image_column)
+        view = ds.select_columns([image_column]).with_format("arrow")
+        meta = ds.select_columns(caption_columns + ([split_column] if split_column else []))
+        for i, (row, (img_path, has_bytes)) in enumerate(zip(meta, refs)):
+            where = img_path if img_path and not has_bytes else f"{path} [{part_name}][{i}]"
+            key = stem(img_path) if img_path else str(index)
+            if split_column:
+                split = HF_SPLITS.get(str(row[split_column]).strip().lower())
+            else:
+                split = ratio_split(key, ratio) if ratio else HF_SPLITS[part_name.lower()]
+            image_id = stem(img_path) if img_path else f"{split or 'row'}-{index:08d}"
+            index += 1
+            if split is None:
+                problems.append(Problem(image_id, where, f"split value {row[split_column]!r} is not train/val/test"))
+                continue
+            captions, bad = _row_captions(row, caption_columns, image_id, where)
+            problems.extend(bad)
+            if not captions:
+                problems.append(Problem(image_id, where, "no caption"))
+            elif image_id in seen:
+                problems.append(Problem(image_id, where, f"image id {image_id!r} also used by {seen[image_id]}"))
+            elif has_bytes:
+                seen[image_id] = where
+                records.append(Record(image_id, split, captions, data=partial(_hf_bytes, view, image_column, i), origin=where))
+            elif img_path:
+                seen[image_id] = where
+                full = img_path if os.path.isabs(img_path) else str(root / img_path)
+                records.append(Record(image_id, split, captions, path=full))
+            else:
+                problems.append(Problem(image_id, where, "no image (neither bytes nor path)"))
+    info = {
+        "layout": "hf", "path": str(path), "loader": loader, "image_column": image_column,
+        "caption_columns": caption_columns, "split_column": split_column,
+        "split_ratio": list(ratio) if ratio else None,
+    }
+    return info, records, problems
+
+
+def pack_hf(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    image_column: str = "image",
+    caption_column: str | Sequence[str] | None = None,
+    split_column: str | None = None,
+    split_ratio: str | tuple[float, float, float] | None = None,
+    cache_dir: str | None = None,
+    log: Callable[[str], None] = print,
+    **options,
+) -> dict:
+    """Pack a Hugging Face image-caption dataset on disk (see hf_records). `options`: pack_records's."""
+    remove_pack(out_dir)
+    info, records, problems = hf_records(path, image_column, caption_column, split_column, split_ratio, cache_dir)
+    if records and not any(r.split == "val" for r in records):
+        log("note: no val split; pass --split-ratio 0.8,0.1,0.1 or --split-column to hold images out")
+    return pack_records(records, out_dir, problems=problems, source=info, **options)
+
+
+# ---- summary and CLI ------------------------------------------------------------------------
+
+
+def summarize_manifest(manifest: dict, seconds: float | None = None) -> str:
+    """What a pack holds: per split images/captions/shards, what was skipped, and speed."""
+    src = manifest.get("source", {})
+    lines = [f"packed {src.get('layout', '?')} from {src.get('path', '?')}"]
+    rows = [("split", "images", "captions", "shards")]
+    total = [0, 0, 0]
+    for split in SPLITS:
+        info = manifest["splits"].get(split)
+        if info:
+            counts = (info["images"], info["captions"], len(info["shards"]))
+            total = [a + b for a, b in zip(total, counts)]
+            rows.append((split, *map(str, counts)))
+    rows.append(("total", *map(str, total)))
+    lines += [f"  {r[0]:<6} {r[1]:>8} {r[2]:>9} {r[3]:>7}" for r in rows]
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        kinds = {"image skipped": "images", "caption dropped": "captions", "line ignored": "lines"}
+        counts = {word: sum(s["reason"].startswith(prefix) for s in skipped) for prefix, word in kinds.items()}
+        other = len(skipped) - sum(counts.values())  # entries written by other tools
+        parts = [f"{n} {word}" for word, n in counts.items() if n] + ([f"{other} other"] if other else [])
+        lines.append(f"skipped: {len(skipped)} ({', '.join(parts)})")
+        for s in skipped[:_MAX_LISTED]:
+            lines.append(f"  {s['file']}: {s['reason']}" + (f" [{s['image_id']}]" if s["image_id"] else ""))
+        if len(skipped) > _MAX_LISTED:
+            lines.append(f"  ... and {len(skipped) - _MAX_LISTED} more (all listed in {MANIFEST})")
+    else:
+        lines.append("skipped: 0")
+    if seconds is not None:
+        lines.append(f"{total[0]} images in {seconds:.1f} s ({total[0] / max(seconds, 1e-9):.1f} images/s)")
+    return "\n".join(lines)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json (a previous pack there is replaced)")
+    p.add_argument("--samples-per-shard", "--images-per-shard", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--max-side", type=int, default=None, help="re-encode images whose long side exceeds N to N (default: keep the original bytes)")
+    p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality when re-encoding (default 95)")
+    p.add_argument("--workers", type=int, default=None, help="image reading/re-encoding processes (default: CPU count, at most 8; 1 = in process)")
+    p.add_argument("--skip-bad", action="store_true", help="pack the rest when input is bad; list what was left out in the manifest")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip2-pack", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("flickr8k", help="pack a Flickr8k folder (original, karpathy or kaggle layout)")
+    f.add_argument("source", help="the folder where Flickr8k was unzipped")
+    f.add_argument("--format", choices=LAYOUTS, default=None, help="force the layout (default: detected)")
+    f.add_argument("--images", default=None, help="the image folder, if it can't be found beside the text files")
+    f.add_argument("--splits", default=None, help="kaggle layout: folder with Flickr_8k.{train,dev,test}Images.txt (default: sha1 hash split 6:1:1)")
+    _add_common(f)
+    h = sub.add_parser("hf", help="pack a Hugging Face datasets image-caption set on disk (imagefolder or save_to_disk)")
+    h.add_argument("path", help="an imagefolder (images + metadata.jsonl) or a save_to_disk folder")
+    h.add_argument("--image-column", default="image", help="image column (default: image)")
+    h.add_argument("--caption-column", nargs="+", default=None, help=f"caption column(s), each a string or a list of strings (default: first of {', '.join(CAPTION_COLUMNS)})")
+    h.add_argument("--split-column", default=None, help="column naming each row's split (train/validation|val|dev/test)")
+    h.add_argument("--split-ratio", default=None, help="re-split by a hash of the image id, e.g. 0.8,0.1,0.1 (default: the dataset's own splits)")
+    h.add_argument("--cache-dir", default=None, help="datasets cache for the imagefolder loader (default: HF_DATASETS_CACHE)")
+    _add_common(h)
+    s = sub.add_parser("synthetic", help="write the procedural shapes set used by the demo and the tests")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n-train", type=int, default=2000, help="train images (default 2000)")
+    s.add_argument("--n-val", type=int, default=100, help="val images (default 100)")
+    s.add_argument("--n-test", type=int, default=100, help="test images (default 100)")
+    s.add_argument("--image-size", type=int, default=64, help="square image side in pixels (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="seed (same seed, same shards)")
+    s.add_argument("--samples-per-shard", type=int, default=50, help="images per shard (default 50)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.command == "synthetic":
+            from blip2_dist.data.synthetic import write_synthetic
+
+            manifest = write_synthetic(
+                args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                image_size=args.image_size, seed=args.seed, samples_per_shard=args.samples_per_shard,
+            )
+        else:
+            options = dict(
+                samples_per_shard=args.samples_per_shard, max_side=args.max_side, quality=args.quality,
+                workers=args.workers, skip_bad=args.skip_bad, progress=not args.no_progress,
+            )
+            if args.command == "flickr8k":
+                manifest = pack_flickr8k(args.source, args.out, format=args.format, images_dir=args.images, splits_dir=args.splits, **options)
+            else:
+                manifest = pack_hf(
+                    args.path, args.out, image_column=args.image_column, caption_column=args.caption_column,
+                    split_column=args.split_column, split_ratio=args.split_ratio, cache_dir=args.cache_dir, **options,
+                )
+    except PackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"error: nothing packed; {args.out} holds no manifest", file=sys.stderr)
+        return 1
+    print(summarize_manifest(manifest, time.perf_counter() - start))
+    print(f"wrote {Path(args.out) / MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

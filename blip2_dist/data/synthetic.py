@@ -1,0 +1,205 @@
+"""A procedural image-caption set for the demo and the tests: coloured shapes with true captions.
+
+Each image shows 1-3 shapes of one kind (circle, square, triangle, cross) and one colour (red,
+green, blue, yellow, purple, white) on a dark background, grouped on the left, right, top, bottom
+or in the center. Its five captions name colour, kind and count, two of them the position too
+("two red circles on the left", "there are two red circles in the picture", ...), so no caption can
+be right without looking at the image: 6 × 4 × 3 × 5 = 360 scenes. Every word is in
+model.TINY_CORPUS_WORDS, so the tiny tokenizer keeps it whole.
+
+    python -m blip2_dist.data.synthetic --out shards/synthetic        # 2000/100/100 at 64 px
+    python -m blip2_dist.data.pack synthetic --out shards/synthetic   # the same command
+
+    manifest = write_synthetic("shards/synthetic", n_train=2000, n_val=100, n_test=100)
+    scene = scene_for_id("syn-val-000007")   # the ground truth of a written sample
+
+Deterministic: a scene depends only on (seed, split, index), so shards are byte-identical per seed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from blip2_dist.data.shards import SPLITS, Sample, ShardWriter
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 100, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 210),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+COUNTS = (1, 2, 3)
+POSITIONS = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+ARTICLES = {1: "a", 2: "two", 3: "three"}
+# Where a group goes, as (x0, y0, x1, y1) in image fractions, and along which axis its shapes line up.
+_REGIONS = {
+    "left": ((0.04, 0.04, 0.46, 0.96), "y"),
+    "right": ((0.54, 0.04, 0.96, 0.96), "y"),
+    "top": ((0.04, 0.04, 0.96, 0.46), "x"),
+    "bottom": ((0.04, 0.54, 0.96, 0.96), "x"),
+    "center": ((0.04, 0.29, 0.96, 0.71), "x"),
+}
+_CENTER_ONE = (0.27, 0.27, 0.73, 0.73)  # a single shape "in the center" sits in the middle square
+_SUPERSAMPLE = 4  # drawn at 4× and shrunk: smooth edges
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image shows (the ground truth its captions are made from)."""
+
+    colour: str
+    shape: str
+    count: int
+    position: str
+    background: int  # grey level
+    boxes: tuple[tuple[float, float, float, float], ...]  # each shape's box, in image fractions
+
+
+def image_id(split: str, index: int) -> str:
+    return f"syn-{split}-{index:06d}"
+
+
+def parse_image_id(name: str) -> tuple[str, int]:
+    prefix, split, index = name.split("-")
+    if prefix != "syn" or split not in SPLITS:
+        raise ValueError(f"{name!r} is not a synthetic image id (syn-SPLIT-NNNNNN)")
+    return split, int(index)
+
+
+def make_scene(seed: int, split: str, index: int) -> Scene:
+    """The scene of image `index` of `split`: a function of (seed, split, index) only."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    count = COUNTS[rng.integers(len(COUNTS))]
+    position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+    (x0, y0, x1, y1), axis = _REGIONS[position]
+    if position == "center" and count == 1:
+        x0, y0, x1, y1 = _CENTER_ONE
+    along, across = (x1 - x0, y1 - y0) if axis == "x" else (y1 - y0, x1 - x0)
+    slot = along / count
+    boxes = []
+    for k in range(count):
+        size = min(slot, across) * rng.uniform(0.65, 0.85)
+        # Jitter stays inside the shape's own slot: shapes never touch.
+        c_along = (x0 if axis == "x" else y0) + slot * (k + 0.5) + rng.uniform(-0.5, 0.5) * (slot - size) * 0.5
+        c_across = (y0 + y1) / 2 if axis == "x" else (x0 + x1) / 2
+        c_across += rng.uniform(-0.5, 0.5) * (across - size) * 0.5
+        cx, cy = (c_along, c_across) if axis == "x" else (c_across, c_along)
+        boxes.append((cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2))
+    background = int(rng.integers(20, 61))
+    return Scene(colour, shape, count, position, background, tuple(boxes))
+
+
+def draw_scene(scene: Scene, image_size: int = 64) -> Image.Image:
+    big = image_size * _SUPERSAMPLE
+    im = Image.new("RGB", (big, big), (scene.background,) * 3)
+    draw = ImageDraw.Draw(im)
+    fill = COLOURS[scene.colour]
+    for bx0, by0, bx1, by1 in scene.boxes:
+        x0, y0, x1, y1 = (round(v * big) for v in (bx0, by0, bx1, by1))
+        if scene.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif scene.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif scene.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:  # cross
+            t = (x1 - x0) * 0.18
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            draw.rectangle((x0, cy - t, x1, cy + t), fill=fill)
+            draw.rectangle((cx - t, y0, cx + t, y1), fill=fill)
+    return im.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def scene_captions(scene: Scene) -> list[str]:
+    """Five captions, all true of the scene; two also say where."""
+    n = scene.count
+    noun = scene.shape if n == 1 else PLURALS[scene.shape]
+    thing = f"{ARTICLES[n]} {scene.colour} {noun}"
+    be = "is" if n == 1 else "are"
+    where = POSITIONS[scene.position]
+    return [
+        f"{thing} {where}",
+        f"{NUMBERS[n]} {scene.colour} {noun}",
+        f"there {be} {thing} in the picture",
+        f"the {scene.colour} {noun} {be} {where}",
+        f"a drawing of {thing}",
+    ]
+
+
+def caption_matches(caption: str, scene: Scene) -> bool:
+    """Whether a caption's colour, shape, count and (if said) position words all fit the scene."""
+    words = caption.split()
+    shape_words = {w for w in words if w in SHAPES or w in PLURALS.values()}
+    expected_shape = scene.shape if scene.count == 1 else PLURALS[scene.shape]
+    numbers = {w for w in words if w in ("one", "two", "three")}
+    positions = {w for w in words if w in POSITIONS}
+    return (
+        {w for w in words if w in COLOURS} == {scene.colour}
+        and shape_words == {expected_shape}
+        and numbers <= {NUMBERS[scene.count]}
+        and positions <= {scene.position}
+    )
+
+
+def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def synthetic_sample(seed: int, split: str, index: int, image_size: int = 64) -> tuple[Sample, Scene]:
+    scene = make_scene(seed, split, index)
+    jpeg = encode_jpeg(draw_scene(scene, image_size))
+    return Sample(image_id(split, index), split, scene_captions(scene), jpeg), scene
+
+
+def scene_for_id(name: str, seed: int = 0) -> Scene:
+    """The ground truth of a written sample, from its image id."""
+    split, index = parse_image_id(name)
+    return make_scene(seed, split, index)
+
+
+def write_synthetic(
+    out_dir: str | os.PathLike,
+    n_train: int = 2000,
+    n_val: int = 100,
+    n_test: int = 100,
+    image_size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 50,
+) -> dict:
+    """Draw and write the set through ShardWriter (train, val, test); returns the manifest."""
+    source = {
+        "layout": "synthetic", "path": f"seed {seed}", "seed": seed, "image_size": image_size,
+        "samples_per_shard": samples_per_shard, "max_side": None,
+    }
+    with ShardWriter(out_dir, samples_per_shard, source=source) as writer:
+        for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+            for index in range(n):
+                writer.write(synthetic_sample(seed, split, index, image_size)[0])
+    return writer.manifest()
+
+
+if __name__ == "__main__":
+    from blip2_dist.data.pack import main
+
+    sys.exit(main(["synthetic", *sys.argv[1:]]))
