@@ -1,0 +1,90 @@
+"""Run the real entry points as the user does: `deepspeed --num_gpus N` on CPU (gloo), or plain python."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def command(script: str, args: list[str], nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(REPO / script), *args]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+            str(REPO / script), *args]
+
+
+def run(script: str, args: list[str], nproc: int = 2, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(script, args, nproc), cwd=REPO, env=cpu_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def start(script: str, args: list[str], nproc: int = 2, log: Path | None = None, **env: str) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(command(script, args, nproc), cwd=REPO, env=cpu_env(**env), stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def worker_pids(launcher: subprocess.Popen, script: str) -> list[int]:
+    """The training processes under a launcher (what srun would signal on preemption)."""
+    kids = psutil.Process(launcher.pid).children(recursive=True)
+    return [p.pid for p in kids if any(script in part for part in p.cmdline())]
+
+
+def signal_workers(launcher: subprocess.Popen, script: str, sig: int = signal.SIGTERM) -> int:
+    pids = worker_pids(launcher, script)
+    for pid in pids:
+        os.kill(pid, sig)
+    return len(pids)
+
+
+def wait_for(path: Path, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before {path} appeared")
+        if time.time() > end:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.2)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def read_scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of a folder, read back with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"

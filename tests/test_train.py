@@ -1,0 +1,153 @@
+"""The trainer end to end: real DeepSpeed ZeRO-2 engines, 2 CPU ranks (gloo), tiny models, synthetic shards.
+
+One uninterrupted reference run (tiny-t5, bf16) is shared by several tests: loss falls, TensorBoard
+scalars, checkpoints, best adapter, a 1-rank run with the same global batch, a SIGTERM'd run
+resumed to the end, and standalone evaluation of the saved adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+
+import pytest
+
+from blip2_dist.checkpoint import COMPLETE
+from launch_helpers import (
+    explain, read_json, read_scalars, run, signal_workers, start, wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+# Same data and schedule for every run below; only the launch shape changes.
+COMMON = [
+    "--max-steps", str(STEPS), "--save-steps", "8", "--keep-last", "5", "--lr", "3e-3",
+    "--warmup-steps", "4", "--log-steps", "4", "--seed", "7", "--lora-r", "8",
+    "--num-beams", "1", "--max-new-tokens", "12", "--min-length", "1", "--eval-batch", "16",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from blip2_dist.data.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(out, n_train=256, n_val=24, n_test=8, seed=0, samples_per_shard=100)
+    return out
+
+
+def train_args(shards, out, model="tiny-t5", micro=8, workers=1, accum=1, extra=()):
+    return ["--deepspeed", "ds_configs/zero2.json", "--model", model, "--data", str(shards),
+            "--output-dir", str(out), "--micro-batch", str(micro), "--num-workers", str(workers),
+            "--grad-accum", str(accum), *COMMON, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    proc = run("launch/train.py", train_args(shards, out), nproc=2)
+    assert proc.returncode == 0, explain(proc)
+    return out
+
+
+def _falls(losses, label):
+    head, tail = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert tail < 0.7 * head, f"{label}: loss did not fall: first {losses[:4]} last {losses[-4:]}"
+
+
+def test_loss_falls_t5_zero2_bf16_two_ranks(reference_run):
+    final = read_json(reference_run / "final_state.json")
+    assert final["step"] == STEPS and len(final["loss_history"]) == STEPS
+    _falls(final["loss_history"], "tiny-t5")
+    resolved = read_json(reference_run / "config.json")
+    assert resolved["deepspeed_resolved"]["bf16"]["enabled"] is True
+    assert resolved["deepspeed_resolved"]["zero_optimization"]["stage"] == 2
+    assert resolved["deepspeed_resolved"]["train_batch_size"] == 16
+    assert resolved["world_size"] == 2
+
+
+def test_loss_falls_opt_zero2_bf16_two_ranks(shards, tmp_path):
+    proc = run("launch/train.py", train_args(shards, tmp_path, model="tiny-opt", extra=["--skip-eval"]), nproc=2)
+    assert proc.returncode == 0, explain(proc)
+    _falls(read_json(tmp_path / "final_state.json")["loss_history"], "tiny-opt")
+
+
+def test_tensorboard_scalars_written(reference_run):
+    scalars = read_scalars(reference_run / "tensorboard")
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s",
+                "perf/sec_per_step", "perf/data_wait_frac", "perf/peak_mem_gb", "eval/CIDEr", "eval/BLEU-4"):
+        assert tag in scalars, f"{tag} missing from TensorBoard; have {sorted(scalars)}"
+    losses = read_json(reference_run / "final_state.json")["loss_history"]
+    logged = dict(scalars["train/loss"])
+    assert logged[STEPS] == pytest.approx(losses[STEPS - 1], rel=1e-5)
+    lrs = [v for _, v in scalars["train/lr"]]
+    assert max(lrs) == pytest.approx(3e-3, rel=0.05) and lrs[-1] < max(lrs)  # warm-up then cosine
+
+
+def test_checkpoints_best_and_eval_outputs(reference_run):
+    ckpts = reference_run / "checkpoints"
+    done = sorted(p.name for p in ckpts.iterdir() if (p / COMPLETE).exists())
+    assert done == ["step_00000008", "step_00000016", "step_00000024"]
+    assert (ckpts / "latest").read_text().strip() == "step_00000024"
+    assert (ckpts / "step_00000024" / "adapter" / "adapter_config.json").exists()
+    best = reference_run / "best"
+    assert (best / "adapter_config.json").exists() and "CIDEr" in read_json(best / "metrics.json")
+    results = read_json(reference_run / "eval" / f"{STEPS:08d}" / "results.json")
+    assert results["images"] == 24 and set(results["metrics"]) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert (reference_run / "eval" / f"{STEPS:08d}" / "gallery.html").stat().st_size > 1000
+
+
+def test_one_rank_matches_two_ranks_same_global_batch(shards, reference_run, tmp_path):
+    # 1 rank x 2 workers x accumulation 2 reads the same two data slots per step as 2 ranks x 1 worker.
+    proc = run("launch/train.py", train_args(shards, tmp_path, workers=2, accum=2, extra=["--skip-eval"]), nproc=1)
+    assert proc.returncode == 0, explain(proc)
+    one = read_json(tmp_path / "final_state.json")["loss_history"]
+    two = read_json(reference_run / "final_state.json")["loss_history"]
+    assert one == pytest.approx(two, rel=3e-2, abs=3e-2)  # bf16 tolerance: reduction order differs
+
+
+def test_sigterm_saves_then_resume_equals_uninterrupted(shards, reference_run, tmp_path):
+    log = tmp_path / "first.log"
+    proc = start("launch/train.py", train_args(shards, tmp_path), nproc=2, log=log)
+    wait_for(tmp_path / "checkpoints" / "step_00000008" / COMPLETE, timeout=400, proc=proc)
+    assert signal_workers(proc, "launch/train.py", signal.SIGTERM) == 2
+    assert proc.wait(timeout=300) == 75, log.read_text()[-4000:]
+    saved = read_json(tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+                      / "train_state.json")
+    assert 8 <= saved["step"] < STEPS
+    proc = run("launch/train.py", train_args(shards, tmp_path, extra=["--resume", "auto"]), nproc=2)
+    assert proc.returncode == 0, explain(proc)
+    assert f"resumed from" in proc.stdout + proc.stderr
+    resumed = read_json(tmp_path / "final_state.json")["loss_history"]
+    reference = read_json(reference_run / "final_state.json")["loss_history"]
+    assert resumed == reference  # bf16, per-step dropout seeds, restored data position: exact
+
+
+def test_resume_from_explicit_path(shards, reference_run, tmp_path):
+    shutil.copytree(reference_run / "checkpoints" / "step_00000016", tmp_path / "from" / "step_00000016")
+    proc = run("launch/train.py", train_args(
+        shards, tmp_path / "run", extra=["--resume", str(tmp_path / "from" / "step_00000016"), "--skip-eval"]), nproc=2)
+    assert proc.returncode == 0, explain(proc)
+    resumed = read_json(tmp_path / "run" / "final_state.json")["loss_history"]
+    assert resumed == read_json(reference_run / "final_state.json")["loss_history"]
+
+
+def test_standalone_evaluate_reproduces_training_eval(shards, reference_run, tmp_path):
+    adapter = reference_run / "checkpoints" / "step_00000024" / "adapter"
+    proc = run("launch/evaluate.py", ["--model", "tiny-t5", "--adapter", str(adapter), "--data", str(shards),
+                                      "--split", "val", "--output-dir", str(tmp_path), "--num-beams", "1",
+                                      "--max-new-tokens", "12", "--min-length", "1", "--eval-batch", "16"], nproc=2)
+    assert proc.returncode == 0, explain(proc)
+    standalone = read_json(tmp_path / "predictions.json")
+    in_training = read_json(reference_run / "eval" / f"{STEPS:08d}" / "predictions.json")
+    assert standalone == in_training
+
+
+def test_bad_arguments_fail_fast(shards, tmp_path):
+    proc = run("launch/train.py", ["--model", "tiny-t5", "--data", str(tmp_path / "none"), "--output-dir",
+                                   str(tmp_path / "o")], nproc=1, timeout=120)
+    assert proc.returncode != 0 and "no manifest" in proc.stderr
+    proc = run("launch/train.py", train_args(shards, tmp_path / "o", extra=["--deepspeed", "nope.json"]),
+               nproc=1, timeout=120)
+    assert proc.returncode != 0 and "nope.json not found" in proc.stderr
