@@ -20,6 +20,7 @@ from fake_flickr8k import (
     fake_name, small_jpeg, write_kaggle, write_karpathy, write_original, write_split_files,
 )
 
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before datasets is imported (lazily, in the hf tests)
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(workers=1, progress=False)
 
@@ -320,6 +321,21 @@ def test_hf_imagefolder(tmp_path):
     assert manifest["source"]["loader"] == "imagefolder"
 
 
+def test_hf_imagefolder_split_folders(tmp_path):
+    pytest.importorskip("datasets")
+    for split, n in [("train", 3), ("validation", 2)]:
+        folder = tmp_path / "mine" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{split}_{i}.jpg").write_bytes(small_jpeg(i))
+        (folder / "metadata.jsonl").write_text("".join(
+            json.dumps({"file_name": f"{split}_{i}.jpg", "text": f"{split} {i}"}) + "\n" for i in range(n)))
+    pack_hf(tmp_path / "mine", tmp_path / "out", cache_dir=str(tmp_path / "cache"), **FAST)  # text: found by default
+    samples, order = read_pack(tmp_path / "out")
+    assert order == {"train": ["train_0", "train_1", "train_2"], "val": ["validation_0", "validation_1"]}
+    assert samples["validation_1"][1] == ["validation 1"]
+
+
 def test_hf_save_to_disk_splits_and_columns(tmp_path):
     datasets = pytest.importorskip("datasets")
 
@@ -355,3 +371,15 @@ def test_hf_errors(tmp_path):
         hf_records(tmp_path / "ds", caption_column="caption")
     with pytest.raises(PackError, match="empty caption in column 'text'"):
         pack_hf(tmp_path / "ds", tmp_path / "out", **FAST)
+
+
+@pytest.mark.parametrize("mode,expected", [("1", "L"), ("L", "L"), ("LA", "L"), ("P", "RGB"), ("RGBA", "RGB"), ("I;16", "L")])
+def test_prepare_image_converts_modes_jpeg_cannot_hold(mode, expected):
+    im = Image.new(mode, (20, 10), 1 if mode == "1" else 40000 if mode == "I;16" else (7,) * len(mode) if mode in ("LA", "RGBA") else 7)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    data, what = prepare_image(buf.getvalue())
+    out = Image.open(io.BytesIO(data))
+    assert (what, out.format, out.mode, out.size) == ("converted", "JPEG", expected, (20, 10))
+    if mode == "I;16":
+        assert abs(out.getpixel((3, 3)) - 40000 // 256) <= 2  # 16-bit scaled, not clipped to white

@@ -8,7 +8,7 @@
 
 Records come from a source layout (flickr8k.py, or any Hugging Face `datasets` image-caption set
 on disk), images are read, fully decoded (a truncated JPEG is an error) and, where needed,
-re-encoded by a pool of worker processes, in order, and written by one ShardWriter: the same
+re-encoded by a pool of worker threads, in order, and written by one ShardWriter: the same
 input gives byte-identical shards whatever --workers is. Any bad input stops the run with an
 error naming the file (and line), and no manifest is left in --out; with --skip-bad the rest is
 packed and what was left out is listed in the manifest and printed.
@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import multiprocessing
 import os
 import re
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -92,7 +91,7 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = DEFAU
         orientation = im.getexif().get(0x0112)
         out = _jpeg_mode(im)
         if target is not None and out.size != target:
-            out = out.resize(target, Image.Resampling.LANCZOS)
+            out = out.resize(target, Image.Resampling.BICUBIC)  # as BLIP-2's processor; ~30% cheaper than LANCZOS
         options = {"quality": quality}
         if out.mode == im.mode and im.info.get("icc_profile"):
             options["icc_profile"] = im.info["icc_profile"]
@@ -106,7 +105,7 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = DEFAU
 
 
 def _load_task(task: tuple[str | None, bytes | None, int | None, int]) -> tuple[bool, bytes | str]:
-    """Worker: (path or bytes, max_side, quality) → (True, JPEG bytes) or (False, why not)."""
+    """Worker: (path, bytes or None, max_side, quality) → (True, JPEG bytes) or (False, why not)."""
     path, data, max_side, quality = task
     try:
         if data is None:
@@ -119,11 +118,16 @@ def _load_task(task: tuple[str | None, bytes | None, int | None, int]) -> tuple[
 
 
 def ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int = 64) -> Iterator:
-    """`map(fn, items)` over `workers` processes, results in input order, at most `ahead` in flight."""
+    """`map(fn, items)` over `workers` threads, results in input order, at most `ahead` in flight.
+
+    Threads, not processes: Pillow releases the GIL while it decodes, resizes and encodes, so
+    threads scale as well here (measured on 2 cores) without pickling every image twice, and
+    without the spawn start-up that breaks callers lacking an `if __name__ == "__main__"` guard.
+    """
     if workers <= 1:
         yield from map(fn, items)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="pack")
     try:
         pending: deque = deque()
         for item in items:
@@ -466,7 +470,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples-per-shard", "--images-per-shard", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose long side exceeds N to N (default: keep the original bytes)")
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality when re-encoding (default 95)")
-    p.add_argument("--workers", type=int, default=None, help="image reading/re-encoding processes (default: CPU count, at most 8; 1 = in process)")
+    p.add_argument("--workers", type=int, default=None, help="image reading/decoding/re-encoding threads (default: CPU count, at most 8; 1 = no pool)")
     p.add_argument("--skip-bad", action="store_true", help="pack the rest when input is bad; list what was left out in the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
 
