@@ -2,15 +2,40 @@
 
 Model code never sees a rank: everything here works on a plain nn.Module in one process.
 
-    model, processor = load_model("tiny-t5")                       # built locally, no download
-    model, processor = load_model("Salesforce/blip2-flan-t5-xl")   # hub id or a local directory
+    model, processor = load_model("tiny-t5", dtype=torch.float32)  # built locally, no download (CPU tests)
+    model, processor = load_model("Salesforce/blip2-flan-t5-xl")   # hub id or a local directory, bf16
+    model, processor = load_model("Salesforce/blip2-opt-2.7b", random_init=True)  # benchmarks only
+    peft_model = apply_lora(model, LoraSettings(r=16, train_query_tokens=True))
+    print(describe_trainable(peft_model))
+    loss = caption_loss(peft_model, batch)                          # the trainer's forward
+    captions = generate_captions(peft_model, processor, pixel_values, input_ids, attention_mask, num_beams=5)
+    save_adapter(peft_model, processor, "runs/x/best", base_name="Salesforce/blip2-flan-t5-xl")
+    model, processor = load_for_inference("Salesforce/blip2-flan-t5-xl", "runs/x/best")
+
+An adapter directory is a standard peft adapter (`PeftModel.from_pretrained(base, dir)` loads it) plus
+the processor, `blip2_dist_adapter.json` (base name, family, LoRA settings) and, only when parameters
+outside LoRA were trained (query tokens, language projection, Q-Former), `extra_trainable.safetensors`
+holding them under their `Blip2ForConditionalGeneration` names. Adapters of the tiny built-ins also carry
+their base in `base/` (a `save_pretrained` directory), so they never depend on rebuilding random weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch import nn
 from transformers import (
+    AddedToken,
+    AutoConfig,
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
@@ -19,6 +44,8 @@ from transformers import (
     T5Config,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+logger = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny-t5", "tiny-opt")
 TINY_IMAGE_SIZE = 64
@@ -105,6 +132,9 @@ def build_tiny(family: str, seed: int = 0) -> tuple[Blip2ForConditionalGeneratio
         vision_config=dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             image_size=TINY_IMAGE_SIZE, patch_size=8, attention_dropout=0.0,
+            # Blip2VisionConfig's default initializer_range is 1e-10: a frozen random ViT would then give
+            # every image the same features (~5e-9 apart) and nothing image-specific could be learnt.
+            initializer_range=0.02,
         ),
         qformer_config=dict(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -131,3 +161,599 @@ def family_of(model_or_config) -> str:
     """'t5' for encoder-decoder language models, 'opt' for decoder-only ones."""
     config = getattr(model_or_config, "config", model_or_config)
     return "opt" if config.use_decoder_only_language_model else "t5"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real architectures with random weights (benchmarks: memory, throughput, MFU; no download)
+# ---------------------------------------------------------------------------------------------------
+
+# Written out from the hub repos' config.json (ViT-g/14 at 224, BERT-base-sized Q-Former with
+# cross-attention every 2nd layer, 32 queries). Parameter counts, checked in the tests:
+# blip2-opt-2.7b 3,744,679,936 (hub: 3.74B), blip2-flan-t5-xl 3,942,446,592 (3.94B),
+# blip2-opt-6.7b 7,752,738,304 (7.75B), blip2-flan-t5-xxl 12,229,596,672 (12.2B).
+# The hub's text vocab may be padded after `<image>` was added (OPT 50272 -> 50304 in newer
+# revisions): a 0.1M-parameter difference that no benchmark sees.
+REAL_VISION = dict(
+    hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+    image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
+    initializer_range=0.02,  # random weights of a realistic scale (the hub config says 1e-10)
+)
+REAL_QFORMER = dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    cross_attention_frequency=2, encoder_hidden_size=1408, vocab_size=30522, max_position_embeddings=512,
+)
+_OPT = dict(
+    model_type="opt", vocab_size=50272, max_position_embeddings=2048, activation_function="relu",
+    do_layer_norm_before=True, enable_bias=True, dropout=0.1, attention_dropout=0.0,
+)
+# tie_word_embeddings=False: FLAN-T5 has its own lm_head and no output scaling (see _untie_t5_head).
+_FLAN_T5 = dict(
+    model_type="t5", vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", dropout_rate=0.1,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+    is_encoder_decoder=True, tie_word_embeddings=False,
+)
+REAL_TEXT = {
+    "Salesforce/blip2-opt-2.7b": dict(
+        _OPT, hidden_size=2560, word_embed_proj_dim=2560, ffn_dim=10240, num_hidden_layers=32,
+        num_attention_heads=32),
+    "Salesforce/blip2-opt-6.7b": dict(
+        _OPT, hidden_size=4096, word_embed_proj_dim=4096, ffn_dim=16384, num_hidden_layers=32,
+        num_attention_heads=32),
+    "Salesforce/blip2-flan-t5-xl": dict(
+        _FLAN_T5, d_model=2048, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32),
+    "Salesforce/blip2-flan-t5-xxl": dict(
+        _FLAN_T5, d_model=4096, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64),
+}
+REAL_NUM_QUERY_TOKENS = 32
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def random_init_config(name: str) -> Blip2Config:
+    """The real architecture of `name` (a known hub id, or a local dir with a config.json).
+
+    Special token ids (and `<image>`) are those of the tiny tokenizer that random-init models use,
+    while the vocabulary keeps its real size, so the embedding tables have their real shapes.
+    """
+    if name in REAL_TEXT:
+        text, family = dict(REAL_TEXT[name]), REAL_TEXT[name]["model_type"]
+        config = None
+    elif os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+        config = Blip2Config.from_pretrained(os.path.expanduser(name))
+        family = family_of(config)
+    else:
+        raise ValueError(
+            f"random_init: no built-in architecture for {name!r}; known: {sorted(REAL_TEXT)}"
+            " (or pass a local directory holding a BLIP-2 config.json)"
+        )
+    tokenizer = build_tiny_tokenizer(family)
+    image_token_id = len(tokenizer)  # Blip2Processor appends "<image>" to the tokenizer: next id
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+               bos_token_id=tokenizer.bos_token_id)
+    if config is not None:
+        config.text_config.update(ids)
+        config.vision_config.initializer_range = REAL_VISION["initializer_range"]
+        config.image_token_index = image_token_id
+        return config
+    if family == "t5":
+        ids["decoder_start_token_id"] = tokenizer.pad_token_id
+    return Blip2Config(
+        vision_config=dict(REAL_VISION), qformer_config=dict(REAL_QFORMER), text_config={**text, **ids},
+        num_query_tokens=REAL_NUM_QUERY_TOKENS, image_token_index=image_token_id,
+    )
+
+
+def random_init_processor(config: Blip2Config) -> Blip2Processor:
+    """CLIP-normalised bicubic resize as in the hub processors, and the TINY tokenizer.
+
+    The real tokenizers can't be downloaded here: random-init models are for benchmarks only.
+    """
+    size = config.vision_config.image_size
+    image_processor = BlipImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3,
+        do_convert_rgb=True,
+    )
+    processor = Blip2Processor(
+        image_processor, build_tiny_tokenizer(family_of(config)), num_query_tokens=config.num_query_tokens
+    )
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == config.image_token_index
+    return processor
+
+
+def build_random_init(
+    name: str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str | torch.device | None = None
+) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    """The real architecture with random weights, built directly in `dtype` on `device`.
+
+    device="meta" allocates nothing (counting, planning). torch.device("meta") is used rather than
+    accelerate's init_empty_weights, which leaves the tied embeddings untied (wrong counts).
+    """
+    config = random_init_config(name)
+    processor = random_init_processor(config)
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = Blip2ForConditionalGeneration._from_config(config, dtype=dtype)
+    if family_of(config) == "t5" and not getattr(config.text_config, "scale_decoder_outputs", True):
+        _untie_t5_head(model)
+    init_query_tokens(model)
+    return model, processor
+
+
+def _untie_t5_head(model: Blip2ForConditionalGeneration) -> None:
+    # transformers 5 always ties T5's lm_head to `shared`; FLAN-T5 checkpoints carry their own lm_head
+    # and from_pretrained keeps it untied (both present, different values). Do the same here.
+    # Scaled by d_model**-0.5 (what the tied head does to its input): random logits of unit scale and a
+    # starting loss near ln(vocab) instead of ~260 (bf16 runs without a loss scale).
+    lm = model.language_model
+    lm.lm_head.weight = nn.Parameter(lm.shared.weight.detach() * lm.config.d_model**-0.5)
+    for owner, key in ((lm, "lm_head.weight"), (model, "language_model.lm_head.weight")):
+        getattr(owner, "all_tied_weights_keys", {}).pop(key, None)
+
+
+def count_parameters(name: str) -> int:
+    """Total parameters of a model, built on the meta device (instant, no memory, no download).
+
+    Tiny names, known hub ids and local dirs with a config.json work.
+    """
+    if name in TINY_MODELS:
+        model, _ = build_tiny(name.split("-")[1])
+    else:
+        model, _ = build_random_init(name, device="meta")
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+class ModelNotAvailableError(OSError):
+    """A model that is neither a local directory nor reachable on the Hugging Face hub."""
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    random_init: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    """Load BLIP-2 and its processor.
+
+    name: "tiny-t5" / "tiny-opt" (random, built here, deterministic given `seed`), a local
+    `save_pretrained` directory, or a hub id ("Salesforce/blip2-flan-t5-xl", ...).
+    random_init: the real architecture of a known hub id with random weights and the tiny
+    tokenizer, no download (benchmarks only). device: where weights are built or loaded
+    (default CPU; "meta" for random_init only).
+    """
+    if name in TINY_MODELS:
+        model, processor = build_tiny(name.split("-")[1], seed=seed)
+        model.to(dtype=dtype, device=device)
+    elif random_init:
+        model, processor = build_random_init(name, dtype=dtype, seed=seed, device=device)
+    else:
+        model, processor = _from_pretrained(name, dtype, device)
+    # Where the base came from: save_adapter records it (tiny bases are rebuilt from it).
+    model.blip2_dist_source = {"name": name, "seed": seed, "random_init": random_init and name not in TINY_MODELS}
+    return model, processor
+
+
+def _from_pretrained(name: str, dtype: torch.dtype, device) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{name!r} is a directory without config.json: not a saved BLIP-2 model")
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"model directory {name!r} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ModelNotAvailableError(_unavailable_message(name, err)) from err
+    if config.model_type != "blip-2":
+        raise ValueError(f"{name!r} is a {config.model_type!r} model, not BLIP-2 (model_type 'blip-2')")
+    try:
+        model = Blip2ForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, **({"device_map": {"": device}} if device is not None else {})
+        )
+        processor = Blip2Processor.from_pretrained(path)
+    except OSError as err:
+        raise ModelNotAvailableError(_unavailable_message(name, err)) from err
+    reconcile_processor(model, processor)
+    return model, processor
+
+
+def _unavailable_message(name: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = (
+        "the Hugging Face hub is offline (HF_HUB_OFFLINE is set) and it is not in the local cache"
+        if offline
+        else "it could not be fetched from the Hugging Face hub (no network, no such repository, "
+        "or gated and not logged in)"
+    )
+    return (
+        f"cannot load BLIP-2 model {name!r}: it is not a local directory and {why}. Download it where "
+        f"the hub is reachable (`hf download {name}`) and pass the local directory, or use a tiny "
+        f"built-in {TINY_MODELS} or random_init=True for benchmarks. Cause: {err}"
+    )
+
+
+def reconcile_processor(model: Blip2ForConditionalGeneration, processor: Blip2Processor) -> None:
+    """Make processor and config agree on the query tokens, or fail loudly.
+
+    Older hub processors lack num_query_tokens (then no `<image>` tokens are inserted) and older
+    configs lack image_token_index; either way the image would be silently ignored (PITFALLS).
+    """
+    config = model.config
+    if processor.num_query_tokens is None:
+        processor.num_query_tokens = config.num_query_tokens
+    elif processor.num_query_tokens != config.num_query_tokens:
+        raise ValueError(
+            f"processor num_query_tokens={processor.num_query_tokens} but the model has {config.num_query_tokens}"
+        )
+    tokenizer = processor.tokenizer
+    image_token = str(getattr(processor.image_token, "content", processor.image_token))
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
+        token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if config.image_token_index is None:
+        # What transformers' own deprecation notice does for pre-`<image>` checkpoints.
+        if token_id >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        config.image_token_index = token_id
+        logger.warning("checkpoint has no image_token_index: using %s = %d", image_token, token_id)
+    elif token_id != config.image_token_index:
+        raise ValueError(
+            f"tokenizer maps {image_token} to {token_id} but config.image_token_index is "
+            f"{config.image_token_index}: images would be ignored"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------
+
+DEFAULT_TARGETS = {"t5": ["q", "v"], "opt": ["q_proj", "v_proj"]}
+_PARTS = (("language_model", "targets"), ("qformer", "qformer_targets"), ("vision_model", "vision_targets"))
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    """What to train. Defaults follow the HF BLIP-2 LoRA notebook (r=16, alpha=32, dropout=0.05)."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    targets: list[str] | None = None
+    """Language-model linear layers by last name; None: T5 ["q","v"], OPT ["q_proj","v_proj"];
+    ["all-linear"]: every linear layer but lm_head; []: none."""
+    qformer_targets: list[str] | None = None
+    """Q-Former linear layers by last name (query, key, value, dense), or ["all-linear"]."""
+    vision_targets: list[str] | None = None
+    """Vision-encoder linear layers by last name (qkv, projection, fc1, fc2), or ["all-linear"]."""
+    train_qformer: bool = False
+    """Train the whole Q-Former plus query_tokens and language_projection (saved as extras)."""
+    train_query_tokens: bool = False
+    """Train the 32 query tokens (a bare nn.Parameter: saved as an extra beside the adapter)."""
+    train_language_projection: bool = False
+    """Train the Q-Former -> language-model projection (saved as an extra)."""
+
+    def __post_init__(self):
+        for field in ("targets", "qformer_targets", "vision_targets"):
+            value = getattr(self, field)
+            if isinstance(value, str):  # "q,v" from a CLI or a config file
+                setattr(self, field, [v.strip() for v in value.split(",") if v.strip()])
+            elif value is not None:
+                setattr(self, field, list(value))
+        if self.r <= 0 or self.alpha <= 0:
+            raise ValueError(f"LoRA r and alpha must be positive, got r={self.r} alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.train_qformer and self.qformer_targets:
+            raise ValueError("train_qformer trains the whole Q-Former: drop qformer_targets (LoRA on it)")
+
+    def extras(self) -> list[str]:
+        """Name prefixes (in Blip2ForConditionalGeneration) of the non-LoRA parameters trained."""
+        prefixes = []
+        if self.train_qformer:
+            prefixes.append("qformer.")
+        if self.train_qformer or self.train_query_tokens:
+            prefixes.append("query_tokens")
+        if self.train_qformer or self.train_language_projection:
+            prefixes.append("language_projection.")
+        return prefixes
+
+
+def unwrap_blip2(model: nn.Module) -> Blip2ForConditionalGeneration:
+    """The Blip2ForConditionalGeneration inside a DeepSpeed engine / DDP / PeftModel (LoRA stays injected)."""
+    while not isinstance(model, Blip2ForConditionalGeneration):
+        if isinstance(model, PeftModel):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            raise TypeError(f"no Blip2ForConditionalGeneration inside {type(model).__name__}")
+    return model
+
+
+def _strip_engine(model: nn.Module) -> nn.Module:
+    # DeepSpeed engine / DDP -> the PeftModel or Blip2ForConditionalGeneration they wrap.
+    while not isinstance(model, (PeftModel, Blip2ForConditionalGeneration)):
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"no BLIP-2 model inside {type(model).__name__}")
+        model = inner
+    return model
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad=False on every parameter."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def linear_names(module: nn.Module) -> list[str]:
+    """Distinct last names of the nn.Linear layers in `module` (the valid LoRA targets)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
+
+
+def lora_target_regex(model: Blip2ForConditionalGeneration, settings: LoraSettings) -> str:
+    """A peft target_modules regex confined to each part, so "q"/"v" never reach the Q-Former/ViT.
+
+    Raises ValueError naming the family and the valid names when a target matches nothing.
+    """
+    family = family_of(model)
+    alternatives = []
+    for part, field in _PARTS:
+        names = getattr(settings, field)
+        if part == "language_model" and names is None:
+            names = DEFAULT_TARGETS[family]
+        if not names:
+            continue
+        valid = [n for n in linear_names(getattr(model, part)) if n != "lm_head"]
+        if names == ["all-linear"]:
+            names = valid
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise ValueError(
+                f"LoRA {field} {unknown} match no linear layer in the {part} of this {family.upper()} "
+                f"BLIP-2 model; valid names there: {valid} (or ['all-linear'])"
+            )
+        alternatives.append(rf"{part}\..*\.(?:{'|'.join(re.escape(n) for n in names)})")
+    if not alternatives:
+        raise ValueError("LoRA settings target nothing: give targets, qformer_targets or vision_targets")
+    return rf"^(?:{'|'.join(alternatives)})$"
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings | None = None) -> PeftModel:
+    """Freeze the base, add LoRA where `settings` say, unfreeze the chosen extras; return the PeftModel."""
+    if isinstance(model, PeftModel):
+        raise TypeError("model already has adapters (a PeftModel): apply_lora takes the plain base model")
+    base = unwrap_blip2(model)
+    settings = settings or LoraSettings()
+    freeze_base(base)
+    config = LoraConfig(  # no task_type: BLIP-2 is no CAUSAL_LM/SEQ_2_SEQ_LM for peft (peft issue 2528)
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
+        target_modules=lora_target_regex(base, settings),
+    )
+    peft_model = get_peft_model(base, config)
+    extras = [n for n, _ in base.named_parameters() if n.startswith(tuple(settings.extras()))]
+    for name in extras:
+        base.get_parameter(name).requires_grad_(True)
+    base.blip2_dist_lora = settings  # read by save_adapter
+    base.blip2_dist_extras = extras
+    return peft_model
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """'trainable params: N || all params: M || trainable%: x' (peft's format; counts shared weights once)."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 partitions report their full size here
+        total += n
+        trainable += n if param.requires_grad else 0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adapter export and inference loading
+# ---------------------------------------------------------------------------------------------------
+
+ADAPTER_META = "blip2_dist_adapter.json"
+EXTRAS_FILE = "extra_trainable.safetensors"
+BASE_SUBDIR = "base"
+
+
+def save_adapter(
+    model: nn.Module, processor: Blip2Processor, out_dir: str | os.PathLike, base_name: str, *,
+    seed: int | None = None,
+) -> Path:
+    """Write a loadable adapter directory (see the module docstring); call on one rank only.
+
+    model: the PeftModel from apply_lora, or a DeepSpeed engine / DDP around it. base_name: what
+    load_model was given. seed: the tiny base's seed (default: the one load_model recorded).
+    """
+    peft_model = _strip_engine(model)
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError("save_adapter needs the PeftModel returned by apply_lora")
+    base = peft_model.get_base_model()
+    source = getattr(base, "blip2_dist_source", {})
+    seed = source.get("seed", 0) if seed is None else seed
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out)
+    processor.save_pretrained(out)
+    extras = getattr(base, "blip2_dist_extras", None)
+    if extras is None:
+        extras = [n for n, p in base.named_parameters() if p.requires_grad and "lora_" not in n]
+    if extras:
+        save_file({n: base.get_parameter(n).detach().cpu().contiguous() for n in extras}, out / EXTRAS_FILE)
+    elif (out / EXTRAS_FILE).exists():
+        (out / EXTRAS_FILE).unlink()  # stale, from an earlier export into the same directory
+    base_dir = None
+    if base_name in TINY_MODELS:
+        _save_tiny_base(base, base_name, seed, out / BASE_SUBDIR, skip=set(extras))
+        base_dir = BASE_SUBDIR
+    settings = getattr(base, "blip2_dist_lora", None)
+    meta = {
+        "format": 1,
+        "base_model": base_name,
+        "base_dir": base_dir,
+        "seed": seed,
+        "random_init": bool(source.get("random_init", False)),
+        "family": family_of(base),
+        "dtype": str(base.query_tokens.dtype).removeprefix("torch."),
+        "lora": dataclasses.asdict(settings) if settings is not None else None,
+        "extras": extras,
+        "extras_file": EXTRAS_FILE if extras else None,
+    }
+    (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _base_state_dict(base: Blip2ForConditionalGeneration) -> dict[str, torch.Tensor]:
+    # The state dict without LoRA: drop lora_* tensors, peft's ".base_layer." back to the plain name.
+    return {
+        k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k
+    }
+
+
+def _save_tiny_base(base, name: str, seed: int, dest: Path, skip: set[str]) -> None:
+    # Rebuild the untrained tiny base and check it equals the frozen weights trained against, so
+    # `base/` holds the true base (trained extras are restored by the extras file, not baked in).
+    dtype = base.vision_model.embeddings.patch_embedding.weight.dtype
+    fresh, fresh_processor = load_model(name, dtype=dtype, seed=seed)
+    current = _base_state_dict(base)
+    for key, value in fresh.state_dict().items():
+        if key not in skip and not torch.equal(current[key].cpu(), value):
+            raise RuntimeError(
+                f"tiny base {name!r} rebuilt with seed={seed} differs from the trained one at {key}: "
+                "pass the seed given to load_model"
+            )
+    fresh.save_pretrained(dest)
+    fresh_processor.save_pretrained(dest)
+
+
+def load_extras(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Copy extra_trainable.safetensors into the model's parameters; return the names loaded."""
+    base = unwrap_blip2(model)
+    params = dict(base.named_parameters())
+    tensors = load_file(str(path))
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise KeyError(f"{path}: parameters not in this model: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return sorted(tensors)
+
+
+def load_for_inference(
+    base: str | None, adapter_dir: str | os.PathLike | None, *, dtype: torch.dtype = torch.bfloat16,
+    merge: bool = False, device: str | torch.device | None = None,
+) -> tuple[nn.Module, Blip2Processor]:
+    """Base (via load_model) + adapter + extras, in eval mode with nothing trainable.
+
+    base: hub id, local dir or tiny name; None takes the one recorded in the adapter. Tiny bases
+    come from the adapter's `base/`. merge: fold LoRA into the weights (returns the plain model).
+    """
+    if adapter_dir is None:
+        if base is None:
+            raise ValueError("load_for_inference needs a base or an adapter_dir")
+        model, processor = load_model(base, dtype=dtype, device=device)
+        return _frozen(model), processor
+    adapter = Path(adapter_dir)
+    meta = json.loads((adapter / ADAPTER_META).read_text()) if (adapter / ADAPTER_META).exists() else {}
+    if meta.get("random_init"):
+        raise ValueError(f"{adapter} was trained on a random-init base (benchmarks only): it can't be reloaded")
+    recorded = meta.get("base_model")
+    if base is None and recorded is None:
+        raise ValueError(f"{adapter} records no base model ({ADAPTER_META} missing): pass base")
+    if base is not None and recorded is not None and base != recorded:
+        logger.warning("adapter %s was trained on %s; loading it on %s", adapter, recorded, base)
+    base = base if base is not None else recorded
+    if meta.get("base_dir") and base == recorded:
+        base = str(adapter / meta["base_dir"])
+    model, processor = load_model(base, dtype=dtype, seed=meta.get("seed", 0), device=device)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    if (adapter / EXTRAS_FILE).exists():
+        load_extras(model, adapter / EXTRAS_FILE)
+    if (adapter / "processor_config.json").exists():  # what training used (image size, tokenizer)
+        processor = Blip2Processor.from_pretrained(str(adapter))
+        reconcile_processor(unwrap_blip2(model), processor)
+    if merge:
+        model = model.merge_and_unload()
+    return _frozen(model), processor
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    freeze_base(model)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training forward and generation
+# ---------------------------------------------------------------------------------------------------
+
+def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean token cross-entropy of a captioning micro-batch.
+
+    model: Blip2ForConditionalGeneration, its PeftModel, or a DeepSpeed engine around either (called
+    as is, so the engine's forward hooks run). batch: pixel_values [n_images,3,H,W], image_index
+    [n_examples] (row of pixel_values per example; absent = one image per example), input_ids,
+    attention_mask, labels [n_examples, L] with -100 where no loss is taken.
+    """
+    weight = unwrap_blip2(model).vision_model.embeddings.patch_embedding.weight
+    pixel_values = batch["pixel_values"]
+    image_index = batch.get("image_index")
+    if image_index is not None:
+        pixel_values = pixel_values[image_index.to(pixel_values.device)]
+    # The grouped path (vision encoder + Q-Former once per image, query outputs repeated by image_index)
+    # goes here: forward(mm_encoder_outputs={"image": features}) instead of repeated pixel_values.
+    outputs = model(
+        pixel_values=pixel_values.to(weight.device, weight.dtype),
+        input_ids=batch["input_ids"].to(weight.device),
+        attention_mask=batch["attention_mask"].to(weight.device),
+        labels=batch["labels"].to(weight.device),
+    )
+    return outputs.loss
+
+
+def generate_captions(
+    model: nn.Module, processor: Blip2Processor, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None, **gen_kwargs,
+) -> list[str]:
+    """Captions for a batch (one image per input_ids row), prompt removed, stripped. Call model.eval() first.
+
+    gen_kwargs go to generate (num_beams, repetition_penalty, num_return_sequences, ...), except that
+    min_length / max_length count caption tokens as LAVIS's min_len / max_len do: they become
+    min_new_tokens / max_new_tokens (HF's min_length counts the OPT prompt). Default max_new_tokens=30.
+    OPT prompts must be left-padded (or all the same length).
+    """
+    inner = _strip_engine(model)
+    blip2 = unwrap_blip2(inner)
+    weight = blip2.vision_model.embeddings.patch_embedding.weight
+    for old, new in (("min_length", "min_new_tokens"), ("max_length", "max_new_tokens")):
+        if old in gen_kwargs:
+            gen_kwargs[new] = gen_kwargs.pop(old)
+    gen_kwargs.setdefault("max_new_tokens", 30)
+    tokenizer = processor.tokenizer
+    gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    input_ids = input_ids.to(weight.device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(weight.device)
+    decoder_only = family_of(blip2) == "opt"
+    if decoder_only and attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("OPT prompts are right-padded: pad them on the left (tokenizer.padding_side='left')")
+    # T5 needs input_ids (image tokens + prompt); generate(pixel_values) alone fails (PITFALLS).
+    with torch.no_grad():
+        output = inner.generate(
+            pixel_values=pixel_values.to(weight.device, weight.dtype), input_ids=input_ids,
+            attention_mask=attention_mask, **gen_kwargs,
+        )
+    if decoder_only:  # OPT returns prompt + continuation
+        output = output[:, input_ids.shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
