@@ -187,7 +187,7 @@ def python_tokenize(caption: str) -> str:
     for tok in s.split():
         if len(tok) > 1 and tok.endswith(".") and not tok.endswith("..."):
             stem = tok[:-1]
-            if "." not in stem and stem not in _ABBREVIATIONS:
+            if "." not in stem and stem not in _ABBREVIATIONS and not (len(stem) == 1 and stem.isalpha()):
                 tokens += [stem, "."]
                 continue
         tokens.append(tok)
