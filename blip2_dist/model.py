@@ -444,8 +444,9 @@ class LoraSettings:
     def __post_init__(self):
         for field in ("targets", "qformer_targets", "vision_targets"):
             value = getattr(self, field)
-            if isinstance(value, str):  # "q,v" from a CLI or a config file
-                setattr(self, field, [v.strip() for v in value.split(",") if v.strip()])
+            if isinstance(value, str):  # "q,v" from a CLI or a config file; "" = not given
+                names = [v.strip() for v in value.split(",") if v.strip()]
+                setattr(self, field, names or None)
             elif value is not None:
                 setattr(self, field, list(value))
         if self.r <= 0 or self.alpha <= 0:

@@ -154,6 +154,7 @@ def test_wrong_targets_raise_clear_errors(family, settings, match):
 
 def test_settings_validation():
     assert M.LoraSettings(targets="q, v").targets == ["q", "v"]
+    assert M.LoraSettings(targets="").targets is None  # an empty CLI value means the family default
     with pytest.raises(ValueError, match="qformer_targets"):
         M.LoraSettings(train_qformer=True, qformer_targets=["query"])
     with pytest.raises(ValueError):
