@@ -466,31 +466,34 @@ def summarize_manifest(manifest: dict, seconds: float | None = None) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json (a previous pack there is replaced)")
-    p.add_argument("--samples-per-shard", "--images-per-shard", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--max-side", type=int, default=None, help="re-encode images whose long side exceeds N to N (default: keep the original bytes)")
-    p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality when re-encoding (default 95)")
-    p.add_argument("--workers", type=int, default=None, help="image reading/decoding/re-encoding threads (default: CPU count, at most 8; 1 = no pool)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards and manifest.json (a previous pack there is replaced)")
+    p.add_argument("--samples-per-shard", "--images-per-shard", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
+    p.add_argument("--max-side", type=int, default=None, metavar="N", help="re-encode images whose long side exceeds N to N (default: keep the original bytes)")
+    p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, metavar="Q", help="JPEG quality when re-encoding (default 95)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="image reading/decoding/re-encoding threads (default: CPU count, at most 8; 1 = no pool)")
     p.add_argument("--skip-bad", action="store_true", help="pack the rest when input is bad; list what was left out in the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blip2-pack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="blip2-pack", description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("flickr8k", help="pack a Flickr8k folder (original, karpathy or kaggle layout)")
     f.add_argument("source", help="the folder where Flickr8k was unzipped")
     f.add_argument("--format", choices=LAYOUTS, default=None, help="force the layout (default: detected)")
-    f.add_argument("--images", default=None, help="the image folder, if it can't be found beside the text files")
-    f.add_argument("--splits", default=None, help="kaggle layout: folder with Flickr_8k.{train,dev,test}Images.txt (default: sha1 hash split 6:1:1)")
+    f.add_argument("--images", default=None, metavar="DIR", help="the image folder, if it can't be found beside the text files")
+    f.add_argument("--splits", default=None, metavar="DIR", help="kaggle layout: folder with Flickr_8k.{train,dev,test}Images.txt (default: sha1 hash split 6:1:1)")
     _add_common(f)
     h = sub.add_parser("hf", help="pack a Hugging Face datasets image-caption set on disk (imagefolder or save_to_disk)")
     h.add_argument("path", help="an imagefolder (images + metadata.jsonl) or a save_to_disk folder")
     h.add_argument("--image-column", default="image", help="image column (default: image)")
     h.add_argument("--caption-column", nargs="+", default=None, help=f"caption column(s), each a string or a list of strings (default: first of {', '.join(CAPTION_COLUMNS)})")
     h.add_argument("--split-column", default=None, help="column naming each row's split (train/validation|val|dev/test)")
-    h.add_argument("--split-ratio", default=None, help="re-split by a hash of the image id, e.g. 0.8,0.1,0.1 (default: the dataset's own splits)")
-    h.add_argument("--cache-dir", default=None, help="datasets cache for the imagefolder loader (default: HF_DATASETS_CACHE)")
+    h.add_argument("--split-ratio", default=None, metavar="A,B,C", help="re-split by a hash of the image id, e.g. 0.8,0.1,0.1 (default: the dataset's own splits)")
+    h.add_argument("--cache-dir", default=None, metavar="DIR", help="datasets cache for the imagefolder loader (default: HF_DATASETS_CACHE)")
     _add_common(h)
     s = sub.add_parser("synthetic", help="write the procedural shapes set used by the demo and the tests")
     s.add_argument("--out", required=True, help="output folder")
