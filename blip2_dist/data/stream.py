@@ -1,0 +1,794 @@
+"""Shards -> micro-batches for training (`TrainStream`) and evaluation (`EvalStream`).
+
+    fmt = CaptionFormat.from_processor(processor, model.config, prompt="a photo of")
+    transform = ImageTransform.from_processor(processor)
+    train = TrainStream("shards/flickr8k", "train", fmt, transform, micro_batch=16,
+                        rank=rank, world_size=world, num_workers=4, seed=0)
+    for epoch in range(start.epoch, epochs):           # train.steps_per_epoch is known up front
+        for batch in train.epoch(epoch, start_batch=start.batch if epoch == start.epoch else 0):
+            ...                                         # train.state_dict() goes into checkpoints
+    for batch in EvalStream("shards/flickr8k", "val", fmt, transform, batch_size=32,
+                            rank=rank, world_size=world):
+        ...
+
+Source: a packed folder (its manifest.json gives every count), or a brace pattern / list of tars
+(`dir/train-{000000..000005}.tar`). For a pattern, counts come from a manifest.json next to the
+tars when it lists them; otherwise every rank scans the tars once (headers + JSON parts, no image
+decode) and logs how long that took. Pack with `python -m blip2_dist.data.pack` to skip the scan.
+
+How an epoch is split (sample-level contiguous slots, no communication between ranks):
+  * The epoch's image sequence: shards in an order shuffled with seed (seed, epoch), the same on
+    every rank; samples in file order inside a shard. N images.
+  * S = world_size x W slots (W = num_workers, or 1 when num_workers=0), slot = rank * W + worker:
+    nodes get contiguous runs of ranks, ranks contiguous runs of slots. Slot s is the contiguous
+    range [s*N//S, (s+1)*N//S) of the sequence: sizes differ by at most one image, any shard count
+    works (fewer shards than slots included: slots then share a shard, each reading its own part).
+    A slot opens only the shards overlapping its range and skips the samples before its start by
+    tar headers alone, so nothing is decoded or read by two slots.
+  * Every slot yields the same number B of micro-batches: B = floor(E / micro_batch), where E is a
+    lower bound on any slot's examples in any epoch, computed from the manifest (all mode: the sum
+    of the N//S smallest per-image caption counts; random mode: N//S). So
+    steps_per_epoch = W x B on every rank, every epoch, known at construction, and every worker of
+    every rank yields exactly B batches: nobody waits on a rank with less data.
+  * Exactly once: within an epoch no two slots share an image, and a slot's examples are used at
+    most once. The rest of each slot after its B batches is dropped: `dropped_examples_per_epoch`
+    = captions (all mode) or images (random mode) - S x B x micro_batch, logged at construction.
+    The dropped examples are the slot's last after shuffling, so they change from epoch to epoch.
+    When the counts divide (e.g. equal caption counts, N divisible by S, and micro_batch dividing
+    a slot's captions) the drop is 0 and every caption is seen exactly once per epoch.
+  * Within a slot: a shuffle buffer over images (seeded by seed, epoch, slot), then the captions:
+    `all` (default) keeps every caption, `random` draws one per image (seeded by seed, epoch,
+    image). An image's captions stay together and are cut into micro-batches in order: a batch
+    holds whole caption groups, except that a group may straddle two consecutive batches when it
+    does not fit (it is then in both batches' pixel_values, decoded once: a worker keeps the last
+    image it decoded). `pixel_values` has one row per image,
+    `image_index` maps each example to its row, so the vision encoder can run once per image.
+  * The DataLoader takes batches from its workers round-robin: batch i of a rank is batch i // W
+    of worker i % W. Deterministic, so a rank's batch sequence is a function of (seed, epoch).
+
+Bad samples (unreadable tar member, missing image or JSON part, bad JSON, no captions, an image
+PIL cannot identify) are skipped before batching with a counted, rate-limited warning naming the
+shard and key; a shard that ends early is reported with the number of samples lost. Skipping
+makes a slot shorter than planned: the slot then starts again from its start (a new shuffle) and
+fills its missing batches with those repeats (counted as `repeated_examples`), so every rank still
+takes exactly steps_per_epoch steps. An image whose pixel data fails to decode later (a truncated
+JPEG with a good header) is left out of its batch, which then has fewer than micro_batch examples
+(`num_examples`); counted too. Per-worker counters travel with the batches and are summed in
+`TrainStream.last_epoch_stats` (this rank) and logged at the end of the epoch.
+
+Resume: `epoch(e, start_batch=k)` yields exactly the batches k.. of the uninterrupted epoch e
+(tensors equal). Each worker skips its share of the first k batches before anything is decoded or
+tokenised (only tar headers and JSON are read), and the workers' roles are rotated by k % W so the
+DataLoader's round-robin continues where it stopped. `state_dict()` holds (epoch, batches handed
+out); the same seed, world size, workers, micro-batch and caption mode are needed for an exact
+resume (a changed configuration is warned about and resumes at the same fraction of the epoch).
+
+Evaluation: images in manifest order, rank r takes the contiguous range [r*N//R, (r+1)*N//R) and
+its workers contiguous sub-ranges; every image exactly once across ranks, with its id and all its
+reference captions, no padding duplicates. A rank with no image yields nothing (the evaluator still
+joins its collectives). Batches are not equal across ranks; eval needs no equal step counts.
+
+The pipeline of one training slot, in order (see `TrainStream._slot_batches`):
+  seeded shard order -> split by node/rank -> split by worker (the slot's range) -> tar expansion
+  (skip bad samples, counted) -> shuffle buffer -> caption choice -> micro-batches of caption groups
+  -> [resume skip] -> decode + resize (uint8) -> tokenise (batched) -> DataLoader, as numpy
+  -> main process: normalise (batched, optionally into pinned memory, or left to the GPU).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import tarfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from itertools import count, islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from blip2_dist.data.shards import MANIFEST, expand_runs, read_manifest, split_shards
+from blip2_dist.data.transforms import CaptionFormat, ImageTransform
+
+log = logging.getLogger(__name__)
+
+CAPTION_MODES = ("all", "random")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# webdataset's grouping rule: key = path up to the first dot of the basename, ext = the rest.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: which shards, how many samples and captions each
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    name: str
+    caption_counts: tuple[int, ...]  # per sample, in file order
+
+    @property
+    def samples(self) -> int:
+        return len(self.caption_counts)
+
+
+def resolve_shards(source: str | os.PathLike | list[str], split: str) -> list[ShardInfo]:
+    """A packed folder (manifest), a brace pattern / single tar / list of tars -> the split's shards."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        manifest = read_manifest(source)
+        return [
+            ShardInfo(s["path"], s["name"], tuple(expand_runs(s["caption_counts"])))
+            for s in split_shards(manifest, split, source)
+        ]
+    if isinstance(source, (list, tuple)):
+        paths = [str(p) for p in source]
+    else:
+        import braceexpand  # a webdataset dependency
+
+        paths = list(braceexpand.braceexpand(str(source)))
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{source}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    known = _manifest_counts(paths)
+    unknown = [p for p in paths if p not in known]
+    if unknown:
+        t0 = time.time()
+        for p in unknown:
+            known[p] = scan_caption_counts(p)
+        log.warning(
+            "%s: no manifest.json lists %d of the shards; scanned them for counts in %.1f s "
+            "(pack with `python -m blip2_dist.data.pack` to skip this)", source, len(unknown), time.time() - t0,
+        )
+    return [ShardInfo(p, Path(p).name, known[p]) for p in paths]
+
+
+def _manifest_counts(paths: list[str]) -> dict[str, tuple[int, ...]]:
+    found: dict[str, tuple[int, ...]] = {}
+    for folder in sorted({str(Path(p).parent) for p in paths}):
+        if not (Path(folder) / MANIFEST).is_file():
+            continue
+        manifest = read_manifest(folder)
+        for entries in manifest["splits"].values():
+            for s in entries["shards"]:
+                found[str(Path(folder) / s["name"])] = tuple(expand_runs(s["caption_counts"]))
+    return {p: found[str(Path(p))] for p in paths if str(Path(p)) in found}
+
+
+def scan_caption_counts(path: str) -> tuple[int, ...]:
+    """Per-sample caption counts of a tar (0 for a sample whose JSON is missing or bad)."""
+    counts: list[int] = []
+    for raw in _read_tar(path, Path(path).name, 0, None, _SampleLog("scan"), parts=("json",)):
+        try:
+            counts.append(len(_parse_meta(raw["parts"]["json"])[1]))
+        except Exception:  # noqa: BLE001 - counted as an empty sample; the reader reports it
+            counts.append(0)
+    return tuple(counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Counting and rate-limited warnings (one instance per worker per epoch)
+# --------------------------------------------------------------------------------------------
+
+
+class _SampleLog:
+    """Counters plus warnings: the first `first` bad samples, then at most one per `every_s` seconds."""
+
+    def __init__(self, where: str, first: int = 5, every_s: float = 30.0):
+        self.where = where
+        self.counts: Counter[str] = Counter()
+        self.first, self.every_s = first, every_s
+        self._bad = 0
+        self._last = 0.0
+
+    def bad(self, reason: str, shard: str, key: str, detail: Any = "", n: int = 1) -> None:
+        self.counts[f"bad_{reason}"] += n
+        self._bad += n
+        now = time.monotonic()
+        if self._bad <= self.first or now - self._last >= self.every_s:
+            self._last = now
+            log.warning(
+                "%s: skipping %s in %s key %r (%s): %s; %d bad so far here (later warnings rate-limited)",
+                self.where, "sample" if n == 1 else f"{n} samples", shard, key, reason,
+                str(detail)[:200], self._bad,
+            )
+
+    def add(self, name: str, n: int = 1) -> None:
+        if n:
+            self.counts[name] += n
+
+
+@dataclass
+class LoaderStats:
+    """What one rank's loader saw in an epoch (summed over its workers)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts.get(name, 0)
+
+    @property
+    def bad_samples(self) -> int:
+        return sum(v for k, v in self.counts.items() if k.startswith("bad_"))
+
+
+# --------------------------------------------------------------------------------------------
+# Stages (plain generator functions; each takes an iterator and yields)
+# --------------------------------------------------------------------------------------------
+
+
+def _read_tar(
+    path: str, name: str, lo: int, hi: int | None, slog: _SampleLog, parts: tuple[str, ...] | None = None
+) -> Iterator[dict]:
+    """Samples lo..hi-1 of a tar (key groups in file order); members before lo are skipped by header."""
+    index, key, group = -1, None, {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:  # lazy: reads headers and seeks over data
+                m = _KEY_EXT.match(member.name) if member.isfile() else None
+                if m is None:
+                    continue
+                if m.group(1) != key:
+                    if key is not None and index >= lo:
+                        yield {"shard": name, "key": key, "index": index, "parts": group}
+                    index, key, group = index + 1, m.group(1), {}
+                    if hi is not None and index >= hi:
+                        return
+                if index >= lo and (parts is None or m.group(2) in parts):
+                    group[m.group(2)] = tar.extractfile(member).read()
+            if key is not None and index >= lo:
+                yield {"shard": name, "key": key, "index": index, "parts": group}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        lost = (hi - max(index, lo)) if hi is not None else 1
+        slog.bad("tar", name, key or "-", f"unreadable after sample {index}: {e!r}", n=max(lost, 1))
+        return
+    if hi is not None and index + 1 < hi:  # tarfile ends silently at a corrupt header
+        slog.bad("tar", name, key or "-", f"shard ends after {index + 1} samples, expected >= {hi}", n=hi - index - 1)
+
+
+def _read_pieces(pieces: list[tuple[ShardInfo, int, int]], slog: _SampleLog) -> Iterator[dict]:
+    for shard, lo, hi in pieces:
+        yield from _read_tar(shard.path, shard.name, lo, hi, slog)
+
+
+def _parse_meta(data: bytes) -> tuple[str | None, list[str]]:
+    meta = json.loads(data)
+    captions = meta["captions"]
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+        raise ValueError(f"captions must be a non-empty list of non-empty strings, got {captions!r}"[:200])
+    return meta.get("image_id"), captions
+
+
+@dataclass
+class Record:
+    """One good sample: its image (opened, not decoded), id, captions (all, or the one drawn)."""
+
+    shard: str
+    key: str
+    image_id: str
+    image: Image.Image
+    captions: list[str]
+    repeat: bool = False  # read again to fill a slot shortened by bad samples
+
+
+def _valid_samples(raws: Iterable[dict], slog: _SampleLog) -> Iterator[Record]:
+    """Skip a sample with a missing part, bad JSON, or an image PIL cannot identify (header only)."""
+    for raw in raws:
+        parts, shard, key = raw["parts"], raw["shard"], raw["key"]
+        ext = next((e for e in IMAGE_EXTS if e in parts), None)
+        if ext is None or "json" not in parts:
+            slog.bad("missing_part", shard, key, f"has {sorted(parts)}, needs an image and json")
+            continue
+        try:
+            image_id, captions = _parse_meta(parts["json"])
+        except Exception as e:  # noqa: BLE001
+            slog.bad("json", shard, key, repr(e))
+            continue
+        try:  # parses the header only; the pixels are decoded later, from this same object
+            image = Image.open(io.BytesIO(parts[ext]))
+        except Exception as e:  # noqa: BLE001
+            slog.bad("image", shard, key, repr(e))
+            continue
+        yield Record(shard, key, str(image_id or key), image, captions)
+
+
+def _shuffle(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer (webdataset's idea) with an explicit, seeded generator."""
+    buf: list = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = rng.randrange(bufsize)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _choose_captions(records: Iterable[Record], mode: str, seed_key: str) -> Iterator[Record]:
+    for rec in records:
+        if mode == "random":
+            rec.captions = [random.Random(f"{seed_key}:{rec.key}").choice(rec.captions)]
+        yield rec
+
+
+def _caption_batches(records: Iterable[Record], micro_batch: int) -> Iterator[list[tuple[Record, list[str]]]]:
+    """Cut the caption groups into micro-batches of exactly micro_batch examples (a tail is dropped)."""
+    batch: list[tuple[Record, list[str]]] = []
+    n = 0
+    for rec in records:
+        caps = rec.captions
+        i = 0
+        while i < len(caps):
+            take = min(micro_batch - n, len(caps) - i)
+            batch.append((rec, caps[i : i + take]))
+            n, i = n + take, i + take
+            if n == micro_batch:
+                yield batch
+                batch, n = [], 0
+
+
+def _compose(source: Iterable, *stages: Callable[[Iterable], Iterable]) -> Iterable:
+    for stage in stages:
+        source = stage(source)
+    return source
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: identical on every rank, from the shard list alone
+# --------------------------------------------------------------------------------------------
+
+
+def slot_range(n: int, slots: int, slot: int) -> tuple[int, int]:
+    """Contiguous, near-equal (sizes differ by at most 1) part `slot` of range(n)."""
+    return slot * n // slots, (slot + 1) * n // slots
+
+
+def epoch_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n_shards))
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def range_pieces(
+    shards: list[ShardInfo], order: list[int], start: int, stop: int
+) -> list[tuple[ShardInfo, int, int]]:
+    """The (shard, lo, hi) pieces covering images start..stop-1 of the sequence `order` defines."""
+    pieces, offset = [], 0
+    for i in order:
+        s = shards[i]
+        lo, hi = max(start - offset, 0), min(stop - offset, s.samples)
+        if lo < hi:
+            pieces.append((s, lo, hi))
+        offset += s.samples
+        if offset >= stop:
+            break
+    return pieces
+
+
+@dataclass
+class LoaderState:
+    """The loader's position: `batch` batches of `epoch` have been handed out."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
+
+
+# --------------------------------------------------------------------------------------------
+# Training stream
+# --------------------------------------------------------------------------------------------
+
+
+class TrainStream:
+    """Equal, exactly-once, resumable micro-batches per rank from shards (see the module docstring).
+
+    micro_batch counts examples (captions). caption_mode: "all" (every caption once per epoch) or
+    "random" (one seeded caption per image per epoch). shuffle_buffer: images per worker buffer.
+    normalize=False hands out uint8 pixel_values (N, 3, H, W) for `transform.normalize_device` on
+    the GPU (4x less host memory and copy); pin_memory pins what is handed out. Plan attributes,
+    equal on every rank: steps_per_epoch, examples_per_epoch and dropped_examples_per_epoch (all
+    ranks), num_images, num_captions; `summary()` returns them as a dict for logging.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | list[str],
+        split: str,
+        fmt: CaptionFormat,
+        transform: ImageTransform,
+        *,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        num_workers: int = 2,
+        seed: int = 0,
+        caption_mode: str = "all",
+        shuffle_buffer: int = 1000,
+        pin_memory: bool = False,
+        normalize: bool = True,
+        prefetch_factor: int = 2,
+        multiprocessing_context: Any = None,
+    ):
+        if caption_mode not in CAPTION_MODES:
+            raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if micro_batch < 1 or num_workers < 0 or shuffle_buffer < 1:
+            raise ValueError("micro_batch and shuffle_buffer must be >= 1, num_workers >= 0")
+        self.source, self.split, self.fmt, self.transform = source, split, fmt, transform
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
+        self.num_workers, self.seed, self.caption_mode = num_workers, seed, caption_mode
+        self.shuffle_buffer, self.pin_memory, self.normalize = shuffle_buffer, _can_pin(pin_memory), normalize
+        self.prefetch_factor, self.mp_context = prefetch_factor, multiprocessing_context
+        self.shards = resolve_shards(source, split)
+        self.state = LoaderState()
+        self.last_epoch_stats = LoaderStats()
+        self._plan()
+
+    def _plan(self) -> None:
+        counts = sorted(c for s in self.shards for c in s.caption_counts)
+        self.num_images, self.num_captions = len(counts), sum(counts)
+        self.slots_per_rank = max(self.num_workers, 1)
+        self.num_slots = self.world_size * self.slots_per_rank
+        per_slot = self.num_images // self.num_slots  # every slot has per_slot or per_slot + 1 images
+        if self.caption_mode == "all":
+            total, min_examples = self.num_captions, sum(counts[:per_slot])
+        else:
+            total, min_examples = self.num_images, per_slot
+        self.batches_per_slot = min_examples // self.micro_batch
+        if self.batches_per_slot == 0:
+            unit = "captions" if self.caption_mode == "all" else "images"
+            raise ValueError(
+                f"split {self.split!r} has {self.num_captions} captions in {self.num_images} images; "
+                f"{self.world_size} ranks x {self.slots_per_rank} workers x micro-batch {self.micro_batch} needs "
+                f"at least {self.num_slots * self.micro_batch} {unit} "
+                f"(each of the {self.num_slots} slots gets >= {per_slot} images = {min_examples} examples): "
+                "lower micro_batch, num_workers or the number of ranks"
+            )
+        self.steps_per_epoch = self.slots_per_rank * self.batches_per_slot
+        self.examples_per_epoch = self.num_slots * self.batches_per_slot * self.micro_batch  # all ranks
+        self.dropped_examples_per_epoch = total - self.examples_per_epoch
+        if self.rank == 0:
+            log.info(
+                "%s %s: %d images, %d captions; %d ranks x %d workers = %d slots; %d steps/epoch/rank of %d "
+                "examples (%s captions); %d examples/epoch, %d dropped by rounding (%.2f%%)",
+                self.source, self.split, self.num_images, self.num_captions, self.world_size,
+                self.slots_per_rank, self.num_slots, self.steps_per_epoch, self.micro_batch, self.caption_mode,
+                self.examples_per_epoch, self.dropped_examples_per_epoch,
+                100.0 * self.dropped_examples_per_epoch / max(total, 1),
+            )
+
+    def summary(self) -> dict:
+        return dict(
+            images=self.num_images, captions=self.num_captions, slots=self.num_slots,
+            steps_per_epoch=self.steps_per_epoch, micro_batch=self.micro_batch, caption_mode=self.caption_mode,
+            examples_per_epoch=self.examples_per_epoch, dropped_examples_per_epoch=self.dropped_examples_per_epoch,
+        )
+
+    # -- the epoch iterator (main process) ---------------------------------------------------
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        """Batches start_batch..steps_per_epoch-1 of `epoch` for this rank (exactly that many)."""
+        if not 0 <= start_batch <= self.steps_per_epoch:
+            raise ValueError(f"start_batch {start_batch} not in [0, {self.steps_per_epoch}]")
+        self.state = LoaderState(epoch, start_batch)
+        worker_stats: dict[int, dict] = {}
+        handed = 0
+        if start_batch < self.steps_per_epoch:
+            loader = _loader(_TrainEpoch(self, epoch, start_batch), self.num_workers, self.prefetch_factor,
+                             self.mp_context)
+            for wire in loader:
+                role, stats = wire.pop("_stats")
+                worker_stats[role] = stats
+                handed += 1
+                self.state.batch += 1  # counted before the yield: a checkpoint after this step includes it
+                yield _to_torch(wire, self.transform, self.normalize, self.pin_memory)
+        expected = self.steps_per_epoch - start_batch
+        if handed != expected:  # cannot happen by construction; never hide it
+            raise RuntimeError(f"epoch {epoch}: loader gave {handed} batches, expected {expected}")
+        total: Counter[str] = Counter()
+        for stats in worker_stats.values():
+            total.update(stats)
+        self.last_epoch_stats = LoaderStats(dict(total))
+        if total:
+            log.warning("rank %d epoch %d loader counters: %s", self.rank, epoch, dict(sorted(total.items())))
+        self.state = LoaderState(epoch + 1, 0)
+
+    def resume(self) -> Iterator[dict]:
+        """The rest of the epoch `state` points at (epoch(state.epoch, state.batch))."""
+        return self.epoch(self.state.epoch, self.state.batch)
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        return dict(
+            seed=self.seed, world_size=self.world_size, num_workers=self.num_workers,
+            micro_batch=self.micro_batch, caption_mode=self.caption_mode,
+            shards=[s.name for s in self.shards], num_captions=self.num_captions,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+
+    def state_dict(self) -> dict:
+        return {**self.state.state_dict(), "config": self._fingerprint()}
+
+    def load_state_dict(self, d: dict) -> None:
+        epoch, batch = int(d["epoch"]), int(d["batch"])
+        old = d.get("config", {})
+        changed = {k: (old[k], v) for k, v in self._fingerprint().items() if k in old and old[k] != v}
+        if changed:
+            old_steps = max(int(old.get("steps_per_epoch", self.steps_per_epoch)), 1)
+            batch = min(batch * self.steps_per_epoch // old_steps, self.steps_per_epoch)
+            log.warning(
+                "loader configuration changed since the checkpoint (%s): the batches after this resume "
+                "differ from the interrupted run's; resuming epoch %d at batch %d of %d",
+                ", ".join(k for k in changed), epoch, batch, self.steps_per_epoch,
+            )
+        if batch >= self.steps_per_epoch:
+            epoch, batch = epoch + 1, 0
+        self.state = LoaderState(epoch, batch)
+
+    # -- one slot (runs in a DataLoader worker) ----------------------------------------------
+    def _slot_batches(self, epoch: int, slot: int, skip: int, role: int) -> Iterator[dict]:
+        slog = _SampleLog(f"rank {self.rank} worker {role} epoch {epoch}")
+        start, stop = slot_range(self.num_images, self.num_slots, slot)
+        pieces = range_pieces(self.shards, epoch_order(len(self.shards), self.seed, epoch), start, stop)
+
+        def one_pass(n: int) -> Iterable[Record]:
+            # Pass 0 is the slot; later passes (only after bad samples) fill the slot's missing batches.
+            plog = slog if n == 0 else _SampleLog(slog.where, first=0, every_s=math.inf)
+            return _compose(
+                _read_pieces(pieces, plog),  # tar expansion of this slot's range only (headers skip)
+                partial(_valid_samples, slog=plog),  # bad samples skipped: counted, rate-limited warning
+                partial(_shuffle, bufsize=self.shuffle_buffer, rng=_rng(self.seed, epoch, slot, n)),
+                partial(_choose_captions, mode=self.caption_mode, seed_key=f"{self.seed}:{epoch}:{n}"),
+                partial(_mark_repeat, repeat=n > 0),
+            )
+
+        batches = _compose(
+            _passes(one_pass, f"{slog.where} slot {slot} ({start}..{stop - 1})"),
+            partial(_caption_batches, micro_batch=self.micro_batch),  # exactly micro_batch examples each
+            lambda b: islice(b, skip, self.batches_per_slot),  # equal count; resume skip before decoding
+        )
+        previous, last = None, {}
+        for raw in batches:
+            batch = _collate_train(raw, self.fmt, self.transform, slog, f"{self.seed}:{epoch}", previous, last)
+            previous = batch
+            batch["_stats"] = (role, dict(slog.counts))
+            yield batch
+        if slog.counts:
+            log.warning("%s: %s", slog.where, dict(sorted(slog.counts.items())))
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random(":".join(map(str, parts)))  # str seeds hash with sha512: same in every process
+
+
+def _mark_repeat(records: Iterable[Record], repeat: bool) -> Iterator[Record]:
+    for rec in records:
+        rec.repeat = repeat
+        yield rec
+
+
+def _passes(one_pass: Callable[[int], Iterable[Record]], where: str) -> Iterator[Record]:
+    for n in count():
+        got = 0
+        for rec in one_pass(n):
+            got += 1
+            yield rec
+        if got == 0:
+            raise RuntimeError(f"{where}: no readable sample in this slot's shards; cannot fill its batches")
+
+
+def _can_pin(pin_memory: bool) -> bool:
+    if pin_memory and not torch.cuda.is_available():
+        log.warning("pin_memory=True but no CUDA device: not pinning")
+        return False
+    return pin_memory
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 2, mp_context: Any = None) -> Iterable:
+    """Workers send numpy arrays (pickled through the pipe): for ~1 MB batches that is several times
+    cheaper than torch's shared-memory tensors (a new shm segment + fd passing per tensor)."""
+    if num_workers == 0:
+        return iter(dataset)
+    return DataLoader(
+        dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers,
+        prefetch_factor=prefetch_factor, persistent_workers=False, multiprocessing_context=mp_context,
+    )
+
+
+def _to_torch(wire: dict, transform: ImageTransform, normalize: bool, pin_memory: bool) -> dict:
+    """Main process: numpy -> tensors (zero-copy), pixels normalised in one batched pass (into pinned
+    memory if asked), or kept uint8 (N, 3, H, W) for `transform.normalize_device` on the GPU."""
+    batch = {}
+    for k, v in wire.items():
+        if k == "pixels":
+            if normalize:
+                batch["pixel_values"] = transform.normalize(v, pin_memory=pin_memory)
+            else:
+                pv = torch.from_numpy(v).permute(0, 3, 1, 2)  # channels-last strides, no copy
+                batch["pixel_values"] = pv.pin_memory() if pin_memory else pv
+        elif isinstance(v, np.ndarray):
+            t = torch.from_numpy(v)
+            batch[k] = t.pin_memory() if pin_memory else t
+        else:
+            batch[k] = v
+    return batch
+
+
+class _TrainEpoch(IterableDataset):
+    """One epoch of one rank; each DataLoader worker plays one slot."""
+
+    def __init__(self, stream: TrainStream, epoch: int, start_batch: int):
+        super().__init__()
+        self.stream, self.epoch, self.start_batch = stream, epoch, start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        w = self.stream.slots_per_rank
+        # After a resume at batch k the loader starts again at worker 0, which must continue where
+        # worker k % W stopped: rotate the roles so the round-robin order is unchanged.
+        role = ((info.id if info is not None else 0) + self.start_batch) % w
+        skip = max(0, -(-(self.start_batch - role) // w))  # batches i < k with i % W == role
+        slot = self.stream.rank * w + role
+        return self.stream._slot_batches(self.epoch, slot, skip, role)
+
+
+def _collate_train(
+    raw: list[tuple[Record, list[str]]], fmt: CaptionFormat, transform: ImageTransform,
+    slog: _SampleLog, aug_key: str, previous: dict | None, last: dict,
+) -> dict:
+    """Decode + resize each image once, stack them (uint8), tokenise the captions in one call."""
+    images, index, captions, ids = [], [], [], []
+    for rec, caps in raw:
+        if last.get("record") is rec:  # straddles from the previous batch: decoded (or failed) already
+            pixels = last["pixels"]
+        else:
+            rng = random.Random(f"{aug_key}:{rec.key}") if transform.augment else None
+            try:
+                pixels = transform.load(rec.image, rng)
+            except Exception as e:  # noqa: BLE001 - e.g. a truncated JPEG with a good header
+                slog.bad("decode", rec.shard, rec.key, repr(e))
+                pixels = None
+            last.update(record=rec, pixels=pixels)
+        if pixels is None:
+            slog.add("examples_left_out", len(caps))
+            continue
+        index += [len(images)] * len(caps)
+        images.append(pixels)
+        ids.append(rec.image_id)
+        captions += caps
+        slog.add("repeated_examples", len(caps) if rec.repeat else 0)
+    if not images:
+        if previous is None:
+            raise RuntimeError(f"{slog.where}: no image of a micro-batch could be decoded: {[r.key for r, _ in raw]}")
+        slog.add("repeated_batches")
+        return {k: v for k, v in previous.items() if k != "_stats"}
+    enc, truncated = fmt.encode_train_counted(captions)
+    slog.add("truncated_captions", truncated)
+    return {
+        "pixels": transform.stack(images),  # uint8 NHWC: 4x less to send than float32
+        "image_index": np.asarray(index, dtype=np.int64),
+        **{k: v.numpy() for k, v in enc.items()},
+        "image_ids": ids,
+        "captions": captions,
+        "num_examples": len(captions),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation stream
+# --------------------------------------------------------------------------------------------
+
+
+class EvalStream:
+    """Every image of a split exactly once across ranks, with its id and all its references."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike | list[str],
+        split: str,
+        fmt: CaptionFormat,
+        transform: ImageTransform,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        normalize: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.normalize = normalize
+        self.fmt, self.transform, self.batch_size = fmt, transform, batch_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, _can_pin(pin_memory)
+        self.shards = resolve_shards(source, split)
+        self.total_images = sum(s.samples for s in self.shards)
+        self.start, self.stop = slot_range(self.total_images, world_size, rank)
+        self.num_images = self.stop - self.start
+        self.num_workers = min(num_workers, self.num_images)
+        self.last_stats = LoaderStats()
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_images == 0:
+            return
+        stats: dict[int, dict] = {}
+        for wire in _loader(_EvalPart(self), self.num_workers):
+            part, counts = wire.pop("_stats")
+            stats[part] = counts
+            yield _to_torch(wire, self.transform, self.normalize, self.pin_memory)
+        total: Counter[str] = Counter()
+        for c in stats.values():
+            total.update(c)
+        self.last_stats = LoaderStats(dict(total))
+
+    def _part_batches(self, part: int, parts: int) -> Iterator[dict]:
+        lo, hi = slot_range(self.num_images, parts, part)
+        slog = _SampleLog(f"eval rank {self.rank} worker {part}")
+        pieces = range_pieces(self.shards, list(range(len(self.shards))), self.start + lo, self.start + hi)
+        records = _valid_samples(_read_pieces(pieces, slog), slog)
+        while True:
+            chunk = list(islice(records, self.batch_size))
+            if not chunk:
+                break
+            batch = _collate_eval(chunk, self.fmt, self.transform, slog)
+            if batch is not None:
+                batch["_stats"] = (part, dict(slog.counts))
+                yield batch
+        if slog.counts:
+            log.warning("%s: %s", slog.where, dict(sorted(slog.counts.items())))
+
+
+class _EvalPart(IterableDataset):
+    def __init__(self, stream: EvalStream):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        part, parts = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.stream._part_batches(part, parts)
+
+
+def _collate_eval(
+    records: list[Record], fmt: CaptionFormat, transform: ImageTransform, slog: _SampleLog
+) -> dict | None:
+    images, ids, refs = [], [], []
+    for rec in records:
+        try:
+            images.append(transform.load(rec.image))
+        except Exception as e:  # noqa: BLE001
+            slog.bad("decode", rec.shard, rec.key, repr(e))
+            continue
+        ids.append(rec.image_id)
+        refs.append(list(rec.captions))
+    if not images:
+        return None
+    return {
+        "pixels": transform.stack(images),
+        "image_ids": ids,
+        "references": refs,
+        **{k: v.numpy() for k, v in fmt.encode_prompts(len(images)).items()},
+    }
