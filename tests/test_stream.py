@@ -184,6 +184,12 @@ def test_eval_every_image_once(tmp_path, fmt_tf, shards, world):
     assert max(per_rank) - min(per_rank) <= 1
     if n < world:
         assert min(per_rank) == 0  # a rank with nothing yields nothing
+    # max_images: the split's first images in manifest order, still exactly once.
+    first = []
+    for r in range(world):
+        ev = EvalStream(str(src), "val", *fmt_tf, batch_size=2, rank=r, world_size=world, num_workers=0, max_images=3)
+        first += [i for b in ev for i in b["image_ids"]]
+    assert sorted(first) == [f"img{i}" for i in range(min(n, 3))]
 
 
 def _corrupt(path, edits):

@@ -718,7 +718,9 @@ class EvalStream:
         num_workers: int = 2,
         pin_memory: bool = False,
         normalize: bool = True,
+        max_images: int | None = None,
     ):
+        """max_images: only the split's first max_images images (manifest order), e.g. a quick eval."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.normalize = normalize
@@ -726,10 +728,16 @@ class EvalStream:
         self.rank, self.world_size, self.pin_memory = rank, world_size, _can_pin(pin_memory)
         self.shards = resolve_shards(source, split)
         self.total_images = sum(s.samples for s in self.shards)
+        if max_images is not None:
+            self.total_images = min(self.total_images, max_images)
         self.start, self.stop = slot_range(self.total_images, world_size, rank)
         self.num_images = self.stop - self.start
         self.num_workers = min(num_workers, self.num_images)
         self.last_stats = LoaderStats()
+
+    @property
+    def image_size(self) -> int:
+        return self.transform.size[0]
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_images == 0:

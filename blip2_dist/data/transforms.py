@@ -206,9 +206,11 @@ class ImageTransform:
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         return self.rescale / std, mean / std
 
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+    def batch_from_pil(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel_values (no augmentation): for captioning single images."""
         return self.normalize([self.prepare(im) for im in images])
+
+    __call__ = batch_from_pil
 
 
 # --------------------------------------------------------------------------------------------
