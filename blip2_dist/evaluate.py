@@ -29,7 +29,7 @@ from blip2_dist.config import EvalArgs
 from blip2_dist.data.shards import read_manifest, split_shards
 from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
 from blip2_dist.logging import NullWriter
-from blip2_dist.metrics import normalize_caption, score_captions_detailed
+from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
 from blip2_dist.model import generate_captions
 
 
@@ -142,6 +142,8 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
         rank=dist.get_rank(), world_size=dist.get_world_size(), num_workers=num_workers,
         max_images=args.max_eval_images or None,
     )
+    if dist.get_rank() == 0:
+        warm_up_meteor()  # the JVM (~6-11 s) starts while the captions are generated
     was_training = model.training
     model.eval()
     with torch.no_grad():
