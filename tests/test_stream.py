@@ -235,6 +235,19 @@ def test_bad_samples_skipped_counted_no_hang(tmp_path, fmt_tf, caplog):
     assert "skipping sample in train-000000.tar key 'img5' (json)" in caplog.text
 
 
+def test_truncated_shard_is_reported(tmp_path, fmt_tf):
+    src = _pack(tmp_path, [10, 10])
+    path = tmp_path / "train-000001.tar"
+    with open(path, "r+b") as f:  # a partial copy: the second half of the shard is gone
+        f.truncate(path.stat().st_size // 2)
+    streams, batches = _run(src, *fmt_tf, micro_batch=5)
+    assert [len(b) for b in batches] == [s.steps_per_epoch for s in streams] == [10, 10]
+    lost = sum(s.last_epoch_stats["bad_tar"] for s in streams)
+    ev = EvalStream(str(src), "train", *fmt_tf, batch_size=4, rank=0, world_size=1, num_workers=2)
+    seen = sum(len(b["image_ids"]) for b in ev)
+    assert ev.last_stats["bad_tar"] == lost == 20 - seen > 0  # every lost sample is counted
+
+
 @pytest.mark.parametrize("family", ["opt", "t5"])
 def test_labels_masked(tiny, family):
     model, processor = tiny[family]
