@@ -9,9 +9,9 @@ Both loaders run in this process with the same worker count, image size and proc
   * baseline (the seed notebook): a map-style Dataset of (image file, caption) pairs, one item per
     caption, `processor(images=img, text=caption, padding="max_length", return_tensors="pt")` per
     item, a DataLoader with shuffle and the same workers and batch size.
-Reported per loader: images decoded/s and examples (image-caption pairs)/s, per worker process
-(wall), and per CPU-second (user+sys of the main process and its workers: what one fully busy core
-delivers). The baseline decodes one image per example, so its images/s equals its examples/s; the
+Reported per loader (median of `--repeat` alternating runs): images decoded/s and examples
+(image-caption pairs)/s, per worker process (wall), and per CPU-second (user+sys of the main
+process and its workers: what one fully busy core delivers), with and without worker start-up. The baseline decodes one image per example, so its images/s equals its examples/s; the
 stream with `--caption-mode all` decodes each image once for all its captions. Both ratios are
 printed; say which one you quote.
 
