@@ -679,7 +679,9 @@ def load_for_inference(
     if meta.get("base_dir") and base == recorded:
         base = str(adapter / meta["base_dir"])
     model, processor = load_model(base, dtype=dtype, seed=meta.get("seed", 0), device=device)
-    model = PeftModel.from_pretrained(model, str(adapter))
+    # Keep the adapter in the base's dtype (peft would upcast it to fp32): a bf16 DeepSpeed engine
+    # trained and evaluated it in bf16, and only the same dtype reproduces its generations.
+    model = PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=False)
     if (adapter / EXTRAS_FILE).exists():
         load_extras(model, adapter / EXTRAS_FILE)
     if (adapter / "processor_config.json").exists():  # what training used (image size, tokenizer)

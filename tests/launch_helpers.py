@@ -50,17 +50,21 @@ def start(script: str, args: list[str], nproc: int = 2, log: Path | None = None,
                             stderr=subprocess.STDOUT)
 
 
-def worker_pids(launcher: subprocess.Popen, script: str) -> list[int]:
-    """The training processes under a launcher (what srun would signal on preemption)."""
-    kids = psutil.Process(launcher.pid).children(recursive=True)
-    return [p.pid for p in kids if any(script in part for part in p.cmdline())]
+def rank_processes(launcher: subprocess.Popen, script: str) -> tuple[list[int], list[int]]:
+    """(trainer ranks, all their processes incl. DataLoader workers) under a deepspeed launcher."""
+    procs = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+             if any(script in part for part in p.cmdline()) and "--local_rank" in " ".join(p.cmdline())]
+    pids = {p.pid for p in procs}
+    ranks = [p.pid for p in procs if p.ppid() not in pids]
+    return ranks, sorted(pids)
 
 
 def signal_workers(launcher: subprocess.Popen, script: str, sig: int = signal.SIGTERM) -> int:
-    pids = worker_pids(launcher, script)
+    """Signal every process of every rank, as SLURM does on preemption; returns the ranks hit."""
+    ranks, pids = rank_processes(launcher, script)
     for pid in pids:
         os.kill(pid, sig)
-    return len(pids)
+    return len(ranks)
 
 
 def wait_for(path: Path, timeout: float, proc: subprocess.Popen | None = None) -> None:

@@ -100,6 +100,7 @@ import math
 import os
 import random
 import re
+import signal
 import tarfile
 import time
 from collections import Counter
@@ -633,7 +634,16 @@ def _loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 2
     return DataLoader(
         dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers,
         prefetch_factor=prefetch_factor, persistent_workers=False, multiprocessing_context=mp_context,
+        worker_init_fn=_ignore_preemption_signals,
     )
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """SLURM signals every process of a job step (scancel --signal, srun forwarding). A worker
+    killed by SIGUSR1/SIGTERM would crash the trainer before it saves, so workers ignore them;
+    the trainer handles them and shuts its workers down (they also exit when it dies)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _to_torch(wire: dict, transform: ImageTransform, normalize: bool, pin_memory: bool) -> dict:
