@@ -37,6 +37,7 @@ class ModelArgs:
     vision_lora_targets: list[str] | None = _f(None, "vision-encoder modules to adapt with LoRA too (e.g. qkv)", nargs="+")
     train_qformer: bool = _f(False, "train the Q-Former, query tokens and projection fully")
     train_query_tokens: bool = _f(False, "train the query tokens (saved beside the adapter)")
+    group_images: bool = _f(True, "run the vision encoder (and a frozen Q-Former) once per image, not once per caption")
 
 
 @dataclass

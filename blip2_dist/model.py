@@ -701,7 +701,7 @@ def _frozen(model: nn.Module) -> nn.Module:
 # Training forward and generation
 # ---------------------------------------------------------------------------------------------------
 
-def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor], group_images: bool = True) -> torch.Tensor:
     """Mean token cross-entropy of a captioning micro-batch.
 
     model: Blip2ForConditionalGeneration, its PeftModel, or a DeepSpeed engine around either (called

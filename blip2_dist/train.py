@@ -36,12 +36,13 @@ class NonFiniteLoss(RuntimeError):
 class CaptionLossModule(torch.nn.Module):
     """What DeepSpeed wraps: batch in, loss out. The BLIP-2 model itself stays untouched."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, group_images: bool = True):
         super().__init__()
         self.model = model
+        self.group_images = group_images
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return caption_loss(self.model, batch)
+        return caption_loss(self.model, batch, group_images=self.group_images)
 
 
 class StopFlag:
@@ -140,7 +141,7 @@ def build_engine(model, cfg: Config, ds: dict):
     warmup = sched["params"]["warmup_num_steps"] if sched else o.warmup_steps
     min_ratio = sched["params"].get("cos_min_ratio", o.min_lr_ratio) if sched else o.min_lr_ratio
     offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
-    wrapped = CaptionLossModule(model)
+    wrapped = CaptionLossModule(model, group_images=cfg.model.group_images)
     groups = param_groups(wrapped, o.weight_decay)
     optimizer = None
     if not offloaded:
