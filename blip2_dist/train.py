@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +252,9 @@ class Trainer:
         self._write_config()
         self.resume()
         cfg, plan, state = self.cfg, self.plan, self.state
-        bar = tqdm(total=plan.total_steps, initial=state.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        # In a log file (SLURM, CI) a bar update every 30 s instead of every step.
+        bar = tqdm(total=plan.total_steps, initial=state.step, disable=not self.is_main, desc="train",
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
         meter, window = ThroughputMeter(), []
         while state.step < plan.total_steps:
             batches = self.stream.epoch(state.epoch, start_batch=state.batch_in_epoch)
