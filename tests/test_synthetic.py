@@ -140,3 +140,13 @@ def test_other_image_sizes(tmp_path, size):
     write_synthetic(tmp_path / "s", n_train=4, n_val=1, n_test=1, image_size=size)
     _, meta, jpeg = next(samples_of(tmp_path / "s"))
     assert Image.open(io.BytesIO(jpeg)).size == (size, size)
+
+
+def test_attribute_accuracy_scores_true_and_false_captions():
+    from blip2_dist.data.synthetic import attribute_accuracy, make_scene, scene_captions
+
+    ids = [f"syn-val-{i:06d}" for i in range(12)]
+    truth = {i: scene_captions(make_scene(0, "val", int(i[-6:])))[k % 5] for k, i in enumerate(ids)}
+    assert attribute_accuracy(truth) == {"colour": 1.0, "shape": 1.0, "count": 1.0, "all": 1.0}
+    wrong = {i: "a drawing of nothing" for i in ids}
+    assert attribute_accuracy(wrong)["all"] == 0.0 and attribute_accuracy(wrong)["colour"] == 0.0

@@ -38,6 +38,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+SINGULARS = {plural: shape for shape, plural in PLURALS.items()}
 COUNTS = (1, 2, 3)
 POSITIONS = {
     "left": "on the left",
@@ -158,6 +159,23 @@ def caption_matches(caption: str, scene: Scene) -> bool:
         and numbers <= {NUMBERS[scene.count]}
         and positions <= {scene.position}
     )
+
+
+def attribute_accuracy(predictions: dict[str, str], seed: int = 0) -> dict[str, float]:
+    """Share of predicted captions naming the right colour, the right shape, a count that fits
+    (number word if any, singular/plural noun), and fully matching the scene: what the demo shows
+    to prove the model reads the image."""
+    hits = {"colour": 0, "shape": 0, "count": 0, "all": 0}
+    for image_id, caption in predictions.items():
+        scene, words = scene_for_id(image_id, seed), caption.split()
+        nouns = {w for w in words if w in SHAPES or w in PLURALS.values()}
+        plural = scene.count > 1
+        hits["colour"] += {w for w in words if w in COLOURS} == {scene.colour}
+        hits["shape"] += {SINGULARS.get(w, w) for w in nouns} == {scene.shape}
+        hits["count"] += (bool(nouns) and all((w in PLURALS.values()) == plural for w in nouns)
+                          and {w for w in words if w in NUMBERS.values()} <= {NUMBERS[scene.count]})
+        hits["all"] += caption_matches(caption, scene)
+    return {k: v / max(1, len(predictions)) for k, v in hits.items()}
 
 
 def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
