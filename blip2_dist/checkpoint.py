@@ -97,7 +97,7 @@ class Checkpointer:
         self.root = Path(output_dir) / "checkpoints"
         self.best_dir = Path(output_dir) / "best"
         self.keep_last = max(1, keep_last)
-        self.export_adapter = export_adapter  # callable(out_dir) run on rank 0
+        self.export_adapter = export_adapter  # callable(out_dir), collective: every rank calls it, rank 0 writes
         self.is_main = dist.get_rank() == 0
 
     def save(self, engine, state: TrainState) -> Path:
@@ -110,8 +110,8 @@ class Checkpointer:
             str(self.root), tag=tag, client_state={"train_state": state.state_dict()},
             save_latest=False, exclude_frozen_parameters=True,
         )
+        self.export_adapter(path / "adapter")
         if self.is_main:
-            self.export_adapter(path / "adapter")
             write_json_atomic(path / "train_state.json", state.state_dict())
         dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if self.is_main:
@@ -131,12 +131,13 @@ class Checkpointer:
         return TrainState.from_state_dict(client["train_state"])
 
     def save_best(self, step: int, metrics: dict) -> None:
-        """Rank 0: export the current adapter as best/, atomically (tmp folder + rename)."""
+        """Export the current adapter as best/, atomically (tmp folder + rename). Every rank calls it."""
+        tmp = self.best_dir.with_name("best.tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.export_adapter(tmp)
         if not self.is_main:
             return
-        tmp = self.best_dir.with_name("best.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.export_adapter(tmp)
         write_json_atomic(tmp / "metrics.json", {"step": step, **metrics})
         old = self.best_dir.with_name("best.old")
         shutil.rmtree(old, ignore_errors=True)

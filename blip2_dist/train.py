@@ -231,7 +231,15 @@ class Trainer:
         self.stop = StopFlag()
 
     def _export_adapter(self, out_dir: Path) -> None:
-        save_adapter(self.model, self.processor, out_dir, base_name=self.cfg.model.model)
+        """Collective. Under ZeRO-3 parameters are partitioned: gather them (all of them, since a
+        tiny base is saved beside its adapter) so rank 0 writes whole tensors."""
+        import deepspeed
+
+        gather = self.engine.zero_optimization_stage() == 3
+        params = list(self.model.parameters()) if gather else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
+            if self.is_main:
+                save_adapter(self.model, self.processor, out_dir, base_name=self.cfg.model.model)
 
     def _write_config(self) -> None:
         resolved = {**self.cfg.to_dict(), "deepspeed_resolved": self.ds, "world_size": self.info.world_size,
