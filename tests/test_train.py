@@ -7,6 +7,7 @@ resumed to the end, and standalone evaluation of the saved adapter.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 
@@ -154,3 +155,28 @@ def test_bad_arguments_fail_fast(shards, tmp_path):
     proc = run("launch/train.py", train_args(shards, tmp_path / "o", extra=["--deepspeed", "nope.json"]),
                nproc=1, timeout=120)
     assert proc.returncode != 0 and "nope.json not found" in proc.stderr
+
+
+def test_caption_command_on_trained_adapter(reference_run, shards, tmp_path):
+    import tarfile
+
+    with tarfile.open(sorted(shards.glob("test-*.tar"))[0]) as tar:
+        jpgs = [m for m in tar if m.name.endswith(".jpg")][:3]
+        for m in jpgs:
+            (tmp_path / m.name).write_bytes(tar.extractfile(m).read())
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / jpgs[0].name).read_bytes()[:200])  # truncated
+    args = ["--model", "tiny-t5", "--adapter", str(reference_run / "best"), "--num-beams", "1",
+            "--max-new-tokens", "8", "--min-length", "1", "--batch-size", "2"]
+    proc = run("launch/caption.py", [*args, str(tmp_path)], nproc=1, timeout=300)
+    assert proc.returncode == 1, explain(proc)  # one image failed
+    lines = [l.split("\t") for l in proc.stdout.strip().splitlines()]
+    assert sorted(p.rsplit("/", 1)[1] for p, _ in lines) == sorted(m.name for m in jpgs)
+    assert all(caption.strip() for _, caption in lines)
+    assert "broken.jpg" in proc.stderr
+    good = str(tmp_path / jpgs[0].name)
+    proc = run("launch/caption.py", [*args, "--json", good, str(tmp_path / "syn-test-*.jpg")], nproc=1, timeout=300)
+    assert proc.returncode == 0, explain(proc)
+    rows = [json.loads(l) for l in proc.stdout.strip().splitlines()]
+    assert rows[0]["path"] == good and len(rows) == 1 + len(jpgs)
+    proc = run("launch/caption.py", [*args, str(tmp_path / "missing.jpg")], nproc=1, timeout=300)
+    assert proc.returncode == 2 and "missing.jpg" in proc.stderr
