@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+DEFAULT_MODEL = "Salesforce/blip2-flan-t5-xl"  # the project default base
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
@@ -27,7 +29,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelArgs:
-    model: str = _f("Salesforce/blip2-flan-t5-xl", "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt")
+    model: str = _f(DEFAULT_MODEL, "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt")
     random_init: bool = _f(False, "build the named architecture with random weights, no download (benchmarks only)")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from blip2_dist.config import DEFAULT_MODEL
 from blip2_dist.data.stream import CaptionFormat, ImageTransform
 from blip2_dist.model import generate_captions, load_for_inference
 
@@ -48,7 +49,8 @@ def load_image(path: Path) -> Image.Image:
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--model", default="Salesforce/blip2-flan-t5-xl", help="base BLIP-2: hub id, local dir, tiny-t5, tiny-opt")
+    p.add_argument("--model", default=None, help="base BLIP-2: hub id, local dir, tiny-t5, tiny-opt "
+                   "(default: the adapter's base, else Salesforce/blip2-flan-t5-xl)")
     p.add_argument("--adapter", default=None, help="adapter directory saved by training")
     p.add_argument("--prompt", default="", help="prompt the adapter was trained with")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation batch")
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     paths = expand_paths(a.images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_for_inference(a.model, a.adapter, dtype=getattr(torch, a.dtype))
+    model, processor = load_for_inference(a.model or (None if a.adapter else DEFAULT_MODEL), a.adapter, dtype=getattr(torch, a.dtype))
     model.to(device)
     transform = ImageTransform.from_processor(processor)
     fmt = CaptionFormat.from_processor(processor, model.config, prompt=a.prompt)

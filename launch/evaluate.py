@@ -14,7 +14,7 @@ import sys
 import torch
 
 from blip2_dist import dist
-from blip2_dist.config import EvalArgs, add_section_args
+from blip2_dist.config import DEFAULT_MODEL, EvalArgs, add_section_args
 from blip2_dist.evaluate import evaluate_model
 from blip2_dist.logging import build_writer
 from blip2_dist.model import load_for_inference
@@ -22,7 +22,8 @@ from blip2_dist.model import load_for_inference
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="Salesforce/blip2-flan-t5-xl", help="base BLIP-2: hub id, local dir, tiny-t5, tiny-opt")
+    p.add_argument("--model", default=None, help="base BLIP-2: hub id, local dir, tiny-t5, tiny-opt "
+                   "(default: the adapter's base, else Salesforce/blip2-flan-t5-xl)")
     p.add_argument("--adapter", default=None, help="adapter directory saved by training (omit for zero-shot)")
     p.add_argument("--data", required=True, help="shard folder with manifest.json")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     eval_args = EvalArgs(**{k: v for k, v in vars(a).items() if k in fields})
     out = a.output_dir or (f"{a.adapter.rstrip('/')}/eval-{a.split}" if a.adapter else f"runs/eval-{a.split}")
     info = dist.init_distributed()
-    model, processor = load_for_inference(a.model, a.adapter, dtype=getattr(torch, a.dtype))
+    model, processor = load_for_inference(a.model or (None if a.adapter else DEFAULT_MODEL), a.adapter, dtype=getattr(torch, a.dtype))
     model.to(dist.device_for(info))
     writer = build_writer(f"{out}/tensorboard", info.is_main)
     evaluate_model(model, processor, a.data, a.split, eval_args, out, writer=writer,
