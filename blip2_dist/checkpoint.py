@@ -33,6 +33,8 @@ class TrainState:
     step: int = 0               # optimizer steps done
     epoch: int = 0              # current epoch
     batch_in_epoch: int = 0     # micro-batches of `epoch` consumed (the loader's position)
+    micro_per_epoch: int = 0    # the epoch length that position refers to (detects a changed launch shape)
+    world_size: int = 0         # ranks that wrote the checkpoint (ZeRO partitions optimizer state by it)
     examples_seen: int = 0      # captions, all ranks
     nonfinite_skipped: int = 0
     losses: list[float] = field(default_factory=list)   # mean loss of every optimizer step
@@ -122,9 +124,16 @@ class Checkpointer:
         return path
 
     def load(self, engine, path: Path) -> TrainState:
+        """Weights, optimizer, LR schedule and TrainState. ZeRO cannot repartition optimizer state
+        for another world size: then the Adam moments restart from zero (with a warning)."""
+        saved = json.loads((path / "train_state.json").read_text()).get("world_size", 0)
+        same_world = saved in (0, dist.get_world_size())
+        if not same_world:
+            dist.print0(f"warning: {path} was written by {saved} ranks, this run has {dist.get_world_size()}: "
+                        "weights, LR schedule and position restored, optimizer moments restart")
         load_path, client = engine.load_checkpoint(
             str(path.parent), tag=path.name, load_module_strict=False,
-            load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_optimizer_states=same_world, load_lr_scheduler_states=True,
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")

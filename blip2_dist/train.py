@@ -254,6 +254,20 @@ class Trainer:
             self.state = self.checkpointer.load(self.engine, path)
             dist.print0(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                         f"micro-batch {self.state.batch_in_epoch})")
+            self._rescale_position()
+        self.state.micro_per_epoch = self.plan.micro_per_epoch
+        self.state.world_size = self.info.world_size
+
+    def _rescale_position(self) -> None:
+        """Another world size, worker count or batch size gives another epoch length: continue at
+        the same fraction of the epoch (the data order cannot be replayed exactly then)."""
+        state, new = self.state, self.plan.micro_per_epoch
+        old = state.micro_per_epoch
+        if old and old != new:
+            accum = self.cfg.optim.grad_accum
+            state.batch_in_epoch = min(new, state.batch_in_epoch * new // old) // accum * accum
+            dist.print0(f"warning: the launch shape changed since the checkpoint ({old} -> {new} micro-batches "
+                        f"per epoch): continuing at micro-batch {state.batch_in_epoch}, data order not replayed")
 
     def fit(self) -> int:
         """Returns the process exit code: 0 done, EXIT_PREEMPTED saved after a signal."""
@@ -265,6 +279,8 @@ class Trainer:
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
         meter, window = ThroughputMeter(), []
         while state.step < plan.total_steps:
+            if state.batch_in_epoch >= plan.micro_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             batches = self.stream.epoch(state.epoch, start_batch=state.batch_in_epoch)
             t_wait, start = time.perf_counter(), state.batch_in_epoch
             for batch in batches:
@@ -286,9 +302,6 @@ class Trainer:
                 t_wait = time.perf_counter()
             if state.batch_in_epoch == start and state.step < plan.total_steps:
                 raise RuntimeError(f"epoch {state.epoch} yielded no batch after micro-batch {start}: loader bug")
-            if state.batch_in_epoch >= plan.micro_per_epoch:
-                state.epoch += 1
-                state.batch_in_epoch = 0
         bar.close()
         self._finish()
         return 0

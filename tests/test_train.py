@@ -137,6 +137,16 @@ def test_resume_from_explicit_path(shards, reference_run, tmp_path):
     assert resumed == read_json(reference_run / "final_state.json")["loss_history"]
 
 
+def test_resume_with_another_launch_shape(shards, reference_run, tmp_path):
+    # 2 ranks -> 1 rank: the epoch is twice as long per rank; the run continues at the same fraction.
+    shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+    proc = run("launch/train.py", train_args(shards, tmp_path, extra=["--resume", "auto", "--skip-eval"]), nproc=1)
+    assert proc.returncode == 0, explain(proc)
+    assert "launch shape changed" in proc.stdout and "optimizer moments restart" in proc.stdout
+    final = read_json(tmp_path / "final_state.json")
+    assert final["step"] == STEPS and len(final["loss_history"]) == STEPS
+
+
 def test_standalone_evaluate_reproduces_training_eval(shards, reference_run, tmp_path):
     adapter = reference_run / "checkpoints" / "step_00000024" / "adapter"
     proc = run("launch/evaluate.py", ["--model", "tiny-t5", "--adapter", str(adapter), "--data", str(shards),
