@@ -14,8 +14,12 @@ Exit codes: 0 finished, 75 saved after SIGTERM/SIGUSR1 (requeue me), 1 error.
 import sys
 
 from blip2_dist.config import parse_config
-from blip2_dist.train import train
+from blip2_dist.train import NonFiniteLoss, train
 
 if __name__ == "__main__":
     cfg = parse_config(sys.argv[1:], description=__doc__)
-    sys.exit(train(cfg))
+    try:
+        sys.exit(train(cfg))
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

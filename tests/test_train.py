@@ -190,3 +190,15 @@ def test_caption_command_on_trained_adapter(reference_run, shards, tmp_path):
     assert rows[0]["path"] == good and len(rows) == 1 + len(jpgs)
     proc = run("launch/caption.py", [*args, str(tmp_path / "missing.jpg")], nproc=1, timeout=300)
     assert proc.returncode == 2 and "missing.jpg" in proc.stderr
+
+
+def test_nonfinite_loss_stops_with_the_step_named(shards, tmp_path):
+    # An absurd learning rate drives the weights to inf within a few steps.
+    extra = ["--lr", "1e30", "--warmup-steps", "0", "--max-grad-norm", "0", "--skip-eval"]
+    proc = run("launch/train.py", train_args(shards, tmp_path, extra=extra), nproc=1, timeout=300)
+    assert proc.returncode == 1, explain(proc)
+    assert "non-finite loss at step" in proc.stderr and "--max-nonfinite 0" in proc.stderr
+    proc = run("launch/train.py", train_args(shards, tmp_path / "skip", extra=[*extra, "--max-nonfinite", "1000"]),
+               nproc=1, timeout=300)
+    assert proc.returncode == 0, explain(proc)
+    assert "micro-batch skipped" in proc.stdout
