@@ -74,7 +74,7 @@ def test_deterministic_and_split(tmp_path):
         "train": (30, 150, 4), "val": (7, 35, 1), "test": (5, 25, 1)}
     ids = [meta["image_id"] for _, meta, _ in samples_of(tmp_path / "a")]
     assert len(set(ids)) == 42 and all(i.startswith(f"syn-{s}-") for (s, _, _), i in zip(samples_of(tmp_path / "a"), ids))
-    c = write_synthetic(tmp_path / "c", n_train=30, n_val=7, n_test=5, samples_per_shard=8, seed=1)
+    write_synthetic(tmp_path / "c", n_train=30, n_val=7, n_test=5, samples_per_shard=8, seed=1)
     assert digest(tmp_path / "c") != digest(tmp_path / "a")
 
 

@@ -122,7 +122,7 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(shards, reference_run, t
     assert 8 <= saved["step"] < STEPS
     proc = run("launch/train.py", train_args(shards, tmp_path, extra=["--resume", "auto"]), nproc=2)
     assert proc.returncode == 0, explain(proc)
-    assert f"resumed from" in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout + proc.stderr
     resumed = read_json(tmp_path / "final_state.json")["loss_history"]
     reference = read_json(reference_run / "final_state.json")["loss_history"]
     assert resumed == reference  # bf16, per-step dropout seeds, restored data position: exact

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from blip2_dist.data.flickr8k import LAYOUTS, PackError, Problem, Record, flickr8k_records, stem

@@ -94,20 +94,15 @@ The pipeline of one training slot, in order (see `TrainStream._slot_batches`):
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
 import random
-import re
 import signal
-import tarfile
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import count, islice
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -115,177 +110,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from blip2_dist.data.shards import MANIFEST, expand_runs, read_manifest, split_shards
+from blip2_dist.data.reader import LoaderStats, SampleLog, ShardInfo, parse_meta, read_pieces, resolve_shards
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 
 log = logging.getLogger(__name__)
 
 CAPTION_MODES = ("all", "random")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# webdataset's grouping rule: key = path up to the first dot of the basename, ext = the rest.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-# --------------------------------------------------------------------------------------------
-# Sources: which shards, how many samples and captions each
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    path: str
-    name: str
-    caption_counts: tuple[int, ...]  # per sample, in file order
-
-    @property
-    def samples(self) -> int:
-        return len(self.caption_counts)
-
-
-def resolve_shards(source: str | os.PathLike | list[str], split: str) -> list[ShardInfo]:
-    """A packed folder (manifest), a brace pattern / single tar / list of tars -> the split's shards."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        manifest = read_manifest(source)
-        return [
-            ShardInfo(s["path"], s["name"], tuple(expand_runs(s["caption_counts"])))
-            for s in split_shards(manifest, split, source)
-        ]
-    if isinstance(source, (list, tuple)):
-        paths = [str(p) for p in source]
-    else:
-        import braceexpand  # a webdataset dependency
-
-        paths = list(braceexpand.braceexpand(str(source)))
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{source}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
-    known = _manifest_counts(paths)
-    unknown = [p for p in paths if p not in known]
-    if unknown:
-        t0 = time.time()
-        for p in unknown:
-            known[p] = scan_caption_counts(p)
-        log.warning(
-            "%s: no manifest.json lists %d of the shards; scanned them for counts in %.1f s "
-            "(pack with `python -m blip2_dist.data.pack` to skip this)", source, len(unknown), time.time() - t0,
-        )
-    return [ShardInfo(p, Path(p).name, known[p]) for p in paths]
-
-
-def _manifest_counts(paths: list[str]) -> dict[str, tuple[int, ...]]:
-    found: dict[str, tuple[int, ...]] = {}
-    for folder in sorted({str(Path(p).parent) for p in paths}):
-        if not (Path(folder) / MANIFEST).is_file():
-            continue
-        manifest = read_manifest(folder)
-        for entries in manifest["splits"].values():
-            for s in entries["shards"]:
-                found[str(Path(folder) / s["name"])] = tuple(expand_runs(s["caption_counts"]))
-    return {p: found[str(Path(p))] for p in paths if str(Path(p)) in found}
-
-
-def scan_caption_counts(path: str) -> tuple[int, ...]:
-    """Per-sample caption counts of a tar (0 for a sample whose JSON is missing or bad)."""
-    counts: list[int] = []
-    for raw in _read_tar(path, Path(path).name, 0, None, _SampleLog("scan"), parts=("json",)):
-        try:
-            counts.append(len(_parse_meta(raw["parts"]["json"])[1]))
-        except Exception:  # noqa: BLE001 - counted as an empty sample; the reader reports it
-            counts.append(0)
-    return tuple(counts)
-
-
-# --------------------------------------------------------------------------------------------
-# Counting and rate-limited warnings (one instance per worker per epoch)
-# --------------------------------------------------------------------------------------------
-
-
-class _SampleLog:
-    """Counters plus warnings: the first `first` bad samples, then at most one per `every_s` seconds."""
-
-    def __init__(self, where: str, first: int = 5, every_s: float = 30.0):
-        self.where = where
-        self.counts: Counter[str] = Counter()
-        self.first, self.every_s = first, every_s
-        self._bad = 0
-        self._last = 0.0
-
-    def bad(self, reason: str, shard: str, key: str, detail: Any = "", n: int = 1) -> None:
-        self.counts[f"bad_{reason}"] += n
-        self._bad += n
-        now = time.monotonic()
-        if self._bad <= self.first or now - self._last >= self.every_s:
-            self._last = now
-            log.warning(
-                "%s: skipping %s in %s key %r (%s): %s; %d bad so far here (later warnings rate-limited)",
-                self.where, "sample" if n == 1 else f"{n} samples", shard, key, reason,
-                str(detail)[:200], self._bad,
-            )
-
-    def add(self, name: str, n: int = 1) -> None:
-        if n:
-            self.counts[name] += n
-
-
-@dataclass
-class LoaderStats:
-    """What one rank's loader saw in an epoch (summed over its workers)."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> int:
-        return self.counts.get(name, 0)
-
-    @property
-    def bad_samples(self) -> int:
-        return sum(v for k, v in self.counts.items() if k.startswith("bad_"))
 
 
 # --------------------------------------------------------------------------------------------
 # Stages (plain generator functions; each takes an iterator and yields)
 # --------------------------------------------------------------------------------------------
-
-
-def _read_tar(
-    path: str, name: str, lo: int, hi: int | None, slog: _SampleLog, parts: tuple[str, ...] | None = None
-) -> Iterator[dict]:
-    """Samples lo..hi-1 of a tar (key groups in file order); members before lo are skipped by header."""
-    index, key, group = -1, None, {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:  # lazy: reads headers and seeks over data
-                m = _KEY_EXT.match(member.name) if member.isfile() else None
-                if m is None:
-                    continue
-                if m.group(1) != key:
-                    if key is not None and index >= lo:
-                        yield {"shard": name, "key": key, "index": index, "parts": group}
-                    index, key, group = index + 1, m.group(1), {}
-                    if hi is not None and index >= hi:
-                        return
-                if index >= lo and (parts is None or m.group(2) in parts):
-                    group[m.group(2)] = tar.extractfile(member).read()
-            if key is not None and index >= lo:
-                yield {"shard": name, "key": key, "index": index, "parts": group}
-    except (tarfile.TarError, OSError, EOFError) as e:
-        lost = (hi - max(index, lo)) if hi is not None else 1
-        slog.bad("tar", name, key or "-", f"unreadable after sample {index}: {e!r}", n=max(lost, 1))
-        return
-    if hi is not None and index + 1 < hi:  # tarfile ends silently at a corrupt header
-        slog.bad("tar", name, key or "-", f"shard ends after {index + 1} samples, expected >= {hi}", n=hi - index - 1)
-
-
-def _read_pieces(pieces: list[tuple[ShardInfo, int, int]], slog: _SampleLog) -> Iterator[dict]:
-    for shard, lo, hi in pieces:
-        yield from _read_tar(shard.path, shard.name, lo, hi, slog)
-
-
-def _parse_meta(data: bytes) -> tuple[str | None, list[str]]:
-    meta = json.loads(data)
-    captions = meta["captions"]
-    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-        raise ValueError(f"captions must be a non-empty list of non-empty strings, got {captions!r}"[:200])
-    return meta.get("image_id"), captions
 
 
 @dataclass
@@ -300,7 +136,7 @@ class Record:
     repeat: bool = False  # read again to fill a slot shortened by bad samples
 
 
-def _valid_samples(raws: Iterable[dict], slog: _SampleLog) -> Iterator[Record]:
+def _valid_samples(raws: Iterable[dict], slog: SampleLog) -> Iterator[Record]:
     """Skip a sample with a missing part, bad JSON, or an image PIL cannot identify (header only)."""
     for raw in raws:
         parts, shard, key = raw["parts"], raw["shard"], raw["key"]
@@ -309,7 +145,7 @@ def _valid_samples(raws: Iterable[dict], slog: _SampleLog) -> Iterator[Record]:
             slog.bad("missing_part", shard, key, f"has {sorted(parts)}, needs an image and json")
             continue
         try:
-            image_id, captions = _parse_meta(parts["json"])
+            image_id, captions = parse_meta(parts["json"])
         except Exception as e:  # noqa: BLE001
             slog.bad("json", shard, key, repr(e))
             continue
@@ -565,15 +401,15 @@ class TrainStream:
 
     # -- one slot (runs in a DataLoader worker) ----------------------------------------------
     def _slot_batches(self, epoch: int, slot: int, skip: int, role: int) -> Iterator[dict]:
-        slog = _SampleLog(f"rank {self.rank} worker {role} epoch {epoch}")
+        slog = SampleLog(f"rank {self.rank} worker {role} epoch {epoch}")
         start, stop = slot_range(self.num_images, self.num_slots, slot)
         pieces = range_pieces(self.shards, epoch_order(len(self.shards), self.seed, epoch), start, stop)
 
         def one_pass(n: int) -> Iterable[Record]:
             # Pass 0 is the slot; later passes (only after bad samples) fill the slot's missing batches.
-            plog = slog if n == 0 else _SampleLog(slog.where, first=0, every_s=math.inf)
+            plog = slog if n == 0 else SampleLog(slog.where, first=0, every_s=math.inf)
             return _compose(
-                _read_pieces(pieces, plog),  # tar expansion of this slot's range only (headers skip)
+                read_pieces(pieces, plog),  # tar expansion of this slot's range only (headers skip)
                 partial(_valid_samples, slog=plog),  # bad samples skipped: counted, rate-limited warning
                 partial(_shuffle, bufsize=self.shuffle_buffer, rng=_rng(self.seed, epoch, slot, n)),
                 partial(_choose_captions, mode=self.caption_mode, seed_key=f"{self.seed}:{epoch}:{n}"),
@@ -685,7 +521,7 @@ class _TrainEpoch(IterableDataset):
 
 def _collate_train(
     raw: list[tuple[Record, list[str]]], fmt: CaptionFormat, transform: ImageTransform,
-    slog: _SampleLog, aug_key: str, previous: dict | None, last: dict,
+    slog: SampleLog, aug_key: str, previous: dict | None, last: dict,
 ) -> dict:
     """Decode + resize each image once, stack them (uint8), tokenise the captions in one call."""
     images, index, captions, ids = [], [], [], []
@@ -784,9 +620,9 @@ class EvalStream:
 
     def _part_batches(self, part: int, parts: int) -> Iterator[dict]:
         lo, hi = slot_range(self.num_images, parts, part)
-        slog = _SampleLog(f"eval rank {self.rank} worker {part}")
+        slog = SampleLog(f"eval rank {self.rank} worker {part}")
         pieces = range_pieces(self.shards, list(range(len(self.shards))), self.start + lo, self.start + hi)
-        records = _valid_samples(_read_pieces(pieces, slog), slog)
+        records = _valid_samples(read_pieces(pieces, slog), slog)
         while True:
             chunk = list(islice(records, self.batch_size))
             if not chunk:
@@ -811,7 +647,7 @@ class _EvalPart(IterableDataset):
 
 
 def _collate_eval(
-    records: list[Record], fmt: CaptionFormat, transform: ImageTransform, slog: _SampleLog
+    records: list[Record], fmt: CaptionFormat, transform: ImageTransform, slog: SampleLog
 ) -> dict | None:
     images, ids, refs = [], [], []
     for rec in records:
