@@ -287,7 +287,7 @@ class Trainer:
                 if state.batch_in_epoch >= plan.micro_per_epoch or state.step >= plan.total_steps:
                     break
                 wait = time.perf_counter() - t_wait
-                seed_step(cfg.train.seed, self.info.rank, state.step * cfg.optim.grad_accum + state.batch_in_epoch)
+                seed_step(cfg.train.seed, self.info.rank, state.step * cfg.optim.grad_accum + state.batch_in_epoch % cfg.optim.grad_accum)
                 loss = train_step(self.engine, to_device(batch, self.engine.device), state, cfg)
                 state.batch_in_epoch += 1
                 meter.add(batch["num_examples"], len(batch["image_ids"]), int(batch["attention_mask"].sum()), wait)
