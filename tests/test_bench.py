@@ -1,0 +1,115 @@
+"""The training benchmark: its FLOP formula against torch's FlopCounterMode, the real architectures'
+counts, the device-peak table, its micro-batches, and `launch/bench.py train` end to end (CPU, tiny).
+
+    OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_bench.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from blip2_dist import model as M
+from blip2_dist.bench_train import FlopModel, batch_counts, peak_bf16_tflops, synthetic_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = [
+    M.LoraSettings(),
+    M.LoraSettings(train_query_tokens=True),
+    M.LoraSettings(qformer_targets=["query", "value"]),
+    M.LoraSettings(train_qformer=True),
+    M.LoraSettings(vision_targets=["qkv"], dropout=0.0),
+    M.LoraSettings(targets=["all-linear"]),
+]
+
+
+@pytest.mark.parametrize("family", ["t5", "opt"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["lm", "query_tokens", "qformer_lora", "train_qformer",
+                                                     "vision_lora", "all_linear"])
+def test_flop_formula_matches_flop_counter(family, settings):
+    """The documented formula, term by term, equals what FlopCounterMode sees for a real forward and
+    backward (eager attention, so the attention products are visible as matmuls)."""
+    model, processor = M.load_model(f"tiny-{family}", dtype=torch.float32)
+    model.set_attn_implementation("eager")
+    peft_model = M.apply_lora(model, settings).train()
+    batch = synthetic_batches(processor, model.config, n_batches=1, micro_batch=7, captions_per_image=3,
+                              seed=1)[0]
+    counts = batch_counts(batch)
+    flops = FlopModel(peft_model)
+    for group_images in (True, False):
+        share_vision, share_qformer = M.image_sharing(peft_model) if group_images else (False, False)
+        with FlopCounterMode(display=False) as counter:
+            M.caption_loss(peft_model, batch, group_images=group_images).backward()
+        peft_model.zero_grad()
+        formula = flops.count(batch, n_vision=counts["images"] if share_vision else counts["samples"],
+                              n_qformer=counts["images"] if share_vision and share_qformer else counts["samples"])
+        assert formula["total"] == pytest.approx(counter.get_total_flops(), rel=1e-3), group_images
+
+
+@pytest.mark.parametrize("name, vit_tflop, lm_low, lm_high", [
+    ("Salesforce/blip2-opt-2.7b", 0.52, 7.5, 8.5),
+    ("Salesforce/blip2-flan-t5-xl", 0.52, 4.0, 4.6),
+])
+def test_real_architecture_counts(name, vit_tflop, lm_low, lm_high):
+    """Built on the meta device (no memory). ViT-g: 2 x 0.99B params x 257 tokens + attention, ~0.52
+    TFLOP per image; LM with LoRA: ~4 x P_lm x tokens for 16 captions of 47 (OPT) / 33+15 (T5) tokens."""
+    model, _ = M.load_model(name, random_init=True, device="meta")
+    flops = FlopModel(M.apply_lora(model))
+    n = 16
+    width = 47 if M.family_of(model) == "opt" else 33
+    batch = {"input_ids": torch.zeros(n, width, dtype=torch.long),
+             "labels": torch.zeros(n, width if width == 47 else 15, dtype=torch.long)}
+    one_image = flops.count(batch, n_vision=1, n_qformer=1)
+    assert one_image["vision"] / 1e12 == pytest.approx(vit_tflop, rel=0.02)
+    p_vit = sum(p.numel() for p in model.vision_model.parameters())
+    assert one_image["vision"] > 2 * p_vit * 257  # the linear part, plus attention
+    assert lm_low < one_image["language"] / 1e12 < lm_high
+    ours, baseline = (flops.count(batch, n_vision=k, n_qformer=n) for k in (4, 16))
+    assert baseline["vision"] == pytest.approx(4 * ours["vision"])
+    assert baseline["language"] == ours["language"]
+
+
+def test_peak_table():
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_bf16_tflops("NVIDIA GeForce RTX 4090") is None  # unknown: MFU n/a unless --peak-tflops
+
+
+def test_synthetic_batches_keep_caption_groups():
+    model, processor = M.load_model("tiny-opt", dtype=torch.float32)
+    batches = synthetic_batches(processor, model.config, n_batches=4, micro_batch=16, captions_per_image=5)
+    for b in batches:
+        assert len(b["input_ids"]) == 16 and b["image_index"].max() == len(b["pixel_values"]) - 1
+        assert (b["image_index"].diff() >= 0).all()  # groups in order
+    assert torch.equal(batches[0]["pixel_values"][-1], batches[1]["pixel_values"][0])  # 16 = 3x5 + 1
+
+
+def test_train_benchmark_command(tmp_path):
+    """`launch/bench.py train` runs both sides (each in its own process) and prints the ratio line."""
+    out = tmp_path / "train.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.run(
+        [sys.executable, "launch/bench.py", "train", "--model", "tiny-t5", "--steps", "2", "--warmup", "1",
+         "--micro-batch", "8", "--repeat", "1", "--device", "cpu", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ours/baseline: samples/s x" in proc.stdout
+    report = json.loads(out.read_text())
+    ours, baseline = report["rows"]
+    assert ours["side"] == "ours" and baseline["side"] == "baseline"
+    assert ours["grouped_vision"] and ours["deepspeed"]["zero_stage"] == 2 and ours["deepspeed"]["bf16"]
+    for row in report["rows"]:
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
+        assert row["mfu"] is None and row["steps"] == 2 and row["samples_per_step"] == 8
+    # same captions on both sides; the baseline runs the ViT once per caption, ours once per image
+    assert ours["model_flops_per_step"] == pytest.approx(baseline["model_flops_per_step"])
+    assert baseline["flops_per_step"] > ours["flops_per_step"] == pytest.approx(ours["model_flops_per_step"])
+    assert report["ratio"]["samples_per_s"] == pytest.approx(ours["samples_per_s"] / baseline["samples_per_s"])
