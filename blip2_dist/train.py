@@ -290,7 +290,7 @@ class Trainer:
                 seed_step(cfg.train.seed, self.info.rank, state.step * cfg.optim.grad_accum + state.batch_in_epoch % cfg.optim.grad_accum)
                 loss = train_step(self.engine, to_device(batch, self.engine.device), state, cfg)
                 state.batch_in_epoch += 1
-                meter.add(batch["num_examples"], len(batch["image_ids"]), int(batch["attention_mask"].sum()), wait)
+                meter.add(batch["num_examples"], len(batch["image_ids"]), self._tokens(batch), wait)
                 if loss is not None:
                     window.append(loss)
                 if state.batch_in_epoch % cfg.optim.grad_accum == 0:  # DeepSpeed stepped the optimizer
@@ -305,6 +305,13 @@ class Trainer:
         bar.close()
         self._finish()
         return 0
+
+    def _tokens(self, batch: dict) -> int:
+        """Language-model tokens of a micro-batch: its input sequence, plus T5's decoder targets."""
+        tokens = int(batch["attention_mask"].sum())
+        if not self.model.config.use_decoder_only_language_model:
+            tokens += int((batch["labels"] != -100).sum())
+        return tokens
 
     def _after_step(self, window: list[float], meter: ThroughputMeter, bar) -> None:
         state, cfg = self.state, self.cfg
