@@ -25,7 +25,8 @@ from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_conf
 from blip2_dist.data.shards import read_manifest
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
-from blip2_dist.model import LoraSettings, apply_lora, caption_loss, describe_trainable, load_model, save_adapter
+from blip2_dist.adapters import save_adapter
+from blip2_dist.model import LoraSettings, apply_lora, caption_loss, describe_trainable, load_model
 
 EXIT_PREEMPTED = 75  # saved after SIGTERM/SIGUSR1; the SLURM script requeues on it
 

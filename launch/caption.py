@@ -21,7 +21,8 @@ from PIL import Image
 
 from blip2_dist.config import DEFAULT_MODEL
 from blip2_dist.data.stream import CaptionFormat, ImageTransform
-from blip2_dist.model import generate_captions, load_for_inference
+from blip2_dist.adapters import load_for_inference
+from blip2_dist.model import generate_captions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

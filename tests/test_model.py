@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
+from blip2_dist import adapters as A
 from blip2_dist import model as M
 
 FAMILIES = ["t5", "opt"]
@@ -275,13 +276,13 @@ def test_adapter_roundtrip_with_trained_query_tokens(family, tmp_path):
     expected_logits = logits_of(peft_model, batch)
 
     out = tmp_path / "adapter"
-    M.save_adapter(peft_model, processor, out, base_name=f"tiny-{family}")
-    meta = json.loads((out / M.ADAPTER_META).read_text())
+    A.save_adapter(peft_model, processor, out, base_name=f"tiny-{family}")
+    meta = json.loads((out / A.ADAPTER_META).read_text())
     assert meta["family"] == family and meta["base_dir"] == "base" and meta["lora"]["r"] == 16
     assert set(meta["extras"]) == {"query_tokens", "language_projection.weight", "language_projection.bias"}
-    assert (out / "adapter_config.json").exists() and (out / M.EXTRAS_FILE).exists()
+    assert (out / "adapter_config.json").exists() and (out / A.EXTRAS_FILE).exists()
 
-    loaded, loaded_processor = M.load_for_inference(f"tiny-{family}", out, dtype=torch.float32)
+    loaded, loaded_processor = A.load_for_inference(f"tiny-{family}", out, dtype=torch.float32)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(logits_of(loaded, batch), expected_logits)
     for kind, kwargs in GEN.items():
@@ -292,11 +293,11 @@ def test_adapter_roundtrip_with_trained_query_tokens(family, tmp_path):
     adapter_only = PeftModel.from_pretrained(base, str(out)).eval()
     assert not torch.allclose(logits_of(adapter_only, batch), expected_logits)
     # ... and the README's plain transformers + peft recipe, extras included, is.
-    result = adapter_only.get_base_model().load_state_dict(load_file(out / M.EXTRAS_FILE), strict=False)
+    result = adapter_only.get_base_model().load_state_dict(load_file(out / A.EXTRAS_FILE), strict=False)
     assert not result.unexpected_keys
     assert torch.equal(logits_of(adapter_only, batch), expected_logits)
 
-    merged, _ = M.load_for_inference(None, out, dtype=torch.float32, merge=True)  # base from the json
+    merged, _ = A.load_for_inference(None, out, dtype=torch.float32, merge=True)  # base from the json
     assert type(merged) is Blip2ForConditionalGeneration
     torch.testing.assert_close(logits_of(merged, batch), expected_logits, rtol=1e-3, atol=2e-3)  # merge rounds
 
@@ -305,8 +306,8 @@ def test_adapter_roundtrip_with_trained_query_tokens(family, tmp_path):
 def test_plain_peft_loading_without_extras(family, tmp_path):
     peft_model, processor = _trained(family, M.LoraSettings(qformer_targets=["query", "value"]))
     batch = encode_batch(processor, family, CAPTIONS)
-    M.save_adapter(peft_model, processor, tmp_path, base_name=f"tiny-{family}")
-    assert not (tmp_path / M.EXTRAS_FILE).exists()
+    A.save_adapter(peft_model, processor, tmp_path, base_name=f"tiny-{family}")
+    assert not (tmp_path / A.EXTRAS_FILE).exists()
     # What a user does with plain transformers + peft:
     base = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, tmp_path).eval()
@@ -324,23 +325,23 @@ def test_real_base_adapter_records_name_and_has_no_base_copy(tmp_path):
     simulate_training(peft_model)
     peft_model.eval()
     out = tmp_path / "adapter"
-    M.save_adapter(peft_model, processor, out, base_name=str(base_dir))
+    A.save_adapter(peft_model, processor, out, base_name=str(base_dir))
     assert not (out / "base").exists()
-    again, again_processor = M.load_for_inference(None, out, dtype=torch.float32)
+    again, again_processor = A.load_for_inference(None, out, dtype=torch.float32)
     batch = encode_batch(processor, "opt", CAPTIONS)
     assert torch.equal(logits_of(again, batch), logits_of(peft_model, batch))
     # Re-exporting without extras into the same directory removes the stale extras file.
     plain = M.apply_lora(M.load_model(str(base_dir), dtype=torch.float32)[0])
-    M.save_adapter(plain, processor, out, base_name=str(base_dir))
-    assert not (out / M.EXTRAS_FILE).exists()
+    A.save_adapter(plain, processor, out, base_name=str(base_dir))
+    assert not (out / A.EXTRAS_FILE).exists()
 
 
 def test_tiny_base_seed_mismatch_is_caught(tmp_path):
     model, processor = M.load_model("tiny-t5", dtype=torch.float32, seed=1)
     peft_model = M.apply_lora(model)
     with pytest.raises(RuntimeError, match="seed=0"):
-        M.save_adapter(peft_model, processor, tmp_path, base_name="tiny-t5", seed=0)
-    M.save_adapter(peft_model, processor, tmp_path, base_name="tiny-t5")  # seed recorded by load_model
+        A.save_adapter(peft_model, processor, tmp_path, base_name="tiny-t5", seed=0)
+    A.save_adapter(peft_model, processor, tmp_path, base_name="tiny-t5")  # seed recorded by load_model
 
 
 class FakeEngine(torch.nn.Module):
@@ -361,7 +362,7 @@ def test_engine_wrapped_model_works_everywhere(tmp_path):
     torch.testing.assert_close(M.caption_loss(engine, batch), M.caption_loss(peft_model, batch))
     inputs = prompt_inputs(processor)
     assert M.generate_captions(engine, processor, *inputs) == M.generate_captions(peft_model, processor, *inputs)
-    M.save_adapter(engine, processor, tmp_path, base_name="tiny-t5")
+    A.save_adapter(engine, processor, tmp_path, base_name="tiny-t5")
     assert (tmp_path / "adapter_model.safetensors").exists()
 
 
