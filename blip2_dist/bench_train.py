@@ -23,8 +23,7 @@ Flickr8k, whole caption groups, a group may straddle two batches as the shard st
     nothing). It gets our input_ids/labels (image tokens, -100 on padding), which transformers 5
     needs; the notebook's labels=input_ids would change what is learnt, not the cost.
   * --grad-checkpointing / --compile / --fused-adamw apply to ours only: the baseline is the recipe.
-    (--fused-adamw on/off swaps torch.optim.AdamW while train.build_engine builds it; auto is the
-    trainer's own choice, fused on CUDA.)
+    (--grad-checkpointing and --fused-adamw are the trainer's own options, passed through its config.)
 Batches are placed on the device before timing (the loader has its own benchmark, `bench.py loader`),
 which spares the baseline its 5x larger image copies. Each side runs in its own spawned process (so
 peak memory is its own); `--warmup` steps are excluded, then `--steps` steps are timed with the device
@@ -61,7 +60,6 @@ FLOP count (`FlopModel`; the tests check it against torch's FlopCounterMode on t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import random
@@ -398,24 +396,6 @@ class VisionTimer:
         self.seconds.append(time.perf_counter() - self._start)
 
 
-@contextlib.contextmanager
-def _adamw_fused(choice: str):
-    """--fused-adamw on/off: the trainer builds torch.optim.AdamW(fused=<on CUDA>); force it here."""
-    if choice == "auto":
-        yield
-        return
-    original = torch.optim.AdamW
-
-    def adamw(params, **kw):  # a real AdamW: DeepSpeed accepts only the exact optimizer classes it knows
-        return original(params, **{**kw, "fused": choice == "on"})
-
-    torch.optim.AdamW = adamw
-    try:
-        yield
-    finally:
-        torch.optim.AdamW = original
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -442,12 +422,12 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     config = Config()
     config.model.model, config.model.random_init = cfg.model, cfg.random_init
     config.model.group_images = cfg.group_images
+    config.model.grad_checkpointing = cfg.grad_checkpointing
+    config.optim.fused_adamw = cfg.fused_adamw
     config.data.micro_batch = cfg.micro_batch
     config.train.deepspeed, config.train.seed = cfg.deepspeed_config, cfg.seed
     model, processor, _ = build_model(config, cfg.torch_dtype)
     blip2 = unwrap_blip2(model)
-    if cfg.grad_checkpointing:
-        blip2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         _compile_parts(blip2)
     if cfg.device.startswith("cuda"):
@@ -456,8 +436,7 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     total = cfg.warmup + cfg.steps
     ds = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed_config), config, 1, total,
                                bf16_ok=cfg.torch_dtype == torch.bfloat16)
-    with _adamw_fused(cfg.fused_adamw):
-        engine = build_engine(model, config, ds)
+    engine = build_engine(model, config, ds)
     fused = engine.optimizer.optimizer.defaults.get("fused") if hasattr(engine.optimizer, "optimizer") else None
     batches = _batches(cfg, processor, blip2.config, engine.device, grouped=True)
     flops = FlopModel(model)

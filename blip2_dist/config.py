@@ -40,6 +40,7 @@ class ModelArgs:
     train_qformer: bool = _f(False, "train the Q-Former, query tokens and projection fully")
     train_query_tokens: bool = _f(False, "train the query tokens (saved beside the adapter)")
     group_images: bool = _f(True, "run the vision encoder (and a frozen Q-Former) once per image, not once per caption")
+    grad_checkpointing: bool = _f(False, "activation checkpointing (non-reentrant) in every BLIP-2 part: less memory, more compute")
 
 
 @dataclass
@@ -66,6 +67,7 @@ class OptimArgs:
     min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    fused_adamw: str = _f("auto", "torch's fused AdamW kernel: auto (on CUDA), on, off", choices=["auto", "on", "off"])
 
 
 @dataclass

@@ -26,7 +26,7 @@ from blip2_dist.data.shards import read_manifest
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
 from blip2_dist.adapters import save_adapter
-from blip2_dist.model import LoraSettings, apply_lora, caption_loss, describe_trainable, load_model
+from blip2_dist.model import LoraSettings, apply_lora, caption_loss, describe_trainable, load_model, unwrap_blip2
 
 EXIT_PREEMPTED = 75  # saved after SIGTERM/SIGUSR1; the SLURM script requeues on it
 
@@ -130,7 +130,10 @@ def build_model(cfg: Config, dtype: torch.dtype):
         train_qformer=m.train_qformer, train_query_tokens=m.train_query_tokens,
     )
     torch.manual_seed(cfg.train.seed)  # LoRA init identical on every rank
-    return apply_lora(model, settings), processor, settings
+    model = apply_lora(model, settings)
+    if m.grad_checkpointing:
+        unwrap_blip2(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor, settings
 
 
 def build_engine(model, cfg: Config, ds: dict):
@@ -148,9 +151,8 @@ def build_engine(model, cfg: Config, ds: dict):
     optimizer = None
     if not offloaded:
         ds.pop("optimizer", None)
-        optimizer = torch.optim.AdamW(
-            groups, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps, fused=torch.cuda.is_available()
-        )
+        fused = torch.cuda.is_available() if o.fused_adamw == "auto" else o.fused_adamw == "on"
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps, fused=fused)
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, min_ratio))

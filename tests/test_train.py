@@ -15,7 +15,7 @@ import pytest
 
 from blip2_dist.checkpoint import COMPLETE
 from launch_helpers import (
-    explain, read_json, read_scalars, run, signal_workers, start, wait_for,
+    REPO, explain, read_json, read_scalars, run, signal_workers, start, wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -202,3 +202,17 @@ def test_nonfinite_loss_stops_with_the_step_named(shards, tmp_path):
                nproc=1, timeout=300)
     assert proc.returncode == 0, explain(proc)
     assert "micro-batch skipped" in proc.stdout
+
+
+def test_activation_checkpointing_and_unfused_adamw_match_the_plain_run(shards, tmp_path):
+    # Checkpointing recomputes activations; it must not change the numbers (fp32: no bf16 noise).
+    fp32 = tmp_path / "fp32.json"
+    fp32.write_text(json.dumps({**read_json(REPO / "ds_configs/zero2.json"), "bf16": {"enabled": False}}))
+    base = ["--deepspeed", str(fp32), "--max-steps", "4", "--skip-eval", "--fused-adamw", "off"]
+    plain = run("launch/train.py", train_args(shards, tmp_path / "a", extra=base), nproc=1, timeout=300)
+    ckpt = run("launch/train.py", train_args(shards, tmp_path / "b", extra=[*base, "--grad-checkpointing"]),
+               nproc=1, timeout=300)
+    assert plain.returncode == 0 and ckpt.returncode == 0, explain(ckpt)
+    a = read_json(tmp_path / "a" / "final_state.json")["loss_history"]
+    b = read_json(tmp_path / "b" / "final_state.json")["loss_history"]
+    assert len(a) == 4 and b == pytest.approx(a, rel=1e-5)
