@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from blip2_dist import model as M
+from engine_wrapper import FakeEngine
 from blip2_dist.bench_train import synthetic_batches
 from blip2_dist.train import CaptionLossModule
 
@@ -152,17 +153,6 @@ def test_frozen_vision_runs_without_autograd():
         lambda m, args, kwargs, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True)
     M.caption_loss(model, batches(processor, model, n=1)[0]).backward()
     assert seen == [False]
-
-
-class FakeEngine(torch.nn.Module):
-    """DeepSpeed's engine seen from caption_loss: forward delegates, `.module` is the wrapped module."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

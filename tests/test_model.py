@@ -15,6 +15,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from blip2_dist import adapters as A
 from blip2_dist import model as M
+from engine_wrapper import FakeEngine
 
 FAMILIES = ["t5", "opt"]
 CAPTIONS = ["a red circle on the left", "two blue squares", "a small green star in the middle", "a dog"]
@@ -342,17 +343,6 @@ def test_tiny_base_seed_mismatch_is_caught(tmp_path):
     with pytest.raises(RuntimeError, match="seed=0"):
         A.save_adapter(peft_model, processor, tmp_path, base_name="tiny-t5", seed=0)
     A.save_adapter(peft_model, processor, tmp_path, base_name="tiny-t5")  # seed recorded by load_model
-
-
-class FakeEngine(torch.nn.Module):
-    """What DeepSpeed's engine looks like from here: forward delegates, `.module` is the model."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 def test_engine_wrapped_model_works_everywhere(tmp_path):
