@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from blip2_dist import dist
+from blip2_dist.data.shards import write_json_atomic, write_text_atomic
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -51,19 +52,6 @@ class TrainState:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

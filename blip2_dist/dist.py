@@ -137,9 +137,17 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_max(value: float) -> float:
+def _all_reduce_scalar(value: float, op) -> float:
     if not is_initialized():
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(t, op=op)
     return float(t.item())
+
+
+def all_reduce_max(value: float) -> float:
+    return _all_reduce_scalar(value, torch.distributed.ReduceOp.MAX)
+
+
+def all_reduce_mean(value: float) -> float:
+    return _all_reduce_scalar(value, torch.distributed.ReduceOp.SUM) / get_world_size()

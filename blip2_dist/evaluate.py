@@ -14,7 +14,6 @@ import base64
 import html
 import io
 import json
-import tarfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,9 +23,9 @@ import torch
 from PIL import Image
 
 from blip2_dist import dist
-from blip2_dist.checkpoint import write_json_atomic
 from blip2_dist.config import EvalArgs
-from blip2_dist.data.shards import read_manifest, split_shards
+from blip2_dist.data.reader import SampleLog, read_tar, resolve_shards
+from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
 from blip2_dist.logging import NullWriter
 from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
@@ -44,10 +43,9 @@ def generation_kwargs(args: EvalArgs) -> dict:
     )
 
 
-def _dummy_batch(stream_batch_example: dict | None, fmt: CaptionFormat, size: int) -> dict:
+def _dummy_batch(fmt: CaptionFormat, size: int) -> dict:
     """A one-image batch for a rank that ran out while others still generate (ZeRO-3 lock-step)."""
-    prompts = fmt.encode_prompts(1)
-    return {"pixel_values": torch.zeros(1, 3, size, size), **prompts}
+    return {"pixel_values": torch.zeros(1, 3, size, size), **fmt.encode_prompts(1)}
 
 
 def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args: EvalArgs,
@@ -62,7 +60,7 @@ def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args
     if lockstep:
         gen["synced_gpus"] = True
     it = iter(stream)
-    size = stream.image_size
+    dummy = _dummy_batch(fmt, stream.image_size) if lockstep else None
     while True:
         batch = next(it, None)
         if lockstep and dist.all_reduce_max(0.0 if batch is None else 1.0) == 0:
@@ -70,7 +68,7 @@ def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args
         if batch is None and not lockstep:
             break
         real = batch is not None
-        b = batch if real else _dummy_batch(None, fmt, size)
+        b = batch if real else dummy
         captions = generate_captions(
             model, processor, b["pixel_values"].to(device, dtype), b["input_ids"].to(device),
             b["attention_mask"].to(device), **gen,
@@ -96,15 +94,14 @@ def _to_uint8(pixels: torch.Tensor, transform: ImageTransform) -> np.ndarray:
 
 
 def expected_image_ids(data_dir: str, split: str) -> list[str]:
-    """The split's image ids read from the tar headers (no image decoding)."""
-    manifest = read_manifest(data_dir)
-    ids = []
-    for shard in split_shards(manifest, split, data_dir):
-        with tarfile.open(shard["path"]) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    ids.append(json.loads(tar.extractfile(member).read())["image_id"])
-    return ids
+    """The split's image ids, from the samples' JSON parts (images are skipped by tar header)."""
+    slog = SampleLog("expected ids")
+    return [
+        json.loads(raw["parts"]["json"])["image_id"]
+        for shard in resolve_shards(data_dir, split)
+        for raw in read_tar(shard.path, shard.name, 0, None, slog, parts=("json",))
+        if "json" in raw["parts"]
+    ]
 
 
 def merge_exactly_once(gathered: list[tuple[dict, dict]], expected: list[str]) -> tuple[dict, dict]:
@@ -152,11 +149,11 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
     gathered = dist.all_gather_object((preds, refs))
     result = None
     if dist.get_rank() == 0:
-        result = _score_and_write(gathered, stream, data_dir, split, args, Path(out_dir), step, gallery, writer, t0)
+        result = _score_and_write(gathered, data_dir, split, args, Path(out_dir), step, gallery, writer, t0)
     return dist.broadcast_object(result if dist.get_rank() == 0 else None)
 
 
-def _score_and_write(gathered, stream, data_dir, split, args, out_dir: Path, step, gallery, writer, t0) -> dict:
+def _score_and_write(gathered, data_dir, split, args, out_dir: Path, step, gallery, writer, t0) -> dict:
     expected = expected_image_ids(data_dir, split)
     if args.max_eval_images:
         expected = expected[: args.max_eval_images]

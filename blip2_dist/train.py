@@ -9,6 +9,7 @@ engine -> resume -> loop (train_step, log, evaluate, checkpoint) -> final save +
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -20,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 from blip2_dist import dist
-from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoint, write_json_atomic
+from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoint
 from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config
-from blip2_dist.data.shards import read_manifest
+from blip2_dist.data.shards import read_manifest, write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
 from blip2_dist.adapters import save_adapter
@@ -320,7 +321,7 @@ class Trainer:
         state, cfg = self.state, self.cfg
         state.step += 1
         local = sum(window) / len(window) if window else float("nan")
-        loss = _mean_over_ranks(local)
+        loss = dist.all_reduce_mean(local)
         state.losses.append(loss)
         state.examples_seen += cfg.data.micro_batch * cfg.optim.grad_accum * self.info.world_size
         meter.step()
@@ -380,24 +381,14 @@ class Trainer:
                 "best_step": state.best_step,
             })
         self.writer.hparams(
-            {k: v for k, v in flatten(self.cfg.to_dict()).items()},
+            flatten(self.cfg.to_dict()),
             {"hparam/final_loss": state.losses[-1] if state.losses else float("nan")},
         )
         self.writer.close()
         dist.print0(f"done: {state.step} steps, final loss {state.losses[-1]:.4f}, run in {self.out}")
 
 
-def _mean_over_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=dist._collective_device())
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
 def _json(obj) -> str:
-    import json
-
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 

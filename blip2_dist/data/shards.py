@@ -181,14 +181,18 @@ class ShardWriter:
             self.abort()
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync, rename: readers see the old file or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict:
