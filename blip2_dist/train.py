@@ -25,7 +25,7 @@ from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoi
 from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config
 from blip2_dist.data.shards import read_manifest, write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
-from blip2_dist.errors import EXIT_PREEMPTED  # noqa: F401 - saved after SIGTERM/SIGUSR1; Slurm requeues on it
+from blip2_dist.errors import EXIT_PREEMPTED
 from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
 from blip2_dist.adapters import save_adapter
 from blip2_dist.model import LoraSettings, apply_lora, caption_loss, describe_trainable, load_model, unwrap_blip2
