@@ -11,10 +11,17 @@ Exit codes (launch/slurm/train.sbatch requeues on some of them):
   75  EXIT_PREEMPTED (EX_TEMPFAIL): a checkpoint was saved after SIGUSR1/SIGTERM; requeue
   76  EXIT_PEER_LOST: another rank died, its node was lost, or a collective timed out; this rank
       has nothing to save that the last checkpoint lacks; requeue (a bounded number of times)
+A rank killed by a signal (SIGKILL, the OOM killer, a segfault) writes nothing and exits 128+N.
+
+Exit reports: when BLIP2_EXIT_DIR is set (launch/slurm/train.sbatch sets one per attempt),
+`hard_exit` first writes `$BLIP2_EXIT_DIR/rank-<RANK>.json` = {"rank", "exit_code", "message"}, so
+the batch script can tell "a deterministic error on some rank" (do not requeue) from "preempted" or
+"a rank was lost" (requeue) even when srun reports only one exit code for all tasks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -65,9 +72,29 @@ def kill_children() -> None:
             pass
 
 
-def hard_exit(code: int) -> NoReturn:
-    """End this process now with `code`: flush the streams, kill the children, skip every atexit
-    hook and non-daemon thread (a stuck collective or a worker join can never hold the exit)."""
+def write_exit_report(code: int, message: str | None = None) -> None:
+    """$BLIP2_EXIT_DIR/rank-<RANK>.json (atomic), if BLIP2_EXIT_DIR is set; never raises."""
+    folder = os.environ.get("BLIP2_EXIT_DIR")
+    if not folder:
+        return
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"rank-{rank}.json")
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"rank": int(rank), "exit_code": code, "message": message}, f)
+        os.replace(tmp, path)
+    except OSError:  # a report is a courtesy to the batch script; the exit itself must happen
+        pass
+
+
+def hard_exit(code: int, message: str | None = None) -> NoReturn:
+    """End this process now with `code`: write the exit report (see the module docstring), flush
+    the streams, kill the children, and skip every atexit hook and non-daemon thread (a stuck
+    collective or a worker join can never hold the exit). `message`: the one-line reason, for the
+    report only; print it yourself before calling."""
+    write_exit_report(code, message)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

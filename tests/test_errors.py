@@ -66,3 +66,13 @@ def test_plain_exit_with_such_a_child_hangs(tmp_path):
         subprocess.run(["kill", "-9", str(child)])
         proc.wait()
     assert hung
+
+
+def test_hard_exit_writes_the_exit_report(tmp_path):
+    script = tmp_path / "exit.py"
+    script.write_text("from blip2_dist.errors import hard_exit\nhard_exit(76, 'lost rank 1')\n")
+    env = {**__import__("os").environ, "BLIP2_EXIT_DIR": str(tmp_path / "exits"), "RANK": "3"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, timeout=60)
+    assert proc.returncode == 76
+    report = __import__("json").loads((tmp_path / "exits" / "rank-3.json").read_text())
+    assert report == {"rank": 3, "exit_code": 76, "message": "lost rank 1"}
