@@ -2,8 +2,25 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+@pytest.fixture(scope="session")
+def hub_opt_dir(tmp_path_factory):
+    """A tiny checkpoint shaped like Salesforce/blip2-opt-2.7b (tests/hub_checkpoints.py), read-only."""
+    from hub_checkpoints import save_hub_checkpoint
+
+    return save_hub_checkpoint("opt", tmp_path_factory.mktemp("hub") / "blip2-opt")
+
+
+@pytest.fixture(scope="session")
+def hub_t5_dir(tmp_path_factory):
+    """A tiny checkpoint shaped like Salesforce/blip2-flan-t5-xl (tests/hub_checkpoints.py), read-only."""
+    from hub_checkpoints import save_hub_checkpoint
+
+    return save_hub_checkpoint("t5", tmp_path_factory.mktemp("hub") / "blip2-flan-t5")
