@@ -41,6 +41,7 @@ class TrainState:
     losses: list[float] = field(default_factory=list)   # mean loss of every optimizer step
     best_metric: float | None = None
     best_step: int | None = None
+    eval_pending: bool = False  # a stop signal interrupted the evaluation at `step`: run it on resume
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -96,6 +96,9 @@ class TrainArgs:
     log_steps: int = _f(10, "TensorBoard scalars every N optimizer steps")
     max_nonfinite: int = _f(0, "micro-batches with a NaN/inf loss skipped before the run stops")
     skip_eval: bool = _f(False, "no evaluation during or after training")
+    dist_timeout: float = _f(600.0, "seconds a collective waits for the other ranks before this rank fails (exit 76)")
+    heartbeat_timeout: float = _f(60.0, "seconds a dead or cut-off rank is waited for before all ranks exit 76 (0 = off)")
+    sample_log: bool = _f(False, "log every trained example (image id, caption) to OUTPUT_DIR/samples/rank-N.jsonl")
 
 
 SECTIONS: dict[str, type] = {

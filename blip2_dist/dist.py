@@ -8,6 +8,7 @@ idea as open_clip's `world_info_from_env`). Nothing here runs at import.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,15 @@ def export_env_for_torch(info: WorldInfo) -> None:
         os.environ["MASTER_PORT"] = str(20000 + job % 20000)
 
 
+def rank_placement() -> dict:
+    """Where this rank runs and what it may use: host name, CPUs in its affinity mask (what Slurm's
+    --cpus-per-task gave it, when the cluster binds tasks), torch's intra-op threads."""
+    return {
+        "rank": get_rank(), "host": socket.gethostname(), "cpus": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(), "slurm_cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK"),
+    }
+
+
 def device_for(info: WorldInfo) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
@@ -72,8 +82,18 @@ def device_for(info: WorldInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_minutes: int = 30) -> WorldInfo:
-    """Start the process group through DeepSpeed (nccl on GPU, gloo on CPU). Safe with world 1."""
+# Long enough for the slowest legitimate wait inside a collective (a 3B model loading from a
+# network filesystem on one node while the others wait in DeepSpeed's first broadcast; rank 0
+# scoring a 5,000-image evaluation while the others wait for the metrics), short enough that a
+# stuck-but-alive peer, which the heartbeat watchdog cannot see, costs minutes and not hours.
+DEFAULT_DIST_TIMEOUT_S = 600
+
+
+def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> WorldInfo:
+    """Start the process group through DeepSpeed (nccl on GPU, gloo on CPU). Safe with world 1.
+
+    `timeout_s` bounds every collective: past it, gloo raises in the waiting rank, and NCCL's
+    watchdog tears the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING, see docs/slurm.md)."""
     import datetime
 
     import deepspeed
@@ -85,9 +105,31 @@ def init_distributed(timeout_minutes: int = 30) -> WorldInfo:
         deepspeed.init_distributed(
             dist_backend=backend,
             verbose=False,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
     return info
+
+
+def store_address() -> tuple[str, int]:
+    """Host and port of the job's TCPStore (the process group's rendezvous): what every launcher
+    we support (deepspeed, torchrun, srun via export_env_for_torch) puts in MASTER_ADDR/PORT."""
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """Did `exc` come out of a collective or the store (a lost peer, a timeout), rather than from
+    our own code? gloo raises plain RuntimeErrors ("Connection closed by peer", "Timed out waiting
+    ... for recv"), so besides torch's Dist* errors the traceback is checked for torch.distributed."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    if not isinstance(exc, RuntimeError):  # a TypeError/ValueError in a collective is a misuse: a bug
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def is_initialized() -> bool:
@@ -147,6 +189,15 @@ def _all_reduce_scalar(value: float, op) -> float:
 
 def all_reduce_max(value: float) -> float:
     return _all_reduce_scalar(value, torch.distributed.ReduceOp.MAX)
+
+
+def all_reduce_max_many(values: list[float]) -> list[float]:
+    """Element-wise max over ranks of a short list (flags), in one collective."""
+    if not is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
 
 
 def all_reduce_mean(value: float) -> float:

@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,6 +37,10 @@ class ExactlyOnceError(RuntimeError):
     """Gathered predictions do not cover the split's images exactly once."""
 
 
+class EvaluationInterrupted(Exception):
+    """A stop signal (preemption) reached some rank during generation; raised on every rank."""
+
+
 def generation_kwargs(args: EvalArgs) -> dict:
     return dict(
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
@@ -48,10 +53,16 @@ def _dummy_batch(fmt: CaptionFormat, size: int) -> dict:
     return {"pixel_values": torch.zeros(1, 3, size, size), **fmt.encode_prompts(1)}
 
 
-def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args: EvalArgs,
-                  device: torch.device, lockstep: bool) -> tuple[dict[str, str], dict[str, list[str]], list]:
+def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args: EvalArgs, device: torch.device,
+                  lockstep: bool, should_stop: Callable[[], bool] | None = None,
+                  ) -> tuple[dict[str, str], dict[str, list[str]], list]:
     """This rank's captions. With `lockstep` (ZeRO-3: parameters are gathered collectively), a
-    rank without batches keeps running dummy generations until every rank is done."""
+    rank without batches keeps running dummy generations until every rank is done.
+
+    With `should_stop` (the trainer's stop flag), the ranks agree before every batch whether any
+    of them was asked to stop, and all raise EvaluationInterrupted together: a preemption signal
+    waits for one generation batch, not for the whole evaluation. Ranks out of images then wait in
+    that agreement (one small all-reduce per batch) instead of at the gather."""
     preds: dict[str, str] = {}
     refs: dict[str, list[str]] = {}
     gallery: list[tuple[str, np.ndarray]] = []
@@ -61,11 +72,19 @@ def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args
         gen["synced_gpus"] = True
     it = iter(stream)
     dummy = _dummy_batch(fmt, stream.image_size) if lockstep else None
+    agree = lockstep or should_stop is not None
     while True:
         batch = next(it, None)
-        if lockstep and dist.all_reduce_max(0.0 if batch is None else 1.0) == 0:
-            break
+        if agree:
+            asked = should_stop is not None and should_stop()
+            more, stop = dist.all_reduce_max_many([batch is not None, asked])
+            if stop:
+                raise EvaluationInterrupted(f"stop requested during evaluation (rank {dist.get_rank()})")
+            if not more:
+                break
         if batch is None and not lockstep:
+            if agree:
+                continue  # wait in the agreement for the ranks that still have images
             break
         real = batch is not None
         b = batch if real else dummy
@@ -128,8 +147,9 @@ def merge_exactly_once(gathered: list[tuple[dict, dict]], expected: list[str]) -
 
 def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, out_dir: str | Path,
                    step: int = 0, writer=None, lockstep: bool = False, num_workers: int = 1,
-                   prompt: str = "") -> dict[str, float]:
-    """Generate on every rank, gather, check, score on rank 0; the metrics are returned on all ranks."""
+                   prompt: str = "", should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """Generate on every rank, gather, check, score on rank 0; the metrics are returned on all ranks.
+    `should_stop`: see generate_rank (EvaluationInterrupted on every rank)."""
     writer = writer or NullWriter()
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -140,12 +160,17 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
         max_images=args.max_eval_images or None,
     )
     if dist.get_rank() == 0:
+        print(f"eval step {step} [{split}]: captioning {stream.total_images} images on {dist.get_world_size()} "
+              "rank(s)", flush=True)
         warm_up_meteor()  # the JVM (~6-11 s) starts while the captions are generated
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        preds, refs, gallery = generate_rank(model, processor, stream, fmt, args, device, lockstep)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            preds, refs, gallery = generate_rank(model, processor, stream, fmt, args, device, lockstep,
+                                                 should_stop)
+    finally:
+        model.train(was_training)
     gathered = dist.all_gather_object((preds, refs))
     result = None
     if dist.get_rank() == 0:
@@ -202,7 +227,7 @@ def _gallery_html(gallery, preds, refs, scores, step) -> str:
     )
 
 
-def evaluate_in_training(trainer) -> dict[str, float]:
+def evaluate_in_training(trainer, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Called by the trainer on every rank at --eval-steps and at the end."""
     cfg = trainer.cfg
     lockstep = trainer.engine.zero_optimization_stage() == 3
@@ -210,5 +235,5 @@ def evaluate_in_training(trainer) -> dict[str, float]:
         trainer.model, trainer.processor, cfg.data.data, cfg.data.eval_split, cfg.eval,
         trainer.out / "eval" / f"{trainer.state.step:08d}", step=trainer.state.step,
         writer=trainer.writer, lockstep=lockstep, num_workers=min(cfg.data.num_workers, 1),
-        prompt=cfg.data.prompt,
+        prompt=cfg.data.prompt, should_stop=should_stop,
     )

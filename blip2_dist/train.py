@@ -3,8 +3,9 @@
     train(cfg)   # cfg from blip2_dist.config.parse_config; launch/train.py is the CLI
 
 Order of work: validate everything that can be checked without other ranks (so a bad argument
-fails fast instead of hanging a process group) -> start the process group -> model + LoRA ->
-engine -> resume -> loop (train_step, log, evaluate, checkpoint) -> final save + eval.
+fails fast instead of hanging a process group) -> start the process group and the heartbeat
+watchdog -> model + LoRA -> engine -> resume -> loop (train_step, log, evaluate, checkpoint) ->
+final eval + save -> every rank reports its exit code, waits for the others, stops its watchdog.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoi
 from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config
 from blip2_dist.data.shards import read_manifest, write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
-from blip2_dist.errors import EXIT_PREEMPTED
+from blip2_dist.errors import EXIT_PREEMPTED, write_exit_report
 from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
 from blip2_dist.adapters import save_adapter
 from blip2_dist.model import LoraSettings, apply_lora, caption_loss, describe_trainable, load_model, unwrap_blip2
+from blip2_dist.watchdog import Watchdog
 
 
 
@@ -114,6 +116,10 @@ def validate(cfg: Config, world_size: int) -> dict:
     for name, value in (("--micro-batch", cfg.data.micro_batch), ("--grad-accum", cfg.optim.grad_accum)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if cfg.train.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be > 0 seconds, got {cfg.train.dist_timeout}")
+    if cfg.train.heartbeat_timeout < 0:
+        raise ValueError(f"--heartbeat-timeout must be >= 0 seconds (0 = off), got {cfg.train.heartbeat_timeout}")
     fill_deepspeed_config(ds, cfg, world_size, total_steps=1, bf16_ok=True)  # surfaces conflicts early
     return ds
 
@@ -206,7 +212,12 @@ class Trainer:
         self.cfg = cfg
         info = dist.world_info_from_env()
         ds_raw = validate(cfg, info.world_size)
-        self.info = dist.init_distributed()
+        self.info = dist.init_distributed(cfg.train.dist_timeout)
+        # Right after the process group: a rank that dies from here on (even while the others
+        # load the model or wait in DeepSpeed's first broadcast) ends every rank in bounded time.
+        self.watchdog = Watchdog(self.info.rank, self.info.world_size, *dist.store_address(),
+                                 timeout_s=cfg.train.heartbeat_timeout)
+        self.watchdog.start()
         self.out = Path(cfg.train.output_dir)
         self.is_main = self.info.is_main
         if self.is_main:
@@ -233,6 +244,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out, cfg.train.keep_last, self._export_adapter)
         self.state = TrainState()
         self.stop = StopFlag()
+        self.example_log = ExampleLog(self.out / "samples", self.info.rank, cfg.train.sample_log)
 
     def _export_adapter(self, out_dir: Path) -> None:
         """Collective. Under ZeRO-3 parameters are partitioned: gather them (all of them, since a
@@ -246,8 +258,12 @@ class Trainer:
                 save_adapter(self.model, self.processor, out_dir, base_name=self.cfg.model.model)
 
     def _write_config(self) -> None:
+        placement = dist.rank_placement()
+        print(f"rank {self.info.rank}/{self.info.world_size} on {placement['host']}: {placement['cpus']} CPUs, "
+              f"{placement['torch_threads']} torch threads", flush=True)
         resolved = {**self.cfg.to_dict(), "deepspeed_resolved": self.ds, "world_size": self.info.world_size,
-                    "plan": vars(self.plan), "dropped_examples_per_epoch": self.stream.dropped_examples_per_epoch}
+                    "plan": vars(self.plan), "dropped_examples_per_epoch": self.stream.dropped_examples_per_epoch,
+                    "ranks": dist.all_gather_object(placement)}
         if self.is_main:
             write_json_atomic(self.out / "config.json", resolved)
         self.writer.text("config", "```\n" + _json(resolved) + "\n```")
@@ -278,6 +294,8 @@ class Trainer:
         self._write_config()
         self.resume()
         cfg, plan, state = self.cfg, self.plan, self.state
+        if self._run_pending_eval():
+            return EXIT_PREEMPTED
         # In a log file (SLURM, CI) a bar update every 30 s instead of every step.
         bar = tqdm(total=plan.total_steps, initial=state.step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -293,6 +311,7 @@ class Trainer:
                 wait = time.perf_counter() - t_wait
                 seed_step(cfg.train.seed, self.info.rank, state.step * cfg.optim.grad_accum + state.batch_in_epoch % cfg.optim.grad_accum)
                 loss = train_step(self.engine, to_device(batch, self.engine.device), state, cfg)
+                self.example_log.write(state, batch)
                 state.batch_in_epoch += 1
                 meter.add(batch["num_examples"], len(batch["image_ids"]), self._tokens(batch), wait)
                 if loss is not None:
@@ -307,8 +326,16 @@ class Trainer:
             if state.batch_in_epoch == start and state.step < plan.total_steps:
                 raise RuntimeError(f"epoch {state.epoch} yielded no batch after micro-batch {start}: loader bug")
         bar.close()
-        self._finish()
-        return 0
+        return self._finish()
+
+    def close(self, code: int) -> None:
+        """Every rank reports its exit code, then waits for the others: no rank leaves (and makes
+        srun end the rest) before every report is written. Then the watchdog stands down, so this
+        rank leaving is not taken for a loss by a slower one."""
+        write_exit_report(code)
+        dist.barrier()
+        self.watchdog.stop()
+        self.example_log.close()
 
     def _tokens(self, batch: dict) -> int:
         """Language-model tokens of a micro-batch: its input sequence, plus T5's decoder targets."""
@@ -350,29 +377,58 @@ class Trainer:
     def _maybe_stop_or_save(self) -> bool:
         state = self.state
         if self.stop.agreed():
-            dist.print0(f"signal received: saving at step {state.step} and exiting with {EXIT_PREEMPTED}")
-            self.checkpointer.save(self.engine, state)
-            self.writer.close()
+            self._save_and_stop()
             return True
         if state.step % self.cfg.train.save_steps == 0 and state.step < self.plan.total_steps:
             self.checkpointer.save(self.engine, state)
         return False
 
+    def _save_and_stop(self) -> None:
+        dist.print0(f"signal received: saving at step {self.state.step} and exiting with {EXIT_PREEMPTED}")
+        self.checkpointer.save(self.engine, self.state)
+        self.writer.close()
+
+    def _run_pending_eval(self) -> bool:
+        """A stop signal interrupted the evaluation of the step we resumed at: run it now, so the
+        eval results and best/ are those of an uninterrupted run. True if a signal came again."""
+        state = self.state
+        if not state.eval_pending:
+            return False
+        state.eval_pending = False
+        if state.step >= self.plan.total_steps:
+            return False  # the final evaluation runs in _finish anyway
+        self.evaluate()
+        if state.eval_pending:
+            self._save_and_stop()
+            return True
+        return False
+
     def evaluate(self) -> dict | None:
+        """Collective. A stop signal during it interrupts it (within one generation batch): it is
+        then marked pending in the TrainState and runs first when the run resumes."""
         if self.cfg.train.skip_eval:
             return None
-        from blip2_dist.evaluate import evaluate_in_training
+        from blip2_dist.evaluate import EvaluationInterrupted, evaluate_in_training
 
-        metrics = evaluate_in_training(self)
+        try:
+            metrics = evaluate_in_training(self, should_stop=lambda: self.stop.requested)
+        except EvaluationInterrupted:
+            self.state.eval_pending = True
+            dist.print0(f"evaluation at step {self.state.step} interrupted by a stop signal: "
+                        "it runs when the run resumes")
+            return None
         key = self.cfg.eval.best_metric
         if metrics and key in metrics and (self.state.best_metric is None or metrics[key] > self.state.best_metric):
             self.state.best_metric, self.state.best_step = metrics[key], self.state.step
             self.checkpointer.save_best(self.state.step, metrics)
         return metrics
 
-    def _finish(self) -> None:
+    def _finish(self) -> int:
         state = self.state
         self.evaluate()
+        if state.eval_pending:
+            self._save_and_stop()
+            return EXIT_PREEMPTED
         self.checkpointer.save(self.engine, state)
         if self.is_main:
             write_json_atomic(self.out / "final_state.json", {
@@ -386,11 +442,41 @@ class Trainer:
         )
         self.writer.close()
         dist.print0(f"done: {state.step} steps, final loss {state.losses[-1]:.4f}, run in {self.out}")
+        return 0
 
 
 def _json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
+class ExampleLog:
+    """`--sample-log`: one JSON line per micro-batch with [image id, caption] of each example it
+    trained on, per rank, appended (a resumed run repeats the lines of the micro-batches it
+    replays after the checkpoint). For auditing what a run saw; off by default."""
+
+    def __init__(self, folder: Path, rank: int, enabled: bool):
+        self.file = None
+        if enabled:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(folder / f"rank-{rank}.jsonl", "a", encoding="utf-8")
+
+    def write(self, state: TrainState, batch: dict) -> None:
+        if self.file is None:
+            return
+        ids = batch["image_ids"]
+        examples = [[ids[row], caption] for row, caption in zip(batch["image_index"].tolist(), batch["captions"])]
+        line = {"step": state.step + 1, "epoch": state.epoch, "micro_batch": state.batch_in_epoch, "examples": examples}
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def train(cfg: Config) -> int:
-    return Trainer(cfg).fit()
+    """Run the training; returns the exit code (0 done, EXIT_PREEMPTED saved after a signal)."""
+    trainer = Trainer(cfg)
+    code = trainer.fit()
+    trainer.close(code)
+    return code
