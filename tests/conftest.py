@@ -1,6 +1,7 @@
 """Shared test set-up: CPU only, one thread per process, no hub access."""
 
 import os
+import sys
 
 import pytest
 
@@ -9,6 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# DeepSpeed JIT-builds its CPU comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions,
+# one folder per op name). Several checkouts with their own .venv on one machine would each find
+# the others' build stale (other source paths) and rebuild it (~90 s) on every run: keep one per
+# environment. Subprocesses, launchers and Slurm jobs inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
 
 @pytest.fixture(scope="session")
 def hub_opt_dir(tmp_path_factory):
