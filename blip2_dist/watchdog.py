@@ -1,7 +1,7 @@
 """Heartbeat watchdog: a rank whose peer died or went silent ends itself instead of waiting for it.
 
     watchdog = Watchdog(rank, world_size, host, port, timeout_s=60)   # after the process group is up
-    watchdog.start()          # collective: every rank calls it
+    watchdog.start()          # every rank
     ...                       # training, evaluation, saves
     watchdog.stop()           # this rank finished: it is no longer expected to beat
 
@@ -36,10 +36,10 @@ the bound there.
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import threading
 import time
-import uuid
 
 from blip2_dist.errors import EXIT_PEER_LOST, hard_exit
 
@@ -73,13 +73,12 @@ class Watchdog:
     # -- public
 
     def start(self) -> None:
-        """Collective (agrees on a key prefix unique to this run); then the threads run."""
+        """Start the threads (no collective: nothing here may run before the ranks bind their GPUs)."""
         if not self.enabled:
             return
-        from blip2_dist import dist
-
-        # Unique per start, so a store that outlives a run (torchrun's agent) holds no stale beats.
-        self.prefix = f"blip2/watchdog/{dist.broadcast_object(uuid.uuid4().hex)}"
+        # srun and the deepspeed launcher start a new store with every run; torchrun's agent keeps
+        # its store across restarts of the workers, so the restart count keeps old beats apart.
+        self.prefix = f"blip2/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         now = time.monotonic()
         watched = [r for r in range(self.world_size) if r != self.rank] if self.rank == 0 else [0]
         self._answered, self._moved = now, {r: now for r in watched}

@@ -359,6 +359,8 @@ def test_usr1_during_evaluation_requeues_and_resumes_to_the_same_run(cluster, sh
     result = cluster.wait(job, timeout=600)
     assert (result.state, result.exit_code, result.restarts) == ("COMPLETED", 0, 1), logs()
 
+    config = json.loads((run_dir / "config.json").read_text())["train"]
+    assert (config["resume"], config["output_dir"]) == ("auto", str(run_dir))  # what the script passes
     rank0 = _read(rank0_log)
     assert f"evaluation at step {EVAL_STEPS} interrupted by a stop signal" in rank0, rank0
     assert f"signal received: saving at step {EVAL_STEPS} and exiting with {EXIT_PREEMPTED}" in rank0, rank0
