@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from blip2_dist.errors import EXIT_PREEMPTED
-from slurm_cluster import SlurmCluster, SlurmUnavailable, clean_stale, netns_pids
+from slurm_cluster import SlurmCluster, SlurmUnavailable, _alive, clean_stale, netns_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
@@ -153,13 +153,6 @@ def test_stale_cluster_of_a_dead_session_is_cleaned(cluster):
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listing for ns in [*namespaces, orphan]), listing
     assert all(ns in listing for ns in cluster.namespaces)            # a live session's cluster is left alone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # ---- train.sbatch's decisions, with a stand-in trainer ------------------------------------------
