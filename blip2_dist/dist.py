@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,7 +109,24 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> WorldInfo:
             verbose=False,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        if backend == "gloo":
+            _unlink_cpu_shm_segment()
     return info
+
+
+def _unlink_cpu_shm_segment() -> None:
+    """Remove the name of this rank's DeepSpeed CPU shared-memory segment once every rank has mapped
+    it. DeepSpeed's CPU backend creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (~66 MB) when all ranks share a host and never unlinks it: every run, finished or killed, would
+    leave RAM-backed files behind until the machine runs out of memory. The mappings outlive the name."""
+    if os.environ.get("LOCAL_SIZE") != str(get_world_size()):  # DeepSpeed's own test: all ranks local
+        return
+    barrier()  # every rank has opened every other rank's segment by name before any name goes
+    path = Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{get_rank()}"
+    )
+    path.unlink(missing_ok=True)
 
 
 def store_address() -> tuple[str, int]:
