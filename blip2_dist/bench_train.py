@@ -436,7 +436,7 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     total = cfg.warmup + cfg.steps
     ds = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed_config), config, 1, total,
                                bf16_ok=cfg.torch_dtype == torch.bfloat16)
-    engine = build_engine(model, config, ds)
+    engine = build_engine(model, config, ds, total)
     fused = engine.optimizer.optimizer.defaults.get("fused") if hasattr(engine.optimizer, "optimizer") else None
     batches = _batches(cfg, processor, blip2.config, engine.device, grouped=True)
     flops = FlopModel(model)

@@ -92,7 +92,8 @@ DEFAULT_DIST_TIMEOUT_S = 600
 
 
 def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> WorldInfo:
-    """Start the process group through DeepSpeed (nccl on GPU, gloo on CPU). Safe with world 1.
+    """Bind this rank's device, then start the process group through DeepSpeed (nccl on GPU, gloo on
+    CPU). Safe with world 1.
 
     `timeout_s` bounds every collective: past it, gloo raises in the waiting rank, and NCCL's
     watchdog tears the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING, see docs/slurm.md)."""
@@ -103,6 +104,9 @@ def init_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> WorldInfo:
     info = world_info_from_env()
     export_env_for_torch(info)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # Bind this rank's GPU before the first collective: NCCL otherwise sets up every rank's communicator
+    # on device 0 (a hang, or all ranks' work on one GPU).
+    device_for(info)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,

@@ -39,6 +39,8 @@ class ExactlyOnceError(RuntimeError):
 
 class EvaluationInterrupted(Exception):
     """A stop signal (preemption) reached some rank during generation; raised on every rank."""
+class EvaluationError(RuntimeError):
+    """Rank 0's scoring (or writing its results) failed; raised on every rank with rank 0's message."""
 
 
 def generation_kwargs(args: EvalArgs) -> dict:
@@ -46,6 +48,12 @@ def generation_kwargs(args: EvalArgs) -> dict:
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_length, repetition_penalty=args.repetition_penalty,
     )
+
+
+def generation_record(args: EvalArgs, fmt: CaptionFormat) -> dict:
+    """The generation settings as results.json records them, the end-of-caption token included."""
+    return {**asdict(args), "eos_token_id": fmt.end_id,
+            "end_of_caption": fmt.tokenizer.convert_ids_to_tokens(fmt.end_id)}
 
 
 def _dummy_batch(fmt: CaptionFormat, size: int) -> dict:
@@ -174,11 +182,18 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
     gathered = dist.all_gather_object((preds, refs))
     result = None
     if dist.get_rank() == 0:
-        result = _score_and_write(gathered, data_dir, split, args, Path(out_dir), step, gallery, writer, t0)
-    return dist.broadcast_object(result if dist.get_rank() == 0 else None)
+        try:
+            result = _score_and_write(gathered, data_dir, split, args, fmt, Path(out_dir), step, gallery, writer, t0)
+        except Exception as err:  # noqa: BLE001 - the other ranks wait in the broadcast below: tell them
+            dist.broadcast_object({"error": f"evaluation at step {step} failed on rank 0: {type(err).__name__}: {err}"})
+            raise  # here with its traceback; the other ranks raise EvaluationError with its message
+    result = dist.broadcast_object(result)
+    if "error" in result:
+        raise EvaluationError(result["error"])
+    return result
 
 
-def _score_and_write(gathered, data_dir, split, args, out_dir: Path, step, gallery, writer, t0) -> dict:
+def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, gallery, writer, t0) -> dict:
     expected = expected_image_ids(data_dir, split)
     if args.max_eval_images:
         expected = expected[: args.max_eval_images]
@@ -188,7 +203,7 @@ def _score_and_write(gathered, data_dir, split, args, out_dir: Path, step, galle
     write_json_atomic(out_dir / "predictions.json", {k: normalize_caption(v) for k, v in sorted(preds.items())})
     write_json_atomic(out_dir / "results.json", {
         "step": step, "split": split, "images": len(preds), "metrics": scores,
-        "generation": asdict(args), "scoring": _jsonable(info),
+        "generation": generation_record(args, fmt), "scoring": _jsonable(info),
         "per_image": {k: {"prediction": preds[k], "references": refs[k]} for k in sorted(preds)},
     })
     (out_dir / "gallery.html").write_text(_gallery_html(gallery, preds, refs, scores, step), encoding="utf-8")

@@ -16,6 +16,7 @@ Exporting and reloading adapters lives in `blip2_dist.adapters`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -36,6 +37,8 @@ from transformers import (
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+
+from blip2_dist.data.transforms import end_of_caption_id
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +147,8 @@ def build_tiny(family: str, seed: int = 0) -> tuple[Blip2ForConditionalGeneratio
 
 
 def init_query_tokens(model: Blip2ForConditionalGeneration) -> None:
-    # Zero query tokens (the random-init default) make their gradient explode (~1e19), see PITFALLS.
+    # Zero query tokens (the random-init default) make their gradient explode (~1e19 on the tiny
+    # models; DeepSpeed then skips every step as an overflow, even in fp32): start them small and random.
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
 
@@ -153,6 +157,26 @@ def family_of(model_or_config) -> str:
     """'t5' for encoder-decoder language models, 'opt' for decoder-only ones."""
     config = getattr(model_or_config, "config", model_or_config)
     return "opt" if config.use_decoder_only_language_model else "t5"
+
+
+def family_from_name(name: str) -> str | None:
+    """The family of a `--model` value without loading weights or downloading: tiny names, known hub ids
+    and local directories with a config.json; None when it cannot be told that way."""
+    if name in TINY_MODELS:
+        return name.split("-")[1]
+    if name in REAL_TEXT:
+        return "t5" if REAL_TEXT[name]["model_type"] == "t5" else "opt"
+    path = os.path.join(os.path.expanduser(name), "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if "use_decoder_only_language_model" in config:
+        return "opt" if config["use_decoder_only_language_model"] else "t5"
+    return "t5" if "t5" in str(config.get("text_config", {}).get("model_type", "")) else "opt"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,7 +397,8 @@ def reconcile_processor(model: Blip2ForConditionalGeneration, processor: Blip2Pr
     """Make processor and config agree on the query tokens, or fail loudly.
 
     Older hub processors lack num_query_tokens (then no `<image>` tokens are inserted) and older
-    configs lack image_token_index; either way the image would be silently ignored (PITFALLS).
+    configs lack image_token_index; either way the image would be silently ignored (transformers 5
+    puts the query outputs where input_ids hold the image token, and a text without it gets none).
     """
     config = model.config
     if processor.num_query_tokens is None:
@@ -664,6 +689,8 @@ def generate_captions(
     gen_kwargs go to generate (num_beams, repetition_penalty, num_return_sequences, ...), except that
     min_length / max_length count caption tokens as LAVIS's min_len / max_len do: they become
     min_new_tokens / max_new_tokens (HF's min_length counts the OPT prompt). Default max_new_tokens=30.
+    Generation stops on the end-of-caption token the labels end with (`end_of_caption_id`: "\\n" for
+    the hub's OPT models, `</s>` for T5) unless eos_token_id is given; each caption is cut there.
     OPT prompts must be left-padded (or all the same length).
     """
     inner = _strip_engine(model)
@@ -675,13 +702,15 @@ def generate_captions(
     gen_kwargs.setdefault("max_new_tokens", 30)
     tokenizer = processor.tokenizer
     gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    gen_kwargs.setdefault("eos_token_id", end_of_caption_id(blip2.config, tokenizer))
     input_ids = input_ids.to(weight.device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(weight.device)
     decoder_only = family_of(blip2) == "opt"
     if decoder_only and attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("OPT prompts are right-padded: pad them on the left (tokenizer.padding_side='left')")
-    # T5 needs input_ids (image tokens + prompt); generate(pixel_values) alone fails (PITFALLS).
+    # T5 needs input_ids (image tokens + prompt): generate(pixel_values) alone builds a start token from
+    # text_config.bos_token_id, which T5 configs lack.
     with torch.no_grad():
         output = inner.generate(
             pixel_values=pixel_values.to(weight.device, weight.dtype), input_ids=input_ids,
@@ -689,4 +718,15 @@ def generate_captions(
         )
     if decoder_only:  # OPT returns prompt + continuation
         output = output[:, input_ids.shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+    ends = gen_kwargs["eos_token_id"]
+    ends = set(ends) if isinstance(ends, (list, tuple)) else {ends}
+    rows = [_cut_at(row.tolist(), ends) for row in output]
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+def _cut_at(ids: list[int], ends: set[int]) -> list[int]:
+    # Up to the first end token: an end that is no special token ("\n") would survive decoding.
+    for i, token in enumerate(ids):
+        if token in ends:
+            return ids[:i]
+    return ids

@@ -5,7 +5,7 @@
 Order of work: validate everything that can be checked without other ranks (so a bad argument
 fails fast instead of hanging a process group) -> start the process group and the heartbeat
 watchdog -> model + LoRA -> engine -> resume -> loop (train_step, log, evaluate, checkpoint) ->
-final eval + save -> every rank reports its exit code, waits for the others, stops its watchdog.
+final save + eval -> every rank reports its exit code, waits for the others, stops its watchdog.
 """
 
 from __future__ import annotations
@@ -23,14 +23,25 @@ from tqdm import tqdm
 
 from blip2_dist import dist
 from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoint
-from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config
+from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config, precision_of
 from blip2_dist.data.shards import read_manifest, write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
-from blip2_dist.errors import EXIT_PREEMPTED, write_exit_report
+from blip2_dist.errors import EXIT_PREEMPTED, UserError, write_exit_report
 from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
 from blip2_dist.adapters import save_adapter
-from blip2_dist.model import LoraSettings, apply_lora, caption_loss, describe_trainable, load_model, unwrap_blip2
+from blip2_dist.model import (
+    LoraSettings,
+    apply_lora,
+    caption_loss,
+    describe_trainable,
+    family_from_name,
+    family_of,
+    load_model,
+    unwrap_blip2,
+)
 from blip2_dist.watchdog import Watchdog
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 
@@ -110,7 +121,8 @@ def plan_steps(cfg: Config, loader_steps: int) -> Plan:
 
 
 def validate(cfg: Config, world_size: int) -> dict:
-    """Checks that need no other rank. Returns the raw DeepSpeed config."""
+    """Checks that need no other rank. Returns the DeepSpeed config, checked, "auto" values filled but the
+    schedule's length (known once the data stream is built)."""
     read_manifest(cfg.data.data)  # clear error if the shards are missing
     ds = load_deepspeed_config(cfg.train.deepspeed)
     for name, value in (("--micro-batch", cfg.data.micro_batch), ("--grad-accum", cfg.optim.grad_accum)):
@@ -120,12 +132,34 @@ def validate(cfg: Config, world_size: int) -> dict:
         raise ValueError(f"--dist-timeout must be > 0 seconds, got {cfg.train.dist_timeout}")
     if cfg.train.heartbeat_timeout < 0:
         raise ValueError(f"--heartbeat-timeout must be >= 0 seconds (0 = off), got {cfg.train.heartbeat_timeout}")
-    fill_deepspeed_config(ds, cfg, world_size, total_steps=1, bf16_ok=True)  # surfaces conflicts early
+    filled = fill_deepspeed_config(ds, cfg, world_size, None, *device_precisions())  # surfaces conflicts early
+    check_fp16_family(precision_of(filled), family_from_name(cfg.model.model), cfg)
     return ds
 
 
-def bf16_supported() -> bool:
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+def device_precisions() -> tuple[bool, bool]:
+    """(bf16, fp16) this process's device computes natively. CUDA: bf16 from compute capability 8
+    (A100, H100, L4, RTX 30xx on); V100 and T4 only emulate it, slowly, so they get fp16. CPU: bf16,
+    and fp16 only where oneDNN has it (DeepSpeed's CPU accelerator refuses fp16 otherwise)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False), True
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return True, bool(get_accelerator().is_fp16_supported())
+    except Exception:  # noqa: BLE001 - no DeepSpeed accelerator: no fp16 claimed
+        return True, False
+
+
+def check_fp16_family(precision: str, family: str | None, cfg: Config) -> None:
+    """FLAN-T5 overflows in fp16: refuse it unless --allow-fp16-t5 (family None: not known yet)."""
+    if precision == "fp16" and family == "t5" and not cfg.train.allow_fp16_t5:
+        raise UserError(
+            f"{cfg.model.model} is a FLAN-T5 model and this run would train it in fp16 (the device has no bf16): "
+            "T5's activations exceed fp16's range and the loss turns inf/NaN (transformers issue 23918). Train it "
+            'on a GPU with bf16 (A100, H100, L4, RTX 30xx+), or in fp32 ("fp16": {"enabled": false} in the '
+            "DeepSpeed JSON), or pass --allow-fp16-t5 to try fp16 anyway"
+        )
 
 
 def build_model(cfg: Config, dtype: torch.dtype):
@@ -135,6 +169,7 @@ def build_model(cfg: Config, dtype: torch.dtype):
         r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets,
         qformer_targets=m.qformer_lora_targets, vision_targets=m.vision_lora_targets,
         train_qformer=m.train_qformer, train_query_tokens=m.train_query_tokens,
+        train_language_projection=m.train_language_projection,
     )
     torch.manual_seed(cfg.train.seed)  # LoRA init identical on every rank
     model = apply_lora(model, settings)
@@ -143,15 +178,19 @@ def build_model(cfg: Config, dtype: torch.dtype):
     return model, processor, settings
 
 
-def build_engine(model, cfg: Config, ds: dict):
-    """Our torch AdamW + LambdaLR unless the optimizer is offloaded (then DeepSpeed's CPU Adam)."""
+def build_engine(model, cfg: Config, ds: dict, total_steps: int):
+    """Our torch AdamW + LambdaLR unless the optimizer is offloaded (then DeepSpeed's CPU Adam).
+
+    ds: a filled config (fill_deepspeed_config checked its optimizer and scheduler sections). The LR
+    schedule: the scheduler section's WarmupCosineLR parameters, else the flags over `total_steps`."""
     import deepspeed
 
     o = cfg.optim
     sched = ds.pop("scheduler", None)
-    total = sched["params"]["total_num_steps"] if sched else 1
-    warmup = sched["params"]["warmup_num_steps"] if sched else o.warmup_steps
-    min_ratio = sched["params"].get("cos_min_ratio", o.min_lr_ratio) if sched else o.min_lr_ratio
+    params = sched.get("params", {}) if sched else {}
+    total = params.get("total_num_steps", total_steps)
+    warmup = params.get("warmup_num_steps", min(o.warmup_steps, total_steps))
+    min_ratio = params.get("cos_min_ratio", o.min_lr_ratio)
     offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     wrapped = CaptionLossModule(model, group_images=cfg.model.group_images)
     groups = param_groups(wrapped, o.weight_decay)
@@ -212,7 +251,7 @@ class Trainer:
         self.cfg = cfg
         info = dist.world_info_from_env()
         ds_raw = validate(cfg, info.world_size)
-        self.info = dist.init_distributed(cfg.train.dist_timeout)
+        self.info = dist.init_distributed(cfg.train.dist_timeout)  # binds this rank's GPU first
         # Right after the process group: a rank that dies from here on (even while the others
         # load the model or wait in DeepSpeed's first broadcast) ends every rank in bounded time.
         self.watchdog = Watchdog(self.info.rank, self.info.world_size, *dist.store_address(),
@@ -223,8 +262,10 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.bf16 = bf16_supported() and ds_raw.get("bf16", {}).get("enabled", False) in (True, "auto")
-        model, self.processor, self.lora = build_model(cfg, torch.bfloat16 if self.bf16 else torch.float32)
+        self.precision = precision_of(fill_deepspeed_config(ds_raw, cfg, self.info.world_size, None,
+                                                            *device_precisions()))
+        model, self.processor, self.lora = build_model(cfg, DTYPES[self.precision])
+        check_fp16_family(self.precision, family_of(model), cfg)
         dist.print0(describe_trainable(model))
         self.fmt = CaptionFormat.from_processor(
             self.processor, model.config, prompt=cfg.data.prompt, max_caption_tokens=cfg.data.max_caption_tokens
@@ -237,12 +278,17 @@ class Trainer:
             shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=torch.cuda.is_available(),
         )
         self.plan = plan_steps(cfg, self.stream.steps_per_epoch)
-        self.ds = fill_deepspeed_config(ds_raw, cfg, self.info.world_size, self.plan.total_steps, self.bf16)
-        self.engine = build_engine(model, cfg, dict(self.ds))
+        self.ds = fill_deepspeed_config(ds_raw, cfg, self.info.world_size, self.plan.total_steps,
+                                        *device_precisions())
+        self.engine = build_engine(model, cfg, dict(self.ds), self.plan.total_steps)
+        # from_pretrained hands the model over in eval mode (dropout off, activation checkpointing idle) while
+        # peft's new LoRA layers are in train mode: train everything from step 1, as after an evaluation.
+        self.engine.train()
         self.model = self.engine.module.model
         self.writer = build_writer(self.out / "tensorboard", self.is_main)
         self.checkpointer = Checkpointer(self.out, cfg.train.keep_last, self._export_adapter)
         self.state = TrainState()
+        self.saved_step = -1  # the step of the checkpoint this run saved or resumed from
         self.stop = StopFlag()
         self.example_log = ExampleLog(self.out / "samples", self.info.rank, cfg.train.sample_log)
 
@@ -272,6 +318,7 @@ class Trainer:
         path = find_resume_checkpoint(self.out, self.cfg.train.resume)
         if path is not None:
             self.state = self.checkpointer.load(self.engine, path)
+            self.saved_step = self.state.step
             dist.print0(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                         f"micro-batch {self.state.batch_in_epoch})")
             self._rescale_position()
@@ -425,11 +472,15 @@ class Trainer:
 
     def _finish(self) -> int:
         state = self.state
+        # Save first: a failed final evaluation (scoring, a full disk) must not cost the trained weights.
+        if self.saved_step != state.step:
+            self.checkpointer.save(self.engine, state)
+            self.saved_step = state.step
         self.evaluate()
-        if state.eval_pending:
-            self._save_and_stop()
+        if state.eval_pending:  # a stop signal interrupted it: the resumed run evaluates again
+            dist.print0(f"signal received during the final evaluation: exiting with {EXIT_PREEMPTED}")
+            self.writer.close()
             return EXIT_PREEMPTED
-        self.checkpointer.save(self.engine, state)
         if self.is_main:
             write_json_atomic(self.out / "final_state.json", {
                 "step": state.step, "epoch": state.epoch, "loss_history": state.losses,

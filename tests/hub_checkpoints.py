@@ -23,7 +23,7 @@ those of the hub repos:
              `</s>` 2 = BOS and EOS (the tokenizer puts it in front of every text), `<unk>` 3.
              text_config.eos_token_id and generation_config.json's eos_token_id are the "\\n" token:
              the hub model ends captions on a newline, not on `</s>`.
-  T5         a Unigram tokenizer (T5Tokenizer, Metaspace "▁") trained here: `<pad>` 0, `</s>` 1 (appended
+  T5         a Unigram tokenizer (T5Tokenizer, Metaspace "▁") built from the corpus's word counts: `<pad>` 0, `</s>` 1 (appended
              to every text), `<unk>` 2, 100 `<extra_id_N>` sentinels after the pieces. decoder_start 0,
              text_config tie_word_embeddings false (FLAN-T5: its own lm_head, no output scaling), and an
              lm_head saved apart from the shared embedding.
@@ -34,6 +34,9 @@ those of the hub repos:
 from __future__ import annotations
 
 import json
+import math
+import string
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -62,10 +65,19 @@ OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]   # ids 0..3, as in OPT's GPT-2
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]           # ids 0..2, as in T5's SentencePiece model
 
 
+# Caption words beyond the tiny tokenizer's, so common captions are a few whole-word tokens, as with the
+# hub's 50k / 32k vocabularies.
+MORE_WORDS = """runs across fence road car cars house tree trees sky cloud table chair food plate cup cat cats
+horse bird birds dogs puppy wall window door sign building city park bench mountain river lake boat
+wearing holding looking down up over under front back through into while his her their its
+""".split()
+
+
 def _corpus() -> list[str]:
-    words = TINY_CORPUS_WORDS
+    words = TINY_CORPUS_WORDS + MORE_WORDS
     sentences = [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)]
-    return sentences * 20 + [" " + w for w in words] * 20 + [s + "\n" for s in sentences] * 5
+    sentences += [f"a {w} with a {v} and the {u}" for w, v, u in zip(words, words[1:], words[2:])]
+    return sentences * 20 + [s + "\n" for s in sentences] * 5
 
 
 def build_opt_tokenizer() -> GPT2Tokenizer:
@@ -86,14 +98,15 @@ def build_opt_tokenizer() -> GPT2Tokenizer:
 
 
 def build_t5_tokenizer() -> T5Tokenizer:
-    """SentencePiece-style Unigram with T5's special tokens and sentinels."""
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=1000, special_tokens=T5_SPECIALS, unk_token="<unk>", show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer)
-    vocab = [tuple(piece) for piece in json.loads(tok.to_str())["model"]["vocab"]]
+    """SentencePiece-style Unigram with T5's special tokens and sentinels. Its pieces are the corpus's
+    words ("▁word", log-frequency scores) and single characters (scored far lower, so any text still
+    encodes): tokenizers' Unigram trainer, on a corpus this small, keeps mostly characters."""
+    counts = Counter(w for sentence in _corpus() for w in sentence.split())
+    total = sum(counts.values())
+    chars = sorted({c for w in counts for c in w} | set(string.ascii_letters + string.digits + string.punctuation))
+    vocab = [(t, 0.0) for t in T5_SPECIALS] + [("▁", math.log(1 / total))]
+    vocab += [("▁" + w, math.log(n / total)) for w, n in counts.most_common()]
+    vocab += [(c, math.log(1 / total) - 10.0) for c in chars]
     return T5Tokenizer(vocab=vocab, extra_ids=T5_EXTRA_IDS)
 
 

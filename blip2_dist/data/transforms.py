@@ -26,22 +26,31 @@ and BLIP-2's own caption fine-tuning recipe uses no flip. Its randomness is draw
 seeded by (seed, epoch, image key), so it is reproducible and unaffected by resume.
 
 Text (`CaptionFormat`): the processor's image tokens go into `input_ids` (num_query_tokens x the
-image token id first), as transformers 5 BLIP-2 requires (without them the image is silently
-ignored, see PITFALLS.md). Prompt and captions are tokenised separately, without the tokenizer's
+image token id first), as transformers 5 BLIP-2 requires: its forward puts the query outputs where
+input_ids equal config.image_token_index, and without those tokens the image is silently ignored
+(the loss still comes back). Prompt and captions are tokenised separately, without the tokenizer's
 special tokens, and the ids concatenated, so the label mask is exact:
 
-    OPT (decoder-only)  input_ids = [img]*Q + BOS + prompt + caption + EOS   (right-padded)
-                        labels    = -100 ...  -100 -100     caption + EOS     (pad -> -100)
+    OPT (decoder-only)  input_ids = [img]*Q + BOS + prompt + caption + END   (right-padded)
+                        labels    = -100 ...  -100 -100     caption + END     (pad -> -100)
     T5 (enc-dec)        input_ids = [img]*Q + prompt + </s>                   (same for every row)
-                        labels    = caption + </s>                            (pad -> -100)
+                        labels    = caption + END                             (pad -> -100)
 
-BOS is what the tokenizer itself puts in front (probed once: OPT's, none for T5), EOS what it
-appends (T5's </s>) or else its eos_token (OPT), so real checkpoints and the tiny tokenizers
-behave the same. For OPT with a prompt, the caption is tokenised with a leading space
-and the prompt with its trailing space removed: "a photo of" + " a dog" gives the same ids as the
-joint text "a photo of a dog" (GPT-2 BPE), which is what generation with that prompt continues.
-Captions longer than `max_caption_tokens` (EOS included) are truncated, keeping the EOS; the
-number truncated is counted. One tokenizer call per batch of captions.
+END, the end of a caption, is the token generation stops on: the language model's configured
+`eos_token_id` (`end_of_caption_id`). Labels and generation read it from that one function, so a
+model ends its captions where it was taught to. Salesforce/blip2-opt-2.7b ends on "\n" (its
+text_config.eos_token_id is 50118, GPT-2's "\n" token; LAVIS trains OPT on `caption + "\n"`), not
+on the tokenizer's `</s>`: a model taught to end on `</s>` never stops, and decoding hides the `</s>`
+and keeps what follows. FLAN-T5 and the tiny built-ins end on `</s>`. Whitespace inside a caption is
+collapsed to single spaces and END (or an image token) inside its ids is dropped, so a caption never
+ends early or shifts the image slots.
+
+BOS is what the tokenizer itself puts in front (probed once: OPT's, none for T5); the T5 encoder
+input ends with what the tokenizer appends (`</s>`). For OPT with a prompt, the caption is tokenised
+with a leading space and the prompt with its trailing space removed: "a photo of" + " a dog" gives the
+same ids as the joint text "a photo of a dog" (GPT-2 BPE), which is what generation with that prompt
+continues. Captions longer than `max_caption_tokens` (END included) are truncated, keeping the END;
+the number truncated is counted. One tokenizer call per batch of captions.
 """
 
 from __future__ import annotations
@@ -218,6 +227,22 @@ class ImageTransform:
 # --------------------------------------------------------------------------------------------
 
 
+def end_of_caption_id(model_config: Any, tokenizer: Any) -> int:
+    """The token a caption ends with, in the labels and in generation: the language model's configured
+    `eos_token_id` (Salesforce/blip2-opt-2.7b: "\\n"; FLAN-T5 and the tiny built-ins: `</s>`), else the
+    tokenizer's eos. A list of ids (some configs) gives its first: the one captions are taught to end on.
+    model_config: a Blip2Config (its text_config is read) or a language-model config."""
+    text = getattr(model_config, "text_config", None) or model_config
+    eos = getattr(text, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("neither the language model's config nor the tokenizer names an end-of-sequence token")
+    return int(eos)
+
+
 def _special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The ids the tokenizer adds around a text by itself: ([BOS] for OPT, [] for T5), ([] , [</s>])."""
     probe = "a"
@@ -238,7 +263,8 @@ class CaptionFormat:
     image_token_id: int
     num_query_tokens: int
     prompt: str = ""
-    max_caption_tokens: int = 64  # caption + EOS; longer captions are truncated (counted)
+    max_caption_tokens: int = 64  # caption + END; longer captions are truncated (counted)
+    end_id: int | None = None  # the token captions end with (end_of_caption_id); None: the tokenizer's eos
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
@@ -248,9 +274,10 @@ class CaptionFormat:
             raise ValueError(f"max_caption_tokens must be >= 2 (one token + EOS), got {self.max_caption_tokens}")
         self.pad_id = int(tok.pad_token_id)
         self.eos_id = int(tok.eos_token_id)
+        self.end_id = int(self.eos_id if self.end_id is None else self.end_id)
         prefix, suffix = _special_ids(tok)
         self.prefix_ids = prefix  # e.g. OPT's BOS
-        self.suffix_ids = suffix or [self.eos_id]  # e.g. T5's </s>
+        self.suffix_ids = suffix or [self.eos_id]  # what the tokenizer appends (T5's </s>): encoder input
         prompt = self.prompt.rstrip()
         self.prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         # OPT: "a photo of" + " a dog" tokenises like the joint text (see module doc).
@@ -267,7 +294,10 @@ class CaptionFormat:
     ) -> "CaptionFormat":
         image_token_id = model_config.image_token_index
         if image_token_id is None:
-            raise ValueError("model config has no image_token_index (see PITFALLS.md: BLIP-2 in transformers 5)")
+            raise ValueError(
+                "model config has no image_token_index: transformers 5 BLIP-2 places the image where input_ids "
+                "hold that token, so without it every image would be ignored"
+            )
         tokenizer = processor.tokenizer
         image_token = getattr(processor, "image_token", None)
         if image_token is not None:
@@ -286,21 +316,25 @@ class CaptionFormat:
             num_query_tokens=int(num_query),
             prompt=prompt,
             max_caption_tokens=max_caption_tokens,
+            end_id=end_of_caption_id(model_config, tokenizer),
         )
 
     def caption_ids(self, captions: list[str]) -> tuple[list[list[int]], int]:
-        """Caption ids (no specials, EOS appended, capped at max_caption_tokens) and how many were cut."""
-        texts = [" " + c.strip() if self._caption_space else c.strip() for c in captions]
+        """Caption ids (no specials, END appended, capped at max_caption_tokens) and how many were cut."""
+        texts = [" ".join(c.split()) for c in captions]  # a "\n" inside would be OPT's END
+        texts = [" " + t if self._caption_space else t for t in texts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # one call per batch
-        limit = self.max_caption_tokens - len(self.suffix_ids)
+        limit = self.max_caption_tokens - 1
+        # A literal "<image>" would shift the image slots; END (e.g. a literal "</s>") would end it early.
+        drop = (self.image_token_id, self.end_id)
         out, truncated = [], 0
         for row in ids:
-            if self.image_token_id in row:  # a literal "<image>" in a caption would shift the image slots
-                row = [t for t in row if t != self.image_token_id]
+            if any(t in drop for t in row):
+                row = [t for t in row if t not in drop]
             if len(row) > limit:
                 row = row[:limit]
                 truncated += 1
-            out.append(row + self.suffix_ids)
+            out.append(row + [self.end_id])
         return out, truncated
 
     def encode_train(self, captions: list[str]) -> dict[str, torch.Tensor]:
