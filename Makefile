@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean gpu-check
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# One GPU, <= 9 minutes: benchmark + a short real run; writes runs/gpu_check/gpu_check.json
+# (docs/models.md). Uses the machine's python unless PYTHON is given; .whl/ wheels are installed first.
+gpu-check:
+	bash launch/gpu_check.sh runs/gpu_check
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

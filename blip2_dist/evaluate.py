@@ -11,6 +11,7 @@ and references, metrics, generation settings, which scorers ran), gallery.html.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -30,7 +31,7 @@ from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
 from blip2_dist.logging import NullWriter
 from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
-from blip2_dist.model import generate_captions
+from blip2_dist.model import generate_captions, unwrap_blip2
 
 
 class ExactlyOnceError(RuntimeError):
@@ -174,7 +175,7 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _gathered_query_tokens(model, enabled=lockstep):
             preds, refs, gallery = generate_rank(model, processor, stream, fmt, args, device, lockstep,
                                                  should_stop)
     finally:
@@ -191,6 +192,18 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
     if "error" in result:
         raise EvaluationError(result["error"])
     return result
+
+
+def _gathered_query_tokens(model, enabled: bool):
+    """ZeRO-3 gathers a module's parameters when its forward runs, but BLIP-2's generate() reads
+    query_tokens (a bare parameter of the top module) outside any forward: gather it for the whole
+    generation. It is usually still there from training, but not after an adapter export, which
+    gathers and then re-partitions every parameter."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([unwrap_blip2(model).query_tokens], modifier_rank=None)
 
 
 def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, gallery, writer, t0) -> dict:

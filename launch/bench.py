@@ -5,6 +5,7 @@
     python launch/bench.py train --model tiny-t5 --steps 20                       # CPU, ~1 minute
     python launch/bench.py train --model Salesforce/blip2-opt-2.7b --random-init --device cuda \
         --micro-batch 16 --steps 30 --json train.json                            # one GPU, no download
+    python launch/bench.py preprocess photos/*.jpg --json preprocess.json     # pixels vs the hub processor
 """
 
 from __future__ import annotations
@@ -119,11 +120,31 @@ def run_train(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(report, indent=2))
 
 
+def add_preprocess(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="our image pixels vs the hub image processor's, on photos",
+                       description="Mean and max |difference| (8-bit levels) between ImageTransform (JPEG draft "
+                       "decoding on/off, torch/PIL resize) and BlipImageProcessorPil with the hub settings. "
+                       "See blip2_dist/data/bench_preprocess.py.")
+    p.add_argument("photos", nargs="+", help="photo files (JPEG or PNG)")
+    p.add_argument("--size", type=int, default=224, help="model image size (224 hub, 364 LAVIS caption fine-tune)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.set_defaults(func=run_preprocess)
+
+
+def run_preprocess(args: argparse.Namespace) -> None:
+    from blip2_dist.data.bench_preprocess import run
+
+    report = run(args.photos, size=args.size)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_loader(sub)
     add_train(sub)
+    add_preprocess(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -307,8 +307,9 @@ def test_preprocessing_matches_processor(tiny):
     # differs only by the downscale filter: mean |diff| 0.037 here (~2.5 grey levels; this synthetic
     # photo has sensor-like noise, where filters differ most), asserted < 0.05.
     data = _photo(7, (400, 300))
-    draft = ImageTransform.from_processor(processor, backend="pil")
+    draft = ImageTransform.from_processor(processor, backend="pil", draft=True)  # opt-in (default off)
     assert draft.open(data).size[0] < 400  # draft really triggered
+    assert ImageTransform.from_processor(processor, backend="pil").open(data).size[0] == 400
     diff = (draft.normalize([draft.load(data)]) - exact.normalize([exact.load(data)])).abs()
     assert diff.mean() < 0.05
 

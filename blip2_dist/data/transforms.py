@@ -13,12 +13,12 @@ or on the GPU (`normalize_device`). Two resize backends:
     2 grey levels of PIL's (mean ~0.01 level; 2/255/std = 0.03 in normalised units) and ~3x faster
     than PIL's resize here (0.6 vs 1.8 ms for 500x375 -> 224x224; the JPEG decode is ~1.5 ms).
   * "pil": bit-for-bit `BlipImageProcessorPil` (float rounding only).
-The JPEG fast path uses PIL's draft mode: when the JPEG is at least 2x the target in both sides,
-libjpeg decodes it directly at 1/2, 1/4 or 1/8 scale (DCT scaling), then the resize follows. That
-differs from the full decode by a filter difference (mean |diff| 0.037 in normalised units, ~2.5
-grey levels, on a noisy photo-like image, see the tests). For Flickr8k-sized images (~500x375) and
-a 224/364 target draft mode never triggers. `draft=False, backend="pil"` gives
-BlipImageProcessorPil's output to float precision.
+JPEG draft decoding (libjpeg decodes at 1/2, 1/4 or 1/8 scale when the JPEG is at least 2x the target
+in both sides, then the resize follows) is OFF by default: measured on real photos (`launch/bench.py
+preprocess`, docs/models.md) it moves pixels by 0.5-3 grey levels on average and up to 55 at edges
+against the hub's processor whenever it triggers, and it triggers for COCO's 640x480 images at 224
+(decoded at 320x240), while the full decode matches the hub processor to 1 level (torch resize) or
+exactly (PIL). It saves ~0.6 ms of ~2 ms per 640x480 image: `draft=True` for a CPU-bound loader.
 
 Training-time augmentation (random resized crop, scale (0.5, 1), ratio (3/4, 4/3), then horizontal
 flip with p=0.5) is OFF by default: a flip turns "a dog to the left of a man" into a false caption,
@@ -94,7 +94,7 @@ class ImageTransform:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     flip_p: float = 0.5
-    draft: bool = True  # PIL JPEG draft mode (DCT-domain downscale) when the JPEG is >= 2x the target
+    draft: bool = False  # PIL JPEG draft mode (DCT-domain downscale) when the JPEG is >= 2x the target
     backend: str = "torch"  # resize with "torch" (uint8 antialiased, ~3x faster) or "pil" (bit-exact)
 
     def __post_init__(self) -> None:
