@@ -39,7 +39,8 @@ class ModelArgs:
     vision_lora_targets: list[str] | None = _f(None, "vision-encoder modules to adapt with LoRA too (e.g. qkv)", nargs="+")
     train_qformer: bool = _f(False, "train the Q-Former, query tokens and projection fully")
     train_query_tokens: bool = _f(False, "train the query tokens (saved beside the adapter)")
-    train_language_projection: bool = _f(False, "train the Q-Former -> language-model projection (saved beside the adapter)")
+    train_language_projection: bool = _f(False, "train the Q-Former -> language-model projection "
+                                         "(saved beside the adapter)")
     group_images: bool = _f(True, "run the vision encoder (and a frozen Q-Former) once per image, not once per caption")
     grad_checkpointing: bool = _f(False, "activation checkpointing (non-reentrant) in every BLIP-2 part: less memory, more compute")
 

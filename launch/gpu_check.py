@@ -33,7 +33,7 @@ PLANS = {
                 micro_batches=[20, 40], bench_steps=8, bench_warmup=3, device="cuda", isolate=True,
                 run_model="Salesforce/blip2-flan-t5-xl", checkpoint_step=20, total_steps=30, train_micro=8,
                 eval_images=16, n_train=400),
-    "dry": dict(models=["tiny-opt", "tiny-t5"], random_init=False, micro_batches=[20], bench_steps=2,
+    "dry": dict(models=["tiny-t5"], random_init=False, micro_batches=[20], bench_steps=2,
                 bench_warmup=1, device="cpu", isolate=False,
                 run_model="tiny-t5", checkpoint_step=3, total_steps=5, train_micro=4, eval_images=4, n_train=24),
 }

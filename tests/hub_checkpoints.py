@@ -23,10 +23,10 @@ those of the hub repos:
              `</s>` 2 = BOS and EOS (the tokenizer puts it in front of every text), `<unk>` 3.
              text_config.eos_token_id and generation_config.json's eos_token_id are the "\\n" token:
              the hub model ends captions on a newline, not on `</s>`.
-  T5         a Unigram tokenizer (T5Tokenizer, Metaspace "▁") built from the corpus's word counts: `<pad>` 0, `</s>` 1 (appended
-             to every text), `<unk>` 2, 100 `<extra_id_N>` sentinels after the pieces. decoder_start 0,
-             text_config tie_word_embeddings false (FLAN-T5: its own lm_head, no output scaling), and an
-             lm_head saved apart from the shared embedding.
+  T5         a Unigram tokenizer (T5Tokenizer, Metaspace "▁") built from the corpus's word counts:
+             `<pad>` 0, `</s>` 1 (appended to every text), `<unk>` 2, 100 `<extra_id_N>` sentinels after
+             the pieces. decoder_start 0, text_config tie_word_embeddings false (FLAN-T5: its own lm_head,
+             no output scaling), and an lm_head saved apart from the shared embedding.
   vocab      the model's embedding rows padded to a multiple of 64 past the tokenizer (the hub pads
              50265 -> 50304 for OPT, 32101 -> 32128 for FLAN-T5).
 """

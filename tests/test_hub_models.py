@@ -1,11 +1,14 @@
 """Every command on checkpoints shaped like the hub's (tests/hub_checkpoints.py), through `--model DIR`.
 
-Runs shared by several tests (module fixtures), on shards where every image has the same caption:
+Two training runs, each shared by several tests (module fixtures), on shards where every image has the
+same caption:
   opt_run   launch/train.py, 2 ranks, the OPT checkpoint, a DeepSpeed JSON without a scheduler section,
-            ZeRO-2 bf16 with fp32 gradient reduction and accumulation, 2 micro-batches per step
+            ZeRO-2 bf16 with fp32 gradient reduction and accumulation, 2 micro-batches per step. The
+            folder where the final evaluation writes its results is blocked by a file, so rank 0's
+            evaluation fails after the final save: the run must keep that checkpoint and end every rank.
+            launch/evaluate.py and launch/caption.py then caption with the checkpoint's adapter.
   t5_probe  the trainer with observers (tests/train_probe.py), 1 rank, the FLAN-T5 checkpoint,
-            --grad-checkpointing, one evaluation half-way
-then launch/evaluate.py, launch/caption.py and launch/bench.py train on the OPT checkpoint and adapter.
+            --grad-checkpointing, one evaluation half-way and one at the end.
 """
 
 from __future__ import annotations
@@ -58,13 +61,36 @@ def no_scheduler_config(tmp_path) -> str:
 
 @pytest.fixture(scope="module")
 def opt_run(hub_opt_dir, one_caption, tmp_path_factory):
+    """(run folder, launcher exit code, seconds from the final checkpoint to the last rank's end, output)."""
     out = tmp_path_factory.mktemp("opt_run")
+    run_dir = out / "run"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / f"{STEPS:08d}").write_text("a file where the final evaluation's folder would go\n")
     args = ["--deepspeed", no_scheduler_config(out), "--model", str(hub_opt_dir),
-            "--data", str(one_caption / "shards"), "--output-dir", str(out / "run"), "--micro-batch", "2",
+            "--data", str(one_caption / "shards"), "--output-dir", str(run_dir), "--micro-batch", "2",
             "--grad-accum", "2", *COMMON]
-    proc = run("launch/train.py", args, nproc=2)
-    assert proc.returncode == 0, explain(proc)
-    return out / "run"
+    log = out / "log.txt"
+    with open(log, "w") as sink:
+        launcher = subprocess.Popen(command("launch/train.py", args, 2), cwd=REPO, env=cpu_env(),
+                                    stdout=sink, stderr=subprocess.STDOUT)
+    complete = run_dir / "checkpoints" / f"step_{STEPS:08d}" / COMPLETE
+    saved_at, deadline = None, time.monotonic() + 600
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if saved_at is None and complete.is_file():
+            saved_at = time.monotonic()
+            deadline = min(deadline, saved_at + 60)  # the final save, one evaluation, then every rank ends
+        time.sleep(0.2)
+    ended = launcher.poll() is not None
+    if not ended:
+        for proc in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
+            proc.kill()
+        launcher.wait()
+    after_save = time.monotonic() - saved_at if saved_at is not None and ended else None
+    return run_dir, launcher.returncode if ended else None, after_save, log.read_text()
+
+
+def final_adapter(run_dir):
+    return run_dir / "checkpoints" / f"step_{STEPS:08d}" / "adapter"
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +109,29 @@ def final_predictions(run_dir) -> dict:
     return read_json(run_dir / "eval" / f"{STEPS:08d}" / "predictions.json")
 
 
-def test_fine_tuned_opt_captions_end_where_its_captions_end(opt_run, hub_opt_dir):
-    """Labels end on the token generation stops on ("\\n" for the hub's OPT), so the caption stops there."""
-    predictions = final_predictions(opt_run)
+def test_rank0_evaluation_failure_keeps_the_final_checkpoint_and_ends_every_rank(opt_run):
+    run_dir, code, after_save, output = opt_run
+    assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / COMPLETE).is_file(), output[-4000:]
+    assert code is not None and after_save is not None and after_save < 60, \
+        f"ranks still running 60 s after the final save:\n{output[-4000:]}"
+    assert code != 0
+    assert f"evaluation at step {STEPS} failed on rank 0" in output, output[-4000:]  # raised by rank 1 too
+    assert "NotADirectoryError" in output or "FileExistsError" in output
+
+
+def test_fine_tuned_opt_captions_end_where_its_captions_end(opt_run, hub_opt_dir, one_caption, tmp_path):
+    """Labels end on the token generation stops on ("\\n" for the hub's OPT), so the caption stops there.
+    Also launch/evaluate.py on the hub checkpoint + the final checkpoint's adapter."""
+    run_dir = opt_run[0]
+    proc = run("launch/evaluate.py", ["--model", str(hub_opt_dir), "--adapter", str(final_adapter(run_dir)),
+                                      "--data", str(one_caption / "shards"), "--split", "test",
+                                      "--output-dir", str(tmp_path), "--num-beams", "1", "--min-length", "1",
+                                      "--max-new-tokens", "30", "--num-workers", "0", "--dtype", "bfloat16"],
+               nproc=1)
+    assert proc.returncode == 0, explain(proc)
+    predictions = read_json(tmp_path / "predictions.json")
     assert len(predictions) == 4 and set(predictions.values()) == {CAPTION}, predictions
-    generation = read_json(opt_run / "eval" / f"{STEPS:08d}" / "results.json")["generation"]
+    generation = read_json(tmp_path / "results.json")["generation"]
     eos = read_json(hub_opt_dir / "config.json")["text_config"]["eos_token_id"]
     assert generation["eos_token_id"] == eos and generation["end_of_caption"] == "Ċ"  # GPT-2 BPE's "\n"
 
@@ -118,7 +162,7 @@ def test_zero2_reduces_and_accumulates_gradients_in_fp32(t5_probe, opt_run):
     _, probe = t5_probe
     assert probe["engine"] == {"communication_data_type": "torch.float32", "grad_accum_dtype": "torch.float32",
                                "zero_fp32_partition_buffer": True}
-    resolved = read_json(opt_run / "config.json")["deepspeed_resolved"]
+    resolved = read_json(opt_run[0] / "config.json")["deepspeed_resolved"]
     assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
     assert resolved["zero_optimization"]["reduce_bucket_size"] == 10_000_000
     assert resolved["communication_data_type"] == "fp32" and resolved["data_types"]["grad_accum_dtype"] == "fp32"
@@ -126,7 +170,7 @@ def test_zero2_reduces_and_accumulates_gradients_in_fp32(t5_probe, opt_run):
 
 
 def test_lr_stays_above_zero_after_warmup_without_a_scheduler_section(opt_run):
-    lrs = dict(read_scalars(opt_run / "tensorboard")["train/lr"])
+    lrs = dict(read_scalars(opt_run[0] / "tensorboard")["train/lr"])
     assert len(lrs) == STEPS
     peak = max(lrs.values())
     assert peak == pytest.approx(2e-2, rel=1e-3)
@@ -135,17 +179,8 @@ def test_lr_stays_above_zero_after_warmup_without_a_scheduler_section(opt_run):
     assert lrs[STEPS // 2 + WARMUP // 2] == pytest.approx(peak / 2, rel=0.1)
 
 
-def test_evaluate_command_on_the_hub_checkpoint_and_adapter(opt_run, hub_opt_dir, one_caption, tmp_path):
-    proc = run("launch/evaluate.py", ["--model", str(hub_opt_dir), "--adapter", str(opt_run / "best"),
-                                      "--data", str(one_caption / "shards"), "--split", "test",
-                                      "--output-dir", str(tmp_path), "--num-beams", "1", "--min-length", "1",
-                                      "--num-workers", "0", "--dtype", "float32"], nproc=1)
-    assert proc.returncode == 0, explain(proc)
-    assert set(read_json(tmp_path / "predictions.json").values()) == {CAPTION}
-
-
 def test_caption_command_on_the_hub_checkpoint_and_adapter(opt_run, hub_opt_dir, one_caption):
-    proc = run("launch/caption.py", ["--model", str(hub_opt_dir), "--adapter", str(opt_run / "best"),
+    proc = run("launch/caption.py", ["--model", str(hub_opt_dir), "--adapter", str(final_adapter(opt_run[0])),
                                      str(one_caption / "photos"), "--num-beams", "2", "--min-length", "1",
                                      "--json"], nproc=1)
     assert proc.returncode == 0, explain(proc)
@@ -163,33 +198,3 @@ def test_train_benchmark_command_on_the_hub_checkpoint(hub_t5_dir, tmp_path):
     assert ours["samples_per_step"] == baseline["samples_per_step"] == 10
     # the real Q-Former dropout (0.1) keeps it per caption in train mode; the ViT still runs once per image
     assert ours["grouped_vision"] and not ours["grouped_qformer"]
-
-
-def test_rank0_scoring_failure_keeps_the_final_checkpoint_and_ends_every_rank(hub_opt_dir, one_caption, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "eval").write_text("a file where the evaluation results would go: rank 0 cannot write them\n")
-    args = ["--deepspeed", "ds_configs/zero2.json", "--model", str(hub_opt_dir), "--data",
-            str(one_caption / "shards"), "--output-dir", str(out), "--micro-batch", "2", *COMMON,
-            "--max-steps", "2"]
-    log = tmp_path / "log.txt"
-    with open(log, "w") as sink:
-        launcher = subprocess.Popen(command("launch/train.py", args, 2), cwd=REPO, env=cpu_env(),
-                                    stdout=sink, stderr=subprocess.STDOUT)
-    complete = out / "checkpoints" / "step_00000002" / COMPLETE
-    saved_at = None
-    deadline = time.monotonic() + 300
-    while launcher.poll() is None and time.monotonic() < deadline:
-        if saved_at is None and complete.is_file():
-            saved_at = time.monotonic()
-            deadline = min(deadline, saved_at + 60)  # the final save, one evaluation, then every rank ends
-        time.sleep(0.2)
-    if launcher.poll() is None:
-        for p in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
-            p.kill()
-        launcher.wait()
-        pytest.fail(f"ranks still running {'60 s after the final save' if saved_at else 'after 300 s'}:\n"
-                    + log.read_text()[-4000:])
-    output = log.read_text()
-    assert launcher.returncode != 0 and complete.is_file(), output[-4000:]
-    assert "evaluation at step 2 failed on rank 0" in output, output[-4000:]  # what the other rank raised

@@ -393,7 +393,8 @@ def test_random_init_real_architecture_and_notebook_lora_count():
     assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (2560, 32, 50272)
     assert processor.num_query_tokens == 32 == model.config.num_query_tokens
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
-    # The HF notebook's LoRA (r=16, alpha=32, q_proj + k_proj) on blip2-opt-2.7b: 5,242,880 (PITFALLS).
+    # The HF notebook's LoRA (r=16, alpha=32, q_proj + k_proj) on blip2-opt-2.7b: 5,242,880, what
+    # peft's print_trainable_parameters reports for it (32 layers x 2 x 16 x (2560 + 2560)).
     peft_model = M.apply_lora(model, M.LoraSettings(targets=["q_proj", "k_proj"]))
     assert M.describe_trainable(peft_model).startswith("trainable params: 5,242,880 ||")
 

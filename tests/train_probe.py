@@ -5,9 +5,9 @@
 Builds `Trainer(parse_config(argv))` and calls `fit()` exactly as launch/train.py does; forward hooks
 only record, into PROBE.json (rank 0):
   forwards        one entry per training forward (micro-batch): the modules of the BLIP-2 model not in
-                  training mode at that moment, and how often the language model's first layer ran
-                  since the previous training forward (2 per micro-batch when activation checkpointing
-                  recomputes it in the backward, 1 when it does not)
+                  training mode at that moment, and how often a linear layer inside the language
+                  model's first layer ran since the previous training forward (2 per micro-batch when
+                  activation checkpointing recomputes the layer in the backward, 1 when it does not)
   evaluations     the number of training forwards before each evaluation
   engine          what the DeepSpeed engine made of the config: communication dtype, gradient
                   accumulation dtype, whether ZeRO-2 accumulates into its fp32 partition buffer

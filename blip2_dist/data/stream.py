@@ -77,7 +77,7 @@ pixel_values, image_ids, references (all captions per image), input_ids / attent
 generation prompt per image).
 
 Why not webdataset's own stages: its split_by_node / split_by_worker hand out whole shards (a rank
-with no shard hangs the others, PITFALLS.md) and its tar expander reads a tar sequentially (no
+with no shard hangs the others: webdataset issue 188) and its tar expander reads a tar sequentially (no
 skipping to a sample by headers). Kept from it: the grouping rule (key = path up to the first dot
 of the basename, webdataset's `base_plus_ext`) and the shuffle buffer. Workers are started per
 epoch (the epoch and the resume position are fixed when they start; ~0.1-0.3 s) and send numpy
