@@ -309,8 +309,6 @@ def fill_deepspeed_config(ds: dict, cfg: Config, world_size: int, total_steps: i
     for name in ("bf16", "fp16"):
         if name in ds:
             ds[name]["enabled"] = precision == name
-    if precision == "fp16" and "fp16" not in ds:
-        ds["fp16"] = {"enabled": True}
     if "fp16" in ds and ds["fp16"].get("loss_scale") == "auto":
         ds["fp16"]["loss_scale"] = 0  # dynamic loss scaling
     if "optimizer" in ds:
