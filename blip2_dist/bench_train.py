@@ -426,7 +426,7 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     config.optim.fused_adamw = cfg.fused_adamw
     config.data.micro_batch = cfg.micro_batch
     config.train.deepspeed, config.train.seed = cfg.deepspeed_config, cfg.seed
-    model, processor, _ = build_model(config, cfg.torch_dtype)
+    model, processor, _ = build_model(config, cfg.torch_dtype, device=cfg.device)
     blip2 = unwrap_blip2(model)
     if cfg.compile:
         _compile_parts(blip2)
@@ -465,7 +465,8 @@ def run_baseline(cfg: TrainBenchConfig) -> dict:
     from blip2_dist.model import family_of, load_model
 
     torch.manual_seed(cfg.seed)
-    model, processor = load_model(cfg.model, dtype=cfg.torch_dtype, random_init=cfg.random_init, seed=cfg.seed)
+    model, processor = load_model(cfg.model, dtype=cfg.torch_dtype, random_init=cfg.random_init, seed=cfg.seed,
+                                  device=cfg.device if cfg.random_init else None)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
                       target_modules=NOTEBOOK_TARGETS[family_of(model)])
     model = get_peft_model(model, lora).to(cfg.device)

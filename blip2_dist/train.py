@@ -162,9 +162,11 @@ def check_fp16_family(precision: str, family: str | None, cfg: Config) -> None:
         )
 
 
-def build_model(cfg: Config, dtype: torch.dtype):
+def build_model(cfg: Config, dtype: torch.dtype, device: torch.device | str | None = None):
+    """Base model (random-init ones built on `device` directly: no CPU init of billions of weights) + LoRA."""
     m = cfg.model
-    model, processor = load_model(m.model, dtype=dtype, random_init=m.random_init, seed=cfg.train.seed)
+    model, processor = load_model(m.model, dtype=dtype, random_init=m.random_init, seed=cfg.train.seed,
+                                  device=device if m.random_init else None)
     settings = LoraSettings(
         r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets,
         qformer_targets=m.qformer_lora_targets, vision_targets=m.vision_lora_targets,
@@ -264,7 +266,7 @@ class Trainer:
         dist.barrier()
         self.precision = precision_of(fill_deepspeed_config(ds_raw, cfg, self.info.world_size, None,
                                                             *device_precisions()))
-        model, self.processor, self.lora = build_model(cfg, DTYPES[self.precision])
+        model, self.processor, self.lora = build_model(cfg, DTYPES[self.precision], dist.device_for(self.info))
         check_fp16_family(self.precision, family_of(model), cfg)
         dist.print0(describe_trainable(model))
         self.fmt = CaptionFormat.from_processor(

@@ -3,12 +3,12 @@
     bash launch/gpu_check.sh [OUT_DIR]            # or `make gpu-check`; one GPU, <= 9 minutes
     bash launch/gpu_check.sh --dry-run OUT_DIR    # CPU: the same steps with the tiny models (tests)
 
-(a) `launch/bench.py train` for Salesforce/blip2-opt-2.7b and Salesforce/blip2-flan-t5-xl, built with
-    random weights (no download), bf16, micro-batch 20 and 40 captions: ours vs the HF PEFT notebook's
-    loop, each side in its own process; samples/s, TFLOP/s, MFU and peak memory per side.
 (b) a short real run through the `deepspeed` launcher on one GPU (NCCL): the flan-t5-xl architecture
     with random weights on synthetic shards, 20 steps with a checkpoint, then `--resume auto` to 30
-    steps and one evaluation (generation, gather, COCO scoring).
+    steps and one evaluation (generation, gather, COCO scoring). It runs first.
+(a) `launch/bench.py train` for Salesforce/blip2-opt-2.7b and Salesforce/blip2-flan-t5-xl, built with
+    random weights on the GPU (no download), bf16, micro-batch 20 and 40 captions: ours vs the HF PEFT
+    notebook's loop, each side in its own process; samples/s, TFLOP/s, MFU and peak memory per side.
 Every part runs in a subprocess under a timeout taken from what is left of --budget-s, and the JSON is
 rewritten after each part, so a part that fails or runs out of time is recorded and the rest still runs.
 """
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device visible (--dry-run runs the same steps on a CPU)", file=sys.stderr)
         check.save()
         return 2
+    real_run(check, plan)  # first: the correctness check; the benchmark takes what time is left
     bench(check, plan)
-    real_run(check, plan)
     check.report["ok"] = passed(check.report, plan)
     check.save()
     print(f"gpu_check: {'ok' if check.report['ok'] else 'FAILED'} in {check.report['seconds']} s; "
