@@ -16,12 +16,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
-# DeepSpeed JIT-builds its CPU comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions,
-# one folder per op name). Several checkouts with their own .venv on one machine would each find
-# the others' build stale (other source paths) and rebuild it (~90 s) on every run: keep one per
-# environment. Subprocesses, launchers and Slurm jobs inherit it.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-
 
 @pytest.fixture(scope="session")
 def hub_opt_dir(tmp_path_factory):
