@@ -65,7 +65,6 @@ import os
 import random
 import re
 import resource
-import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -396,12 +395,6 @@ class VisionTimer:
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _compile_parts(blip2) -> None:
     for part in (blip2.vision_model, blip2.qformer, blip2.language_model):
         part.compile()  # in place: names and state dict unchanged
@@ -411,8 +404,9 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     """The trainer's step on a 1-rank DeepSpeed ZeRO-2 engine."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     from blip2_dist import dist
+
+    os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
     from blip2_dist.checkpoint import TrainState
     from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config
     from blip2_dist.model import image_sharing, unwrap_blip2

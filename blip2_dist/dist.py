@@ -77,6 +77,14 @@ def rank_placement() -> dict:
     }
 
 
+def free_port() -> int:
+    """A TCP port free on this host now, for a launcher's MASTER_PORT (a fixed default such as the
+    deepspeed launcher's 29500 collides with any other job on the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def device_for(info: WorldInfo) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)

@@ -126,7 +126,10 @@ def real_run(check: Check, plan: dict) -> None:
 
     shards, run_dir = check.out / "shards", check.out / "run"
     write_synthetic(shards, n_train=plan["n_train"], n_val=plan["eval_images"], n_test=0, samples_per_shard=100)
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "launch/train.py"]
+    from blip2_dist.dist import free_port
+
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
+                str(free_port()), "launch/train.py"]
     common = ["--deepspeed", "ds_configs/zero2.json", "--model", plan["run_model"], "--data", str(shards),
               "--output-dir", str(run_dir), "--micro-batch", str(plan["train_micro"]), "--num-workers", "2",
               "--save-steps", str(plan["checkpoint_step"]), "--warmup-steps", "5", "--log-steps", "5",

@@ -21,7 +21,8 @@ def test_gpu_check_dry_run_writes_one_complete_report(tmp_path):
                           env=cpu_env(PYTHON=sys.executable), capture_output=True,
                           text=True, timeout=600)
     report = json.loads((out / "gpu_check.json").read_text())
-    assert proc.returncode == 0 and report["ok"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    why = json.dumps({k: report[k] for k in ("bench", "run")}, indent=1, default=str)[-6000:]
+    assert proc.returncode == 0 and report["ok"], proc.stdout[-2000:] + proc.stderr[-2000:] + why
     assert report["environment"]["deepspeed"] and report["dry_run"] is True
     assert [(b["model"], b["micro_batch"]) for b in report["bench"]] == [("tiny-t5", 20)]
     for entry in report["bench"]:
