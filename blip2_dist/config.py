@@ -47,7 +47,11 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    data: str = _f("shards/flickr8k", "shard folder with manifest.json (python -m blip2_dist.data.pack)")
+    data: str = _f("shards/flickr8k", "a shard folder with manifest.json (python -m blip2_dist.data.pack); a "
+                   "manifest's path or URL (http(s)://, file:, pipe:CMD); or shard URLs with {a..b} patterns; "
+                   "several joined by '::' (docs/data.md)")
+    data_retries: int = _f(5, "remote shards and manifests: failed reads in a row (dropped connection, 5xx, "
+                           "pipe: command error, stall) retried with backoff before the run stops naming the URL")
     train_split: str = _f("train", "split to train on")
     eval_split: str = _f("val", "split to evaluate on during training")
     micro_batch: int = _f(16, "captions per micro-batch per rank")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from blip2_dist import dist
 from blip2_dist.config import EvalArgs
-from blip2_dist.data.reader import SampleLog, read_tar, resolve_shards
+from blip2_dist.data.reader import DEFAULT_RETRY, RetryPolicy, SampleLog, parse_sample, read_shard, resolve_shards
 from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
 from blip2_dist.logging import NullWriter
@@ -121,15 +121,17 @@ def _to_uint8(pixels: torch.Tensor, transform: ImageTransform) -> np.ndarray:
     return img.round().byte().numpy()  # CHW
 
 
-def expected_image_ids(data_dir: str, split: str) -> list[str]:
-    """The split's image ids, from the samples' JSON parts (images are skipped by tar header)."""
+def expected_image_ids(data_dir: str, split: str, retry: RetryPolicy = DEFAULT_RETRY) -> list[str]:
+    """The split's image ids, from the samples' json/txt parts (images are read past, not kept)."""
     slog = SampleLog("expected ids")
-    return [
-        json.loads(raw["parts"]["json"])["image_id"]
-        for shard in resolve_shards(data_dir, split)
-        for raw in read_tar(shard.path, shard.name, 0, None, slog, parts=("json",))
-        if "json" in raw["parts"]
-    ]
+    ids = []
+    for shard in resolve_shards(data_dir, split, retry):
+        for raw in read_shard(shard.url, shard.name, 0, shard.samples, slog, parts=("json", "txt"), retry=retry):
+            try:
+                ids.append(parse_sample(raw["parts"], raw["key"])[0])
+            except (ValueError, UnicodeDecodeError):  # the eval stream skips (and counts) it too
+                continue
+    return ids
 
 
 def merge_exactly_once(gathered: list[tuple[dict, dict]], expected: list[str]) -> tuple[dict, dict]:
@@ -156,9 +158,10 @@ def merge_exactly_once(gathered: list[tuple[dict, dict]], expected: list[str]) -
 
 def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, out_dir: str | Path,
                    step: int = 0, writer=None, lockstep: bool = False, num_workers: int = 1,
-                   prompt: str = "", should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+                   prompt: str = "", should_stop: Callable[[], bool] | None = None,
+                   retry: RetryPolicy = DEFAULT_RETRY) -> dict[str, float]:
     """Generate on every rank, gather, check, score on rank 0; the metrics are returned on all ranks.
-    `should_stop`: see generate_rank (EvaluationInterrupted on every rank)."""
+    `should_stop`: see generate_rank (EvaluationInterrupted on every rank). `retry`: remote reads."""
     writer = writer or NullWriter()
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -166,7 +169,7 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
     stream = EvalStream(
         data_dir, split, fmt, ImageTransform.from_processor(processor), batch_size=args.eval_batch,
         rank=dist.get_rank(), world_size=dist.get_world_size(), num_workers=num_workers,
-        max_images=args.max_eval_images or None,
+        max_images=args.max_eval_images or None, retry=retry,
     )
     if dist.get_rank() == 0:
         print(f"eval step {step} [{split}]: captioning {stream.total_images} images on {dist.get_world_size()} "
@@ -184,7 +187,8 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
     result = None
     if dist.get_rank() == 0:
         try:
-            result = _score_and_write(gathered, data_dir, split, args, fmt, Path(out_dir), step, gallery, writer, t0)
+            result = _score_and_write(gathered, data_dir, split, args, fmt, Path(out_dir), step, gallery, writer, t0,
+                                      retry)
         except Exception as err:  # noqa: BLE001 - the other ranks wait in the broadcast below: tell them
             dist.broadcast_object({"error": f"evaluation at step {step} failed on rank 0: {type(err).__name__}: {err}"})
             raise  # here with its traceback; the other ranks raise EvaluationError with its message
@@ -206,8 +210,9 @@ def _gathered_query_tokens(model, enabled: bool):
     return deepspeed.zero.GatheredParameters([unwrap_blip2(model).query_tokens], modifier_rank=None)
 
 
-def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, gallery, writer, t0) -> dict:
-    expected = expected_image_ids(data_dir, split)
+def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, gallery, writer, t0,
+                     retry) -> dict:
+    expected = expected_image_ids(data_dir, split, retry)
     if args.max_eval_images:
         expected = expected[: args.max_eval_images]
     preds, refs = merge_exactly_once(gathered, expected)
@@ -263,5 +268,5 @@ def evaluate_in_training(trainer, should_stop: Callable[[], bool] | None = None)
         trainer.model, trainer.processor, cfg.data.data, cfg.data.eval_split, cfg.eval,
         trainer.out / "eval" / f"{trainer.state.step:08d}", step=trainer.state.step,
         writer=trainer.writer, lockstep=lockstep, num_workers=min(cfg.data.num_workers, 1),
-        prompt=cfg.data.prompt, should_stop=should_stop,
+        prompt=cfg.data.prompt, should_stop=should_stop, retry=RetryPolicy(retries=cfg.data.data_retries),
     )

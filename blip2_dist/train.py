@@ -24,7 +24,8 @@ from tqdm import tqdm
 from blip2_dist import dist
 from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoint
 from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config, precision_of
-from blip2_dist.data.shards import read_manifest, write_json_atomic
+from blip2_dist.data.reader import RetryPolicy, check_data
+from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.errors import EXIT_PREEMPTED, UserError, write_exit_report
 from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
@@ -123,7 +124,10 @@ def plan_steps(cfg: Config, loader_steps: int) -> Plan:
 def validate(cfg: Config, world_size: int) -> dict:
     """Checks that need no other rank. Returns the DeepSpeed config, checked, "auto" values filled but the
     schedule's length (known once the data stream is built)."""
-    read_manifest(cfg.data.data)  # clear error if the shards are missing
+    if cfg.data.data_retries < 0:
+        raise ValueError(f"--data-retries must be >= 0, got {cfg.data.data_retries}")
+    splits = [cfg.data.train_split] + ([] if cfg.train.skip_eval else [cfg.data.eval_split])
+    check_data(cfg.data.data, splits, RetryPolicy(retries=cfg.data.data_retries))  # manifests read, splits there
     ds = load_deepspeed_config(cfg.train.deepspeed)
     for name, value in (("--micro-batch", cfg.data.micro_batch), ("--grad-accum", cfg.optim.grad_accum)):
         if value < 1:
@@ -278,6 +282,7 @@ class Trainer:
             micro_batch=cfg.data.micro_batch, rank=self.info.rank, world_size=self.info.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.train.seed, caption_mode=cfg.data.caption_mode,
             shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=torch.cuda.is_available(),
+            retry=RetryPolicy(retries=cfg.data.data_retries),
         )
         self.plan = plan_steps(cfg, self.stream.steps_per_epoch)
         self.ds = fill_deepspeed_config(ds_raw, cfg, self.info.world_size, self.plan.total_steps,

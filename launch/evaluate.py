@@ -18,6 +18,7 @@ from blip2_dist.config import DEFAULT_MODEL, EvalArgs, add_section_args
 from blip2_dist.evaluate import evaluate_model
 from blip2_dist.logging import build_writer
 from blip2_dist.adapters import load_for_inference
+from blip2_dist.data.reader import RetryPolicy
 
 
 def parse(argv):
@@ -25,7 +26,9 @@ def parse(argv):
     p.add_argument("--model", default=None, help="base BLIP-2: hub id, local dir, tiny-t5, tiny-opt "
                    "(default: the adapter's base, else Salesforce/blip2-flan-t5-xl)")
     p.add_argument("--adapter", default=None, help="adapter directory saved by training (omit for zero-shot)")
-    p.add_argument("--data", required=True, help="shard folder with manifest.json")
+    p.add_argument("--data", required=True, help="shard folder with manifest.json, a manifest's path or URL, "
+                   "or shard URLs with {a..b} patterns; several joined by '::' (docs/data.md)")
+    p.add_argument("--data-retries", type=int, default=5, help="failed remote reads in a row retried with backoff")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--output-dir", default=None, help="where results go (default: ADAPTER/eval-SPLIT or runs/eval-SPLIT)")
     p.add_argument("--prompt", default="", help="generation prompt; use the one the adapter was trained with")
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     model.to(dist.device_for(info))
     writer = build_writer(f"{out}/tensorboard", info.is_main)
     evaluate_model(model, processor, a.data, a.split, eval_args, out, writer=writer,
-                   num_workers=a.num_workers, prompt=a.prompt)
+                   num_workers=a.num_workers, prompt=a.prompt, retry=RetryPolicy(retries=a.data_retries))
     writer.close()
     dist.print0(f"results in {out}/results.json, gallery in {out}/gallery.html")
     return 0

@@ -2,12 +2,17 @@
 
     python -m blip2_dist.data.pack flickr8k ~/data/flickr8k --out shards/flickr8k
     python -m blip2_dist.data.pack flickr8k ~/data/flickr8k --out shards/f8k364 --max-side 364
+    python -m blip2_dist.data.pack karpathy ~/data/coco/dataset_coco.json --out shards/coco_karpathy
+    python -m blip2_dist.data.pack coco ~/data/coco --year 2017 --out shards/coco2017
     python -m blip2_dist.data.pack hf ~/data/my_captions --out shards/mine --split-ratio 0.8,0.1,0.1
+    python -m blip2_dist.data.pack img2dataset 'cc/{00000..00009}.tar' --out shards/cc   # captions per image
+    python -m blip2_dist.data.pack index 'https://host/cc/{00000..00099}.tar' --out cc/manifest.json
     python -m blip2_dist.data.pack synthetic --out shards/synthetic      # the demo's set, seconds
     (`blip2-pack ...` is the same command once the package is installed.)
 
-Records come from a source layout (flickr8k.py, or any Hugging Face `datasets` image-caption set
-on disk), images are read, fully decoded (a truncated JPEG is an error) and, where needed,
+Records come from a source layout (flickr8k.py; coco.py for Karpathy's split files and the official
+COCO captions; img2dataset.py for other tools' shards; or any Hugging Face `datasets` image-caption
+set on disk), images are read, fully decoded (a truncated JPEG is an error) and, where needed,
 re-encoded by a pool of worker threads, in order, and written by one ShardWriter: the same
 input gives byte-identical shards whatever --workers is. Any bad input stops the run with an
 error naming the file (and line), and no manifest is left in --out; with --skip-bad the rest is
@@ -34,6 +39,7 @@ from tqdm import tqdm
 
 from blip2_dist.data.flickr8k import LAYOUTS, PackError, Problem, Record, flickr8k_records, stem
 from blip2_dist.data.shards import MANIFEST, SPLITS, Sample, ShardWriter
+from blip2_dist.errors import UserError
 
 DEFAULT_QUALITY = 95
 _SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
@@ -252,6 +258,52 @@ def pack_flickr8k(
     for note in layout.notes:
         log(note)
     info = {"layout": layout.kind, "path": str(source), "split_rule": layout.split_rule}
+    return pack_records(records, out_dir, problems=problems, source=info, **options)
+
+
+def pack_karpathy(
+    source: str | os.PathLike, out_dir: str | os.PathLike, *, images_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print, **options,
+) -> dict:
+    """Pack Karpathy's dataset_{coco,flickr30k,flickr8k}.json and its images (see coco.py)."""
+    from blip2_dist.data.coco import karpathy_records
+
+    remove_pack(out_dir)
+    layout, records, problems = karpathy_records(source, images_dir)
+    for note in layout.notes:
+        log(note)
+    info = {"layout": "karpathy", "path": str(source), "file": layout.files["captions"].name,
+            "split_rule": layout.split_rule}
+    return pack_records(records, out_dir, problems=problems, source=info, **options)
+
+
+def pack_coco(
+    source: str | os.PathLike, out_dir: str | os.PathLike, *, year: int | None = None,
+    images_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print, **options,
+) -> dict:
+    """Pack the official COCO caption annotations and images (see coco.py for the splits)."""
+    from blip2_dist.data.coco import coco_records
+
+    remove_pack(out_dir)
+    info, records, problems = coco_records(source, year, images_dir)
+    for note in info.pop("notes"):
+        log(note)
+    return pack_records(records, out_dir, problems=problems, source=info, **options)
+
+
+def pack_img2dataset(
+    spec: str, out_dir: str | os.PathLike, *, group_by: str | None = None, split: str = "train",
+    split_ratio: str | None = None, retries: int = 5, log: Callable[[str], None] = print, **options,
+) -> dict:
+    """Convert img2dataset-style shards, captions grouped per image (see img2dataset.py)."""
+    from blip2_dist.data.img2dataset import img2dataset_records
+    from blip2_dist.data.reader import RetryPolicy
+
+    remove_pack(out_dir)
+    ratio = parse_split_ratio(split_ratio) if split_ratio else None
+    info, records, problems = img2dataset_records(spec, group_by=group_by, split=split, split_ratio=ratio,
+                                                  retry=RetryPolicy(retries=retries))
+    log(f"{info['samples']} samples -> {info['images']} images (grouped by {info['group_by']})")
     return pack_records(records, out_dir, problems=problems, source=info, **options)
 
 
@@ -495,6 +547,28 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--split-ratio", default=None, metavar="A,B,C", help="re-split by a hash of the image id, e.g. 0.8,0.1,0.1 (default: the dataset's own splits)")
     h.add_argument("--cache-dir", default=None, metavar="DIR", help="datasets cache for the imagefolder loader (default: HF_DATASETS_CACHE)")
     _add_common(h)
+    k = sub.add_parser("karpathy", help="pack Karpathy's dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json")
+    k.add_argument("source", help="the json, or the folder holding it and the images")
+    k.add_argument("--images", default=None, metavar="DIR", help="the image folder (COCO: the folder holding train2014/ and val2014/)")
+    _add_common(k)
+    c = sub.add_parser("coco", help="pack the official COCO captions (annotations/captions_{train,val}YEAR.json)")
+    c.add_argument("source", help="the folder holding annotations/ and train2014/ val2014/ (or train2017/ val2017/)")
+    c.add_argument("--year", type=int, choices=[2014, 2017], default=None, help="which release (default: the one present)")
+    c.add_argument("--images", default=None, metavar="DIR", help="the folder holding train{YEAR}/ and val{YEAR}/")
+    _add_common(c)
+    i = sub.add_parser("img2dataset", help="convert img2dataset-style shards (jpg/txt/json), captions grouped per image")
+    i.add_argument("shards", help="shard URLs with {a..b} patterns (paths, http(s)://, pipe:CMD), several joined by '::'")
+    i.add_argument("--group-by", default=None, metavar="FIELD", help="json field naming the image (default: image_id if present, else url)")
+    i.add_argument("--split", default="train", choices=SPLITS, help="the split of every image (default train)")
+    i.add_argument("--split-ratio", default=None, metavar="A,B,C", help="or split by a hash of the image id, e.g. 0.98,0.01,0.01")
+    i.add_argument("--retries", type=int, default=5, help="failed remote reads in a row retried with backoff")
+    _add_common(i)
+    x = sub.add_parser("index", help="count shards that have no manifest (one read of each) into a manifest.json")
+    x.add_argument("shards", help="shard URLs with {a..b} patterns (paths, http(s)://, pipe:CMD), several joined by '::'")
+    x.add_argument("--out", required=True, help="the manifest to write (a .json path, or a folder for DIR/manifest.json); other splits in it are kept")
+    x.add_argument("--split", default="train", choices=SPLITS, help="the split these shards are (default train)")
+    x.add_argument("--workers", type=int, default=None, help="shards read at once (default: CPU count, at most 4)")
+    x.add_argument("--retries", type=int, default=5, help="failed remote reads in a row retried with backoff")
     s = sub.add_parser("synthetic", help="write the procedural shapes set used by the demo and the tests")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n-train", type=int, default=2000, help="train images (default 2000)")
@@ -510,6 +584,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.command == "index":
+            from blip2_dist.data.index import index_shards
+            from blip2_dist.data.reader import RetryPolicy
+
+            index_shards(args.shards, args.out, split=args.split, workers=args.workers,
+                         retry=RetryPolicy(retries=args.retries))
+            return 0
         if args.command == "synthetic":
             from blip2_dist.data.synthetic import write_synthetic
 
@@ -524,6 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if args.command == "flickr8k":
                 manifest = pack_flickr8k(args.source, args.out, format=args.format, images_dir=args.images, splits_dir=args.splits, **options)
+            elif args.command == "karpathy":
+                manifest = pack_karpathy(args.source, args.out, images_dir=args.images, **options)
+            elif args.command == "coco":
+                manifest = pack_coco(args.source, args.out, year=args.year, images_dir=args.images, **options)
+            elif args.command == "img2dataset":
+                manifest = pack_img2dataset(args.shards, args.out, group_by=args.group_by, split=args.split,
+                                            split_ratio=args.split_ratio, retries=args.retries, **options)
             else:
                 manifest = pack_hf(
                     args.path, args.out, image_column=args.image_column, caption_column=args.caption_column,
@@ -531,7 +619,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     except PackError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(f"error: nothing packed; {args.out} holds no manifest", file=sys.stderr)
+        print(f"error: nothing packed; {args.out} holds no manifest" if args.command != "index" else
+              f"error: {args.out} not written", file=sys.stderr)
+        return 1
+    except UserError as e:  # a remote shard that could not be read, named
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(summarize_manifest(manifest, time.perf_counter() - start))
     print(f"wrote {Path(args.out) / MANIFEST}")

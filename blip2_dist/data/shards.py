@@ -17,10 +17,13 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -195,24 +198,66 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def read_manifest(shard_dir: str | os.PathLike) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no manifest. Pack data first (python -m blip2_dist.data.pack ...); "
-            "a folder without a manifest is an unfinished pack."
-        )
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+def local_path(location: str) -> Path | None:
+    """The local path a location names (a plain path or a file: URL), or None for a remote URL."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return Path(location) if parsed.scheme == "" else None
+
+
+def manifest_location(source: str | os.PathLike) -> str:
+    """Where a source's manifest is: `folder/manifest.json` for a local folder, else the source itself
+    (a manifest's path, `file:` or http(s) URL, or a `pipe:` command that prints it)."""
+    text = str(source)
+    path = local_path(text)
+    if path is not None and path.is_dir():
+        return text.rstrip("/") + "/" + MANIFEST
+    return text
+
+
+def shard_url(source: str | os.PathLike, name: str) -> str:
+    """A shard's URL from its manifest's: the manifest's file name replaced by the shard's name, so
+    `http://h/f8k/manifest.json` -> `http://h/f8k/train-000000.tar` and
+    `pipe:aws s3 cp s3://b/f8k/manifest.json -` -> `pipe:aws s3 cp s3://b/f8k/train-000000.tar -`."""
+    location = manifest_location(source)
+    found = list(re.finditer(r"[^/\s'\"]+\.json(?=$|[\s?#'\"])", location))
+    if not found:
+        raise ValueError(f"{source}: cannot tell the manifest's file name (expected a name ending in .json)")
+    last = found[-1]
+    return location[: last.start()] + name + location[last.end():]
+
+
+def read_manifest(source: str | os.PathLike, retry=None) -> dict:
+    """A pack's manifest from a folder, a manifest's path, or a URL (http(s)://, file:, pipe:CMD;
+    remote reads are retried as shards are, see reader.RetryPolicy). Errors name the location."""
+    location = manifest_location(source)
+    path = local_path(location)
+    if path is not None:
+        if not path.is_file():
+            what = "no manifest" if path.name == MANIFEST else "no such manifest"
+            raise FileNotFoundError(
+                f"{path}: {what}. Pack data first (python -m blip2_dist.data.pack ...); "
+                "a folder without a manifest is an unfinished pack."
+            )
+        text = path.read_text(encoding="utf-8")
+    else:
+        from blip2_dist.data.reader import DEFAULT_RETRY, fetch_bytes  # the reader imports this module
+
+        text = fetch_bytes(location, retry or DEFAULT_RETRY).decode("utf-8")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{location}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{location}: format {found!r}, expected {FORMAT!r}")
     return manifest
 
 
-def split_shards(manifest: dict, split: str, shard_dir: str | os.PathLike) -> list[dict]:
-    """The split's shard entries with an absolute `path` added; a clear error if the split is absent."""
+def split_shards(manifest: dict, split: str, source: str | os.PathLike) -> list[dict]:
+    """The split's shard entries with a `path` added (the entry's own `url`, else its name beside the
+    manifest, see shard_url); a clear error if the split is absent."""
     if split not in manifest["splits"]:
-        raise ValueError(
-            f"{Path(shard_dir) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})"
-        )
-    return [dict(s, path=str(Path(shard_dir) / s["name"])) for s in manifest["splits"][split]["shards"]]
+        raise ValueError(f"{manifest_location(source)}: no split {split!r} (has {sorted(manifest['splits'])})")
+    return [dict(s, path=s.get("url") or shard_url(source, s["name"])) for s in manifest["splits"][split]["shards"]]

@@ -110,13 +110,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from blip2_dist.data.reader import LoaderStats, SampleLog, ShardInfo, parse_meta, read_pieces, resolve_shards
+from blip2_dist.data.reader import (
+    DEFAULT_RETRY, LoaderStats, RetryPolicy, SampleLog, ShardInfo, image_part, parse_sample, read_pieces,
+    resolve_shards,
+)
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 
 log = logging.getLogger(__name__)
 
 CAPTION_MODES = ("all", "random")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,12 +142,12 @@ def _valid_samples(raws: Iterable[dict], slog: SampleLog) -> Iterator[Record]:
     """Skip a sample with a missing part, bad JSON, or an image PIL cannot identify (header only)."""
     for raw in raws:
         parts, shard, key = raw["parts"], raw["shard"], raw["key"]
-        ext = next((e for e in IMAGE_EXTS if e in parts), None)
-        if ext is None or "json" not in parts:
-            slog.bad("missing_part", shard, key, f"has {sorted(parts)}, needs an image and json")
+        ext = image_part(parts)
+        if ext is None or not ("json" in parts or "txt" in parts):
+            slog.bad("missing_part", shard, key, f"has {sorted(parts)}, needs an image and json (or txt)")
             continue
         try:
-            image_id, captions = parse_meta(parts["json"])
+            image_id, captions = parse_sample(parts, key)
         except Exception as e:  # noqa: BLE001
             slog.bad("json", shard, key, repr(e))
             continue
@@ -154,7 +156,7 @@ def _valid_samples(raws: Iterable[dict], slog: SampleLog) -> Iterator[Record]:
         except Exception as e:  # noqa: BLE001
             slog.bad("image", shard, key, repr(e))
             continue
-        yield Record(shard, key, str(image_id or key), image, captions)
+        yield Record(shard, key, image_id, image, captions)
 
 
 def _shuffle(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
@@ -259,8 +261,12 @@ class TrainStream:
     normalize=False hands out uint8 pixel_values (N, 3, H, W) for `transform.normalize_device` on
     the GPU (4x less host memory and copy); pin_memory pins what is handed out. Plan attributes,
     equal on every rank: steps_per_epoch, examples_per_epoch and dropped_examples_per_epoch (all
-    ranks), num_images, num_captions; `summary()` returns them as a dict for logging.
+    ranks), num_images, num_captions; `summary()` returns them as a dict for logging. retry: how
+    remote shards are retried (reader.RetryPolicy).
     """
+
+    read = staticmethod(read_pieces)  # (pieces, SampleLog, RetryPolicy) -> raw samples; the loader
+    # benchmark swaps in the previous tarfile reader to compare the two in one run
 
     def __init__(
         self,
@@ -280,6 +286,7 @@ class TrainStream:
         normalize: bool = True,
         prefetch_factor: int = 2,
         multiprocessing_context: Any = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ):
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
@@ -291,8 +298,8 @@ class TrainStream:
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.num_workers, self.seed, self.caption_mode = num_workers, seed, caption_mode
         self.shuffle_buffer, self.pin_memory, self.normalize = shuffle_buffer, _can_pin(pin_memory), normalize
-        self.prefetch_factor, self.mp_context = prefetch_factor, multiprocessing_context
-        self.shards = resolve_shards(source, split)
+        self.prefetch_factor, self.mp_context, self.retry = prefetch_factor, multiprocessing_context, retry
+        self.shards = resolve_shards(source, split, retry)
         self.state = LoaderState()
         self.last_epoch_stats = LoaderStats()
         self._plan()
@@ -409,7 +416,7 @@ class TrainStream:
             # Pass 0 is the slot; later passes (only after bad samples) fill the slot's missing batches.
             plog = slog if n == 0 else SampleLog(slog.where, first=0, every_s=math.inf)
             return _compose(
-                read_pieces(pieces, plog),  # tar expansion of this slot's range only (headers skip)
+                self.read(pieces, plog, self.retry),  # tar expansion of this slot's range only (retried)
                 partial(_valid_samples, slog=plog),  # bad samples skipped: counted, rate-limited warning
                 partial(_shuffle, bufsize=self.shuffle_buffer, rng=_rng(self.seed, epoch, slot, n)),
                 partial(_choose_captions, mode=self.caption_mode, seed_key=f"{self.seed}:{epoch}:{n}"),
@@ -583,6 +590,7 @@ class EvalStream:
         pin_memory: bool = False,
         normalize: bool = True,
         max_images: int | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ):
         """max_images: only the split's first max_images images (manifest order), e.g. a quick eval."""
         if not 0 <= rank < world_size:
@@ -590,7 +598,8 @@ class EvalStream:
         self.normalize = normalize
         self.fmt, self.transform, self.batch_size = fmt, transform, batch_size
         self.rank, self.world_size, self.pin_memory = rank, world_size, _can_pin(pin_memory)
-        self.shards = resolve_shards(source, split)
+        self.retry = retry
+        self.shards = resolve_shards(source, split, retry)
         self.total_images = sum(s.samples for s in self.shards)
         if max_images is not None:
             self.total_images = min(self.total_images, max_images)
@@ -622,7 +631,7 @@ class EvalStream:
         lo, hi = slot_range(self.num_images, parts, part)
         slog = SampleLog(f"eval rank {self.rank} worker {part}")
         pieces = range_pieces(self.shards, list(range(len(self.shards))), self.start + lo, self.start + hi)
-        records = _valid_samples(read_pieces(pieces, slog), slog)
+        records = _valid_samples(read_pieces(pieces, slog, self.retry), slog)
         while True:
             chunk = list(islice(records, self.batch_size))
             if not chunk:
