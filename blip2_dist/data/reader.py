@@ -562,7 +562,8 @@ def read_pieces(
 
 def parse_sample(parts: dict[str, bytes], key: str) -> tuple[str, list[str]]:
     """(image id, captions) of a sample: ours (`json` with `captions`, `image_id`), or another tool's
-    (img2dataset, webdataset's ShardWriter): the caption in `txt` (or json `caption`), id = key."""
+    (img2dataset, webdataset's ShardWriter): the caption in `txt` (or json `caption`), id = key.
+    Captions come back with their whitespace normalised."""
     meta = json.loads(parts["json"]) if "json" in parts else {}
     if not isinstance(meta, dict):
         raise ValueError(f"json part is a {type(meta).__name__}, not an object")
@@ -574,7 +575,9 @@ def parse_sample(parts: dict[str, bytes], key: str) -> tuple[str, list[str]]:
         captions = [text.strip()] if isinstance(text, str) else text
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
         raise ValueError(f"captions must be a non-empty list of non-empty strings, got {captions!r}"[:200])
-    return str(meta.get("image_id") or key), captions
+    # Runs of whitespace become one space: a line break inside a caption (COCO has some, web captions
+    # many) would teach OPT, whose end of caption is "\n", to stop there. Scoring normalises the same way.
+    return str(meta.get("image_id") or key), [" ".join(c.split()) for c in captions]
 
 
 def image_part(parts: dict[str, bytes]) -> str | None:
