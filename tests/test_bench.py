@@ -113,3 +113,22 @@ def test_train_benchmark_command(tmp_path):
     assert ours["model_flops_per_step"] == pytest.approx(baseline["model_flops_per_step"])
     assert baseline["flops_per_step"] > ours["flops_per_step"] == pytest.approx(ours["model_flops_per_step"])
     assert report["ratio"]["samples_per_s"] == pytest.approx(ours["samples_per_s"] / baseline["samples_per_s"])
+
+
+def test_loader_benchmark_compares_the_readers_in_one_run(tmp_path):
+    """`launch/bench.py loader` runs the stream through webdataset's reader and through the previous
+    tarfile reader in one run: the same plan gives both the same images and examples."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "launch/bench.py"), "loader", "--synthesize", "24", "--images",
+           str(tmp_path / "jpgs"), "--repeat", "1", "--micro-batch", "8", "--workers", "1", "--skip-baseline",
+           "--json", str(tmp_path / "r.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    new, old = report["rows"]
+    assert new["name"].startswith("stream (") and old["name"].startswith("stream old reader")
+    assert (new["images"], new["examples"]) == (old["images"], old["examples"]) and new["examples"] > 0
+    assert report["reader_ratio"]["steady_images_per_cpu_s"] > 0
+    readers = report["readers"]
+    assert readers["images"] == 24 and readers["webdataset"]["skip_ms"] > 0
+    assert "webdataset reader / old tarfile reader" in proc.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import time
 from collections import Counter
@@ -218,3 +219,35 @@ def test_a_range_mid_shard(packed):
             assert [(r["index"], r["key"], sorted(r["parts"])) for r in got] == [
                 (7, "img7", ["jpg", "json"]), (8, "img8", ["jpg", "json"])]
         assert srv.count("train-000000.tar") == 1 and not slog.counts
+
+
+@pytest.mark.slow
+def test_deepspeed_trains_from_an_http_manifest(tmp_path):
+    """`deepspeed launch/train.py ... --data http://127.0.0.1:PORT/manifest.json` on 2 CPU ranks, with
+    a 503 on the manifest, a shard whose connection drops mid-way and one answered 503: one full
+    epoch, retries counted in the loader's counters, and the final evaluation read over HTTP too."""
+    from blip2_dist.data.synthetic import write_synthetic
+    from launch_helpers import explain, read_json, run
+
+    shards = tmp_path / "shards"
+    write_synthetic(shards, n_train=64, n_val=8, n_test=0, samples_per_shard=16)
+    half = (shards / "train-000001.tar").stat().st_size // 2
+    faults = {"manifest.json": ["503"], "train-000001.tar": [f"drop:{half}"], "train-000002.tar": ["503"]}
+    steps = 20  # 64 images x 5 captions / (2 ranks x 8): one epoch, so the epoch's counters are logged
+    with serve(shards, faults) as srv:
+        proc = run("launch/train.py", [
+            "--deepspeed", "ds_configs/zero2.json", "--model", "tiny-t5", "--data", srv.url + "/manifest.json",
+            "--output-dir", str(tmp_path / "run"), "--micro-batch", "8", "--num-workers", "1",
+            "--max-steps", str(steps), "--save-steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2",
+            "--log-steps", "5", "--num-beams", "1", "--max-new-tokens", "8", "--min-length", "1",
+            "--eval-batch", "8", "--data-retries", "3"], nproc=2, timeout=600)
+        requests = Counter(name for name, _ in srv.requests)
+    assert proc.returncode == 0, explain(proc)
+    assert read_json(tmp_path / "run" / "final_state.json")["step"] == steps
+    log = proc.stdout + proc.stderr
+    assert "returned error: 503" in log and "transfer closed" in log  # each failure named in a warning
+    retries = sum(int(n) for n in re.findall(r"loader counters: \{[^}]*'retries': (\d+)", log))
+    assert retries == 2  # the drop and the 503, each retried once, counted by the rank that read the shard
+    assert requests["train-000001.tar"] >= 2 and requests["val-000000.tar"] >= 2  # val: eval + its id check
+    results = read_json(next((tmp_path / "run" / "eval").glob("*/results.json")))
+    assert results["images"] == 8  # every val image exactly once, read over HTTP

@@ -4,8 +4,13 @@
     python launch/bench.py loader --images /tmp/flickr_like --max-side 364              # re-encoded shards
     python launch/bench.py loader --images shards/flickr8k --workers 2 --json out.json  # packed shards
 
-Both loaders run in this process with the same worker count, image size and processor:
-  * stream: `TrainStream` over shards (world size 1), one epoch or `--max-batches`.
+The loaders run in this process with the same worker count, image size and processor:
+  * stream: `TrainStream` over shards (world size 1), one epoch or `--max-batches`, reading
+    through webdataset (gopen + its tar iterator).
+  * stream old reader: the same stream with the previous reader (tarfile in random-access mode,
+    kept in this module), to show in one run that webdataset's I/O costs no more per image. The
+    readers alone (no decode) are timed too, and the cost of starting a range deep in a shard
+    (webdataset reads and discards the members before it; the old reader seeked over them).
   * baseline (the seed notebook): a map-style Dataset of (image file, caption) pairs, one item per
     caption, `processor(images=img, text=caption, padding="max_length", return_tensors="pt")` per
     item, a DataLoader with shuffle and the same workers and batch size.
@@ -28,17 +33,21 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import resource
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
+from blip2_dist.data.reader import SampleLog, read_shard, resolve_shards
 from blip2_dist.data.shards import MANIFEST, Sample, ShardWriter, read_manifest, split_shards
 from blip2_dist.data.stream import TrainStream
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
@@ -119,7 +128,6 @@ def pack_items(items: list[tuple[Path, list[str]]], out: Path, max_side: int | N
 
 def extract_items(shard_dir: str | os.PathLike, split: str, out: Path) -> list[tuple[Path, list[str]]]:
     """The shard's images as files (for the baseline, which reads JPEG files)."""
-    import tarfile
 
     items = []
     out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +160,71 @@ def bench_processor(image_size: int = 224, num_query_tokens: int = 32):
         vision_config={"image_size": image_size},
     )
     return processor, config
+
+
+# --------------------------------------------------------------------------------------------
+# The previous reader (tarfile in random-access mode: skips members by header and seek), kept
+# here to compare with webdataset's streaming reader in the same run
+# --------------------------------------------------------------------------------------------
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext rule
+
+
+def legacy_read_tar(path: str, name: str, lo: int, hi: int | None, slog: SampleLog) -> Iterator[dict]:
+    """Samples lo..hi-1 of a local tar; members before lo skipped by header (seek), not read."""
+    index, key, group = -1, None, {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                m = _KEY_EXT.match(member.name) if member.isfile() else None
+                if m is None:
+                    continue
+                if m.group(1) != key:
+                    if key is not None and index >= lo:
+                        yield {"shard": name, "key": key, "index": index, "parts": group}
+                    index, key, group = index + 1, m.group(1), {}
+                    if hi is not None and index >= hi:
+                        return
+                if index >= lo:
+                    group[m.group(2)] = tar.extractfile(member).read()
+            if key is not None and index >= lo:
+                yield {"shard": name, "key": key, "index": index, "parts": group}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        slog.bad("tar", name, key or "-", repr(e), n=max((hi or 0) - max(index, lo), 1))
+
+
+def legacy_read_pieces(pieces, slog: SampleLog, retry=None) -> Iterator[dict]:
+    for shard, lo, hi in pieces:
+        yield from legacy_read_tar(shard.url, shard.name, lo, hi, slog)
+
+
+class LegacyReaderStream(TrainStream):
+    """TrainStream with the previous tarfile reader: the same plan, batches and tensors."""
+
+    read = staticmethod(legacy_read_pieces)
+
+
+def measure_readers(shards_dir: str, repeat: int = 3) -> dict:
+    """The readers alone (no decode): CPU per image over every shard, and the cost of starting a
+    range at the last sample of the largest shard (webdataset reads and discards what it skips)."""
+    shards = resolve_shards(shards_dir, "train")
+    biggest = max(shards, key=lambda s: s.samples)
+    size_mb = os.path.getsize(biggest.url) / 1e6
+    readers = {"webdataset": lambda *a: read_shard(*a), "tarfile (old)": legacy_read_tar}
+    out: dict[str, dict] = {name: {"full": [], "skip": []} for name in readers}
+    for _ in range(repeat):
+        for name, read in readers.items():
+            c0 = _own_cpu()
+            n = sum(1 for s in shards for _ in read(s.url, s.name, 0, s.samples, SampleLog("bench")))
+            out[name]["full"].append((_own_cpu() - c0) / n * 1e6)
+            t0 = time.perf_counter()
+            got = list(read(biggest.url, biggest.name, biggest.samples - 1, biggest.samples, SampleLog("bench")))
+            out[name]["skip"].append((time.perf_counter() - t0) * 1e3)
+            assert len(got) == 1 and n == sum(s.samples for s in shards)
+    result = {"images": sum(s.samples for s in shards), "skip_samples": biggest.samples - 1, "skip_mb": size_mb}
+    for name, runs in out.items():
+        result[name] = {"cpu_us_per_image": float(np.median(runs["full"])), "skip_ms": float(np.median(runs["skip"]))}
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,11 +312,12 @@ def _measure(name: str, workers: int, batches, count) -> Result:
 
 
 def measure_stream(shards: str, processor, config, *, workers: int, micro_batch: int, caption_mode: str,
-                   max_batches: int | None, prompt: str = "", normalize: bool = True) -> Result:
+                   max_batches: int | None, prompt: str = "", normalize: bool = True, legacy: bool = False) -> Result:
     fmt = CaptionFormat.from_processor(processor, config, prompt=prompt)
     transform = ImageTransform.from_processor(processor)
-    stream = TrainStream(shards, "train", fmt, transform, micro_batch=micro_batch, rank=0, world_size=1,
-                         num_workers=workers, caption_mode=caption_mode, normalize=normalize)
+    cls = LegacyReaderStream if legacy else TrainStream
+    stream = cls(shards, "train", fmt, transform, micro_batch=micro_batch, rank=0, world_size=1,
+                 num_workers=workers, caption_mode=caption_mode, normalize=normalize)
     batches = stream.epoch(0)
     if max_batches:
         batches = _take(batches, max_batches)
@@ -255,7 +329,7 @@ def measure_stream(shards: str, processor, config, *, workers: int, micro_batch:
         seen.update(new)
         return len(new), batch["num_examples"]
 
-    name = f"stream ({caption_mode}{'' if normalize else ', uint8'})"
+    name = f"stream{' old reader' if legacy else ''} ({caption_mode}{'' if normalize else ', uint8'})"
     return _measure(name, workers, batches, count)
 
 
@@ -339,11 +413,12 @@ def run(images: str, *, workers: int = 2, micro_batch: int = 16, image_size: int
         sizes = [p.stat().st_size for p, _ in items]
         echo(f"baseline reads {len(items)} JPEG files from {items[0][0].parent} "
              f"({np.mean(sizes) / 1000:.0f} KB mean), {min(baseline_items, len(items) * 5)} items per run")
-    runs: dict[str, list[Result]] = {"stream": [], "baseline": []}
-    for _ in range(repeat):  # alternate, so a burst of load on the shared machine hits both
-        runs["stream"].append(measure_stream(shards, processor, config, workers=workers, micro_batch=micro_batch,
-                                             caption_mode=caption_mode, max_batches=max_batches, prompt=prompt,
-                                             normalize=normalize))
+    runs: dict[str, list[Result]] = {"stream": [], "legacy": [], "baseline": []}
+    for _ in range(repeat):  # alternate, so a burst of load on the shared machine hits all
+        for legacy in (False, True):
+            runs["legacy" if legacy else "stream"].append(measure_stream(
+                shards, processor, config, workers=workers, micro_batch=micro_batch, caption_mode=caption_mode,
+                max_batches=max_batches, prompt=prompt, normalize=normalize, legacy=legacy))
         if not skip_baseline:
             runs["baseline"].append(measure_baseline(items, processor, workers=workers, batch_size=micro_batch,
                                                      max_items=baseline_items))
@@ -352,10 +427,21 @@ def run(images: str, *, workers: int = 2, micro_batch: int = 16, image_size: int
     report = {"rows": rows, "config": dict(images=images, shards=shards, workers=workers, micro_batch=micro_batch,
                                            image_size=image_size, caption_mode=caption_mode, max_side=max_side,
                                            normalize=normalize, repeat=repeat, cpu_count=os.cpu_count())}
-    if len(rows) == 2:
-        keys = ("steady_images_per_cpu_s", "steady_examples_per_cpu_s", "images_per_cpu_s", "examples_per_cpu_s",
-                "images_per_s", "examples_per_s")
-        r = report["ratio"] = {k: rows[0][k] / rows[1][k] for k in keys}
+    keys = ("steady_images_per_cpu_s", "steady_examples_per_cpu_s", "images_per_cpu_s", "examples_per_cpu_s",
+            "images_per_s", "examples_per_s")
+    r = report["reader_ratio"] = {k: rows[0][k] / rows[1][k] for k in keys}
+    echo(f"webdataset reader / old tarfile reader, whole stream per CPU-second, steady state: images "
+         f"x{r['steady_images_per_cpu_s']:.2f} (>= 1: no more cost per image; runs "
+         f"{rows[0]['steady_images_per_cpu_s_all_runs']} vs {rows[1]['steady_images_per_cpu_s_all_runs']}); with "
+         f"start-up x{r['images_per_cpu_s']:.2f}; wall x{r['images_per_s']:.2f}")
+    readers = report["readers"] = measure_readers(shards, repeat)
+    wds_r, old_r = readers["webdataset"], readers["tarfile (old)"]
+    echo(f"readers alone (no decode), median of {repeat}: webdataset {wds_r['cpu_us_per_image']:.0f} us CPU per image, "
+         f"old tarfile {old_r['cpu_us_per_image']:.0f}; starting a range {readers['skip_samples']} samples "
+         f"({readers['skip_mb']:.1f} MB) into a shard: webdataset {wds_r['skip_ms']:.1f} ms (reads and discards), "
+         f"old tarfile {old_r['skip_ms']:.1f} ms (seeks)")
+    if len(rows) == 3:
+        r = report["ratio"] = {k: rows[0][k] / rows[2][k] for k in keys}
         echo(f"stream / baseline per CPU-second, steady state: images x{r['steady_images_per_cpu_s']:.2f}, "
              f"examples x{r['steady_examples_per_cpu_s']:.2f}; with worker start-up: images "
              f"x{r['images_per_cpu_s']:.2f}, examples x{r['examples_per_cpu_s']:.2f}; wall: images "

@@ -341,8 +341,13 @@ class Source:
         self._stderr = None
         if urlparse(url).scheme in ("http", "https"):
             self._stderr = tempfile.TemporaryFile()
-            self.stream = Pipe(_curl_command(rewrite_url(url), retry), mode="rb", bufsize=1 << 16,
-                               ignore_status=[141, 23], stderr=self._stderr)
+            try:
+                self.stream = Pipe(_curl_command(rewrite_url(url), retry), mode="rb", bufsize=1 << 16,
+                                   ignore_status=[141, 23], stderr=self._stderr)
+            except FileNotFoundError:
+                self._stderr.close()
+                raise ReadFailure("curl not found: http(s) shards are read with curl, as webdataset "
+                                  "reads them; install curl", permanent=True) from None
         else:
             self.stream = gopen(url, "rb")
         self.proc = getattr(self.stream, "proc", None)
@@ -440,7 +445,7 @@ def fetch_bytes(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> bytes:
         except (OSError, ValueError) as e:
             if not is_remote(url):
                 raise
-            failure = source.failure(e) if source is not None else ReadFailure(repr(e))
+            failure = _as_failure(source, e)
             failures += 1
             if failure.permanent or failures > retry.retries:
                 raise ShardReadError(f"{url}: cannot read ({failure}){_tries(failures)}") from None
@@ -450,6 +455,12 @@ def fetch_bytes(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> bytes:
         finally:
             if source is not None:
                 source.abort()
+
+
+def _as_failure(source: Source | None, error: BaseException) -> ReadFailure:
+    if isinstance(error, ReadFailure) or source is None:
+        return error if isinstance(error, ReadFailure) else ReadFailure(f"{type(error).__name__}: {error}")
+    return source.failure(error)
 
 
 def _tries(failures: int) -> str:
@@ -529,7 +540,7 @@ def read_shard(
                 return
             raise ReadFailure(f"shard ends after {pos.index + 1} samples, expected >= {hi}")
         except (OSError, tarfile.TarError, EOFError, ValueError) as e:
-            failure = source.failure(e) if source is not None else ReadFailure(f"{type(e).__name__}: {e}")
+            failure = _as_failure(source, e)
             if not is_remote(url):
                 lost = (hi - next_index) if hi is not None else 1
                 slog.bad("tar", name, pos.key or "-", f"unreadable after sample {pos.index}: {failure}", n=max(lost, 1))
@@ -613,7 +624,7 @@ def count_shard(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> ShardCount:
             return ShardCount(url, per_sample, bad, source.digest.hexdigest(), source.bytes)
         except (OSError, tarfile.TarError, EOFError, ValueError) as e:
             failures += 1
-            failure = source.failure(e) if source is not None else ReadFailure(f"{type(e).__name__}: {e}")
+            failure = _as_failure(source, e)
             if not is_remote(url) or failure.permanent or failures > retry.retries:
                 raise ShardReadError(f"{url}: cannot read ({failure}){_tries(failures)}") from None
             wait = retry.wait(failures)

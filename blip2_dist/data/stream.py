@@ -11,10 +11,12 @@
                             rank=rank, world_size=world):
         ...
 
-Source: a packed folder (its manifest.json gives every count), or a brace pattern / list of tars
-(`dir/train-{000000..000005}.tar`). For a pattern, counts come from a manifest.json next to the
-tars when it lists them; otherwise every rank scans the tars once (headers + JSON parts, no image
-decode) and logs how long that took. Pack with `python -m blip2_dist.data.pack` to skip the scan.
+Source: any `--data` form (reader.resolve_shards): a packed folder, a manifest's path or URL
+(http(s)://, file:, pipe:CMD), or shard URLs with brace patterns, several joined by '::'. Counts
+come from the manifest; for a pattern from a manifest.json beside local tars that lists them, or
+img2dataset's NAME_stats.json; otherwise local tars are scanned once per rank (logged) and remote
+ones need `python -m blip2_dist.data.pack index` first. Shards are read through webdataset's I/O,
+remote ones with retries that resume at the right sample (reader.py).
 
 How an epoch is split (sample-level contiguous slots, no communication between ranks):
   * The epoch's image sequence: shards in an order shuffled with seed (seed, epoch), the same on
@@ -23,8 +25,9 @@ How an epoch is split (sample-level contiguous slots, no communication between r
     nodes get contiguous runs of ranks, ranks contiguous runs of slots. Slot s is the contiguous
     range [s*N//S, (s+1)*N//S) of the sequence: sizes differ by at most one image, any shard count
     works (fewer shards than slots included: slots then share a shard, each reading its own part).
-    A slot opens only the shards overlapping its range and skips the samples before its start by
-    tar headers alone, so nothing is decoded or read by two slots.
+    A slot opens only the shards overlapping its range and reads past the samples before its start
+    (a stream cannot seek: their bytes are read and dropped, never decoded), so no image is decoded
+    or handed out by two slots.
   * Every slot yields the same number B of micro-batches: B = floor(E / micro_batch), where E is a
     lower bound on any slot's examples in any epoch, computed from the manifest (all mode: the sum
     of the N//S smallest per-image caption counts; random mode: N//S). So
@@ -58,7 +61,7 @@ summed in `TrainStream.last_epoch_stats` / `EvalStream.last_stats` (this rank) a
 
 Resume: `epoch(e, start_batch=k)` yields exactly the batches k.. of the uninterrupted epoch e
 (tensors equal; augmentation is seeded per image, so it replays too). Each worker skips its share of the first k batches before anything is decoded or
-tokenised (only tar headers and JSON are read), and the workers' roles are rotated by k % W so the
+tokenised (their samples are read, not decoded), and the workers' roles are rotated by k % W so the
 DataLoader's round-robin continues where it stopped. `state_dict()` holds (epoch, batches handed
 out); the same seed, world size, workers, micro-batch and caption mode are needed for an exact
 resume (a changed configuration is warned about and resumes at the same fraction of the epoch).
@@ -76,10 +79,11 @@ transforms.py for the layout), image_ids (per image), captions (per example), nu
 pixel_values, image_ids, references (all captions per image), input_ids / attention_mask (the
 generation prompt per image).
 
-Why not webdataset's own stages: its split_by_node / split_by_worker hand out whole shards (a rank
-with no shard hangs the others: webdataset issue 188) and its tar expander reads a tar sequentially (no
-skipping to a sample by headers). Kept from it: the grouping rule (key = path up to the first dot
-of the basename, webdataset's `base_plus_ext`) and the shuffle buffer. Workers are started per
+Why not webdataset's own stages: its split_by_node / split_by_worker hand out whole shards, so with
+fewer shards than ranks x workers a rank gets none and the others wait for it forever (webdataset
+issue 188), and step counts differ between ranks. Taken from it: URL opening (gopen), the tar
+iterator, the grouping rule (key = path up to the first dot of the basename, `base_plus_ext`) and
+the shuffle buffer's idea. Workers are started per
 epoch (the epoch and the resume position are fixed when they start; ~0.1-0.3 s) and send numpy
 arrays through the DataLoader's pipe: for ~1 MB batches that measured several times cheaper than
 torch's shared-memory tensors (a new segment and fd per tensor).
