@@ -18,7 +18,7 @@ from blip2_dist.config import DEFAULT_MODEL, EvalArgs, add_section_args
 from blip2_dist.evaluate import evaluate_model
 from blip2_dist.logging import build_writer
 from blip2_dist.adapters import load_for_inference
-from blip2_dist.data.reader import RetryPolicy
+from blip2_dist.data.urls import RetryPolicy
 
 
 def parse(argv):

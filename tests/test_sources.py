@@ -19,7 +19,8 @@ import webdataset as wds
 from PIL import Image
 
 from blip2_dist.data.pack import main as pack_main
-from blip2_dist.data.reader import RetryPolicy, SampleLog, ShardReadError, check_data, read_shard, resolve_shards
+from blip2_dist.data.reader import SampleLog, check_data, read_shard, resolve_shards
+from blip2_dist.data.urls import RetryPolicy, ShardReadError
 from blip2_dist.data.shards import read_manifest
 from blip2_dist.data.stream import EvalStream, TrainStream
 from blip2_dist.errors import UserError

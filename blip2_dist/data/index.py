@@ -22,7 +22,8 @@ from typing import Callable
 from webdataset.shardlists import expand_urls
 
 from blip2_dist.data.pack import PackError, default_workers, ordered_map
-from blip2_dist.data.reader import DEFAULT_RETRY, RetryPolicy, count_shard, is_remote, split_sources
+from blip2_dist.data.reader import count_shard, split_sources
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, is_remote
 from blip2_dist.data.shards import FORMAT, MANIFEST, SPLITS, local_path, read_manifest, run_length, write_json_atomic
 
 

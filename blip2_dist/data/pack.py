@@ -297,7 +297,7 @@ def pack_img2dataset(
 ) -> dict:
     """Convert img2dataset-style shards, captions grouped per image (see img2dataset.py)."""
     from blip2_dist.data.img2dataset import img2dataset_records
-    from blip2_dist.data.reader import RetryPolicy
+    from blip2_dist.data.urls import RetryPolicy
 
     remove_pack(out_dir)
     ratio = parse_split_ratio(split_ratio) if split_ratio else None
@@ -586,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "index":
             from blip2_dist.data.index import index_shards
-            from blip2_dist.data.reader import RetryPolicy
+            from blip2_dist.data.urls import RetryPolicy
 
             index_shards(args.shards, args.out, split=args.split, workers=args.workers,
                          retry=RetryPolicy(retries=args.retries))

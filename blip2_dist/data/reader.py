@@ -8,11 +8,10 @@ rate-limited warnings.
     for raw in read_shard(shards[0].url, shards[0].name, 10, 20, SampleLog("demo")):
         raw["key"], raw["parts"]["json"]                          # samples 10..19, in file order
 
-URLs are opened by `webdataset.gopen` (local paths, `file:`, `pipe:CMD`) and tars are iterated by
-webdataset's `tar_file_iterator` (a streaming read; samples before the range are read and
-discarded, which a stream that cannot seek has to do). http(s) URLs run the same `curl` that
-gopen runs, through gopen's `Pipe`, but without gopen's built-in `--retry 30`: those retries are
-invisible to the caller, so nothing could count them, and a retry here knows where to resume.
+URLs are opened through webdataset's gopen (urls.py: local paths, `file:`, `pipe:CMD`, and http(s)
+with the curl gopen runs, minus its invisible built-in retries) and tars are iterated by
+webdataset's `tar_file_iterator` (a streaming read: samples before the range are read and
+dropped, which a stream that cannot seek has to do).
 
 Remote reads (anything but a local path or `file:`) that fail (a dropped connection, a 5xx, a
 non-zero exit of a `pipe:` command, a stall, a shard shorter than its count) are retried with
@@ -29,61 +28,30 @@ pipeline and this one the I/O.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import random
 import re
-import subprocess
 import tarfile
-import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
-from urllib.parse import urlparse
 
-from webdataset.gopen import Pipe, gopen, rewrite_url
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from blip2_dist.data.shards import MANIFEST, expand_runs, local_path, read_manifest, split_shards
+from blip2_dist.data.urls import (
+    DEFAULT_RETRY, ReadFailure, RetryPolicy, ShardReadError, Source, as_failure, fetch_bytes, is_remote, tries,
+)
 from blip2_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SOURCE_SEPARATOR = "::"  # several sources in one --data value, as webdataset and open_clip write it
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-class ShardReadError(UserError):
-    """A remote shard (or manifest) that could not be read after the allowed retries."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How remote reads are retried. Waits are backoff_s, 2*backoff_s, ... (capped), +-25 % jitter."""
-
-    retries: int = 5  # failures in a row (without a new sample) before ShardReadError
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    stall_s: float = 120.0  # a read that returns nothing for this long kills the command (a failure)
-    connect_timeout_s: float = 30.0
-
-    def wait(self, failure: int) -> float:
-        base = min(self.backoff_s * 2 ** (failure - 1), self.max_backoff_s)
-        return base * random.uniform(0.75, 1.25)
-
-
-DEFAULT_RETRY = RetryPolicy()
-
-
-def is_remote(url: str) -> bool:
-    """Anything but a local path or a file: URL (http(s)://, pipe:, gs://, ...)."""
-    return local_path(url) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,179 +263,6 @@ class LoaderStats:
 
 
 # --------------------------------------------------------------------------------------------
-# Opening a URL
-# --------------------------------------------------------------------------------------------
-
-
-class _Watchdog(threading.Thread):
-    """Kills the reading command when one read has waited longer than stall_s (a hung connection or
-    a stuck `pipe:` command would otherwise block its worker, and so every rank, forever)."""
-
-    def __init__(self, proc: subprocess.Popen, stall_s: float):
-        super().__init__(daemon=True, name="shard-read-watchdog")
-        self.proc, self.stall_s = proc, stall_s
-        self.reading_since: float | None = None
-        self.stalled = False
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(min(1.0, self.stall_s / 4)):
-            since = self.reading_since
-            if since is not None and time.monotonic() - since > self.stall_s:
-                self.stalled = True
-                self.proc.kill()
-                return
-
-
-class ReadFailure(OSError):
-    """One failed attempt; `permanent` ones (HTTP 4xx) are not retried."""
-
-    def __init__(self, message: str, permanent: bool = False):
-        super().__init__(message)
-        self.permanent = permanent
-
-
-class Source:
-    """A URL opened for reading (what tarfile reads from). `failure(error)` turns whatever went wrong
-    into one line (curl's message with the HTTP status, a command's exit status, a stall), and
-    `finish()` checks that a command succeeded. Optional sha256 of every byte read."""
-
-    IGNORED_STATUS = (0, 141, 23)  # success; SIGPIPE / curl's write error after we stopped reading
-
-    def __init__(self, url: str, retry: RetryPolicy = DEFAULT_RETRY, digest: bool = False):
-        self.url = url
-        self.digest = hashlib.sha256() if digest else None
-        self.bytes = 0
-        self._stderr = None
-        if urlparse(url).scheme in ("http", "https"):
-            self._stderr = tempfile.TemporaryFile()
-            try:
-                self.stream = Pipe(_curl_command(rewrite_url(url), retry), mode="rb", bufsize=1 << 16,
-                                   ignore_status=[141, 23], stderr=self._stderr)
-            except FileNotFoundError:
-                self._stderr.close()
-                raise ReadFailure("curl not found: http(s) shards are read with curl, as webdataset "
-                                  "reads them; install curl", permanent=True) from None
-        else:
-            self.stream = gopen(url, "rb")
-        self.proc = getattr(self.stream, "proc", None)
-        self.watchdog = _Watchdog(self.proc, retry.stall_s) if self.proc is not None else None
-        if self.watchdog is not None:
-            self.watchdog.start()
-
-    def __str__(self) -> str:
-        return self.url
-
-    def read(self, n: int = -1) -> bytes:
-        if self.watchdog is not None:
-            self.watchdog.reading_since = time.monotonic()
-        try:
-            data = self.stream.read(n)
-        finally:
-            if self.watchdog is not None:
-                self.watchdog.reading_since = None
-        self.bytes += len(data)
-        if self.digest is not None:
-            self.digest.update(data)
-        return data
-
-    def finish(self, drain_limit: int = 1 << 20) -> None:
-        """After a natural end: read the rest (tar padding) so that a command can exit by itself,
-        then raise if it did not succeed. A local file just closes."""
-        drained = 0
-        while drained < drain_limit:
-            chunk = self.read(1 << 16)
-            if not chunk:
-                break
-            drained += len(chunk)
-        if self.proc is None or drained >= drain_limit:  # more than padding after the archive: ignored
-            self.abort()
-            return
-        self.stream.timeout = self.watchdog.stall_s  # Pipe.close waits this long for the command
-        self.stream.close()
-
-    def failure(self, error: BaseException) -> ReadFailure:
-        """What went wrong, in one line; permanent for an HTTP 4xx (but 408/425/429)."""
-        if isinstance(error, ReadFailure):
-            return error
-        if self.watchdog is not None and self.watchdog.stalled:
-            return ReadFailure(f"no data for {self.watchdog.stall_s:.0f} s (stalled; the command was killed)")
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=1)  # a tar error often means the command failed: say why
-            except subprocess.TimeoutExpired:
-                pass
-            status, text = self.proc.returncode, self._stderr_tail()
-            code = re.search(r"returned error: (\d{3})", text)
-            permanent = code is not None and 400 <= int(code.group(1)) < 500 and code.group(1) not in ("408", "425", "429")
-            if text or status not in (None, *self.IGNORED_STATUS):
-                return ReadFailure(text or f"exit status {status}", permanent)
-        return ReadFailure(f"{type(error).__name__}: {error}")
-
-    def abort(self) -> None:
-        """Stop reading (the range is done, or after an error): kill the command, ignore its status."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.stream.close()
-        except Exception:  # noqa: BLE001 - a killed command's status means nothing here
-            pass
-        if self.watchdog is not None:
-            self.watchdog.done.set()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
-
-    def _stderr_tail(self) -> str:
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0)
-        return " ".join(self._stderr.read()[-500:].decode("utf-8", "replace").split())
-
-
-def _curl_command(url: str, retry: RetryPolicy) -> list[str]:
-    """gopen's curl call for http(s), minus `--retry` (we retry, count and resume ourselves) and
-    with --show-error (the message, e.g. the HTTP status, goes into our error) and --globoff."""
-    return ["curl", "--fail", "--silent", "--show-error", "--location", "--globoff",
-            "--connect-timeout", str(retry.connect_timeout_s), url]
-
-
-def fetch_bytes(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> bytes:
-    """The whole content of a (small) URL, e.g. a manifest, with retries."""
-    failures = 0
-    while True:
-        source = None
-        try:
-            source = Source(url, retry)
-            data = source.read()
-            source.finish()
-            return data
-        except (OSError, ValueError) as e:
-            if not is_remote(url):
-                raise
-            failure = _as_failure(source, e)
-            failures += 1
-            if failure.permanent or failures > retry.retries:
-                raise ShardReadError(f"{url}: cannot read ({failure}){_tries(failures)}") from None
-            wait = retry.wait(failures)
-            log.warning("reading %s failed (%s); retry %d in %.1f s", url, failure, failures, wait)
-            time.sleep(wait)
-        finally:
-            if source is not None:
-                source.abort()
-
-
-def _as_failure(source: Source | None, error: BaseException) -> ReadFailure:
-    if isinstance(error, ReadFailure) or source is None:
-        return error if isinstance(error, ReadFailure) else ReadFailure(f"{type(error).__name__}: {error}")
-    return source.failure(error)
-
-
-def _tries(failures: int) -> str:
-    return f"; failed {failures} times in a row" if failures > 1 else ""
-
-
-# --------------------------------------------------------------------------------------------
 # Tar expansion: webdataset's tar iterator, our sample positions
 # --------------------------------------------------------------------------------------------
 
@@ -540,7 +335,7 @@ def read_shard(
                 return
             raise ReadFailure(f"shard ends after {pos.index + 1} samples, expected >= {hi}")
         except (OSError, tarfile.TarError, EOFError, ValueError) as e:
-            failure = _as_failure(source, e)
+            failure = as_failure(source, e)
             if not is_remote(url):
                 lost = (hi - next_index) if hi is not None else 1
                 slog.bad("tar", name, pos.key or "-", f"unreadable after sample {pos.index}: {failure}", n=max(lost, 1))
@@ -549,7 +344,7 @@ def read_shard(
             if failure.permanent or failures > retry.retries:
                 where = f"at sample {next_index}" + (f" of {hi}" if hi is not None else "")
                 hint = "" if failure.permanent else "; raise --data-retries if the store is flaky"
-                raise ShardReadError(f"{url}: cannot read {where} ({failure}){_tries(failures)}{hint}") from None
+                raise ShardReadError(f"{url}: cannot read {where} ({failure}){tries(failures)}{hint}") from None
             wait = retry.wait(failures)
             slog.retry(url, failures, wait, str(failure))
             slog.add("retry_reread_samples", next_index - lo)
@@ -624,9 +419,9 @@ def count_shard(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> ShardCount:
             return ShardCount(url, per_sample, bad, source.digest.hexdigest(), source.bytes)
         except (OSError, tarfile.TarError, EOFError, ValueError) as e:
             failures += 1
-            failure = _as_failure(source, e)
+            failure = as_failure(source, e)
             if not is_remote(url) or failure.permanent or failures > retry.retries:
-                raise ShardReadError(f"{url}: cannot read ({failure}){_tries(failures)}") from None
+                raise ShardReadError(f"{url}: cannot read ({failure}){tries(failures)}") from None
             wait = retry.wait(failures)
             log.warning("counting %s failed (%s); retry %d in %.1f s", url, failure, failures, wait)
             time.sleep(wait)

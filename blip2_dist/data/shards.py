@@ -242,7 +242,7 @@ def read_manifest(source: str | os.PathLike, retry=None) -> dict:
             )
         text = path.read_text(encoding="utf-8")
     else:
-        from blip2_dist.data.reader import DEFAULT_RETRY, fetch_bytes  # the reader imports this module
+        from blip2_dist.data.urls import DEFAULT_RETRY, fetch_bytes  # urls.py imports this module
 
         text = fetch_bytes(location, retry or DEFAULT_RETRY).decode("utf-8")
     try:

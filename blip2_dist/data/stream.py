@@ -115,9 +115,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from blip2_dist.data.reader import (
-    DEFAULT_RETRY, LoaderStats, RetryPolicy, SampleLog, ShardInfo, image_part, parse_sample, read_pieces,
-    resolve_shards,
+    LoaderStats, SampleLog, ShardInfo, image_part, parse_sample, read_pieces, resolve_shards,
 )
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 
 log = logging.getLogger(__name__)
