@@ -131,7 +131,8 @@ def test_gives_up_with_the_url_named(packed, fmt_tf):
                                                  r"failed 3 times in a row; raise --data-retries"):
             list(TrainStream(url, "train", *fmt_tf, micro_batch=5, rank=0, world_size=1, num_workers=0,
                              retry=retry).epoch(0))
-    with pytest.raises(ShardReadError, match=r"pipe:exit 3 # manifest.json: cannot read \(exit status 3\); failed 3 times"):
+    failed = r"pipe:exit 3 # manifest.json: cannot read \(exit status 3\); failed 3 times"
+    with pytest.raises(ShardReadError, match=failed):
         resolve_shards("pipe:exit 3 # manifest.json", "train", retry)
     with pytest.raises(ValueError, match=r"manifest.json: no split 'test' \(has \['train'\]\)"):
         check_data(f"{packed}::{packed}/manifest.json", ["train", "test"])
@@ -180,7 +181,8 @@ def _img2dataset_shards(folder, groups, per_shard, stats=True):
                         "caption": cap, "image_id": img, "width": 24, "height": 18}
                 tar.write({"__key__": key, "jpg": _jpeg(int(img[3:])), "txt": cap, "json": meta})
         if stats:
-            (folder / f"{name}_stats.json").write_text(json.dumps({"count": per_shard, "successes": len(rows[s: s + per_shard])}))
+            stats = {"count": per_shard, "successes": len(rows[s: s + per_shard])}
+            (folder / f"{name}_stats.json").write_text(json.dumps(stats))
     return rows
 
 

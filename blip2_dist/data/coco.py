@@ -31,7 +31,9 @@ from blip2_dist.data.flickr8k import (
     _read_text, _records_from, find_images_dir, stem,
 )
 
-KARPATHY_FILES = {"dataset_coco.json": "coco", "dataset_flickr30k.json": "flickr30k", "dataset_flickr8k.json": "flickr8k"}
+KARPATHY_FILES = {
+    "dataset_coco.json": "coco", "dataset_flickr30k.json": "flickr30k", "dataset_flickr8k.json": "flickr8k",
+}
 FLICKR_IMAGE_DIRS = {
     "flickr30k": ("flickr30k-images", "flickr30k_images", "Images", "images"),
     "flickr8k": IMAGE_DIRS["karpathy"],
@@ -113,7 +115,8 @@ def _annotation_files(root: Path) -> dict[int, dict[str, Path]]:
 
 def _pick_year(root: Path, found: dict[int, dict[str, Path]], year: int | None) -> int:
     if not found:
-        raise PackError(f"{root}: no annotations/captions_{{train,val}}{{2014,2017}}.json found (up to two folders down)")
+        raise PackError(f"{root}: no annotations/captions_{{train,val}}{{2014,2017}}.json found "
+                        "(up to two folders down)")
     if year is None:
         if len(found) > 1:
             raise PackError(f"{root}: captions for {' and '.join(map(str, sorted(found)))}; choose one with --year")
@@ -147,7 +150,8 @@ def _official_split(
         except (KeyError, TypeError) as e:
             raise PackError(f"{where}: expected id and file_name ({e!r} missing)") from e
         if image_key in names:
-            problems.append(Problem(stem(name), where, f"image id {image_key} listed twice (first at {names[image_key][1]})"))
+            first = names[image_key][1]
+            problems.append(Problem(stem(name), where, f"image id {image_key} listed twice (first at {first})"))
             continue
         names[image_key] = (name, where)
     caps = _Captions()
@@ -157,7 +161,8 @@ def _official_split(
         if image_key not in names:
             problems.append(Problem("", where, f"caption for image id {image_key!r}, which is not in 'images'", "line"))
         elif not isinstance(caption, str):
-            problems.append(Problem(stem(names[image_key][0]), where, f"caption is {caption!r}, not a string", "caption"))
+            problems.append(Problem(stem(names[image_key][0]), where, f"caption is {caption!r}, not a string",
+                                    "caption"))
         else:
             caps.add(names[image_key][0], caption, where)
     layout = Layout("coco", str(path), {"captions": path}, images_dir=folder)
@@ -186,7 +191,8 @@ def coco_records(
         bases = [Path(images_dir).expanduser()] if images_dir else [root, root / "images", path.parent.parent]
         folder = find_images_dir(list(dict.fromkeys(bases)), (wanted,))
         if folder is None:
-            raise PackError(f"{source}: no image folder {wanted}/ with images (looked in {', '.join(map(str, bases))}); "
+            looked = ", ".join(map(str, bases))
+            raise PackError(f"{source}: no image folder {wanted}/ with images (looked in {looked}); "
                             "point to the folder holding it with --images DIR")
         records += _official_split(path, split, folder, problems)
     info = {"layout": "coco", "path": str(source), "year": year, "split_rule": COCO_SPLIT_RULE, "notes": notes}

@@ -79,7 +79,8 @@ def index_shards(
         "shards": entries,
     }
     manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("file") not in set(urls)] + [
-        {"image_id": key, "file": c.url, "reason": f"sample the loader skips: {why}"} for c in counts for key, why in c.bad
+        {"image_id": key, "file": c.url, "reason": f"sample the loader skips: {why}"}
+        for c in counts for key, why in c.bad
     ]
     manifest["source"].setdefault("indexed", {})[split] = spec
     path.parent.mkdir(parents=True, exist_ok=True)

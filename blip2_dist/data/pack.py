@@ -547,25 +547,33 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--split-ratio", default=None, metavar="A,B,C", help="re-split by a hash of the image id, e.g. 0.8,0.1,0.1 (default: the dataset's own splits)")
     h.add_argument("--cache-dir", default=None, metavar="DIR", help="datasets cache for the imagefolder loader (default: HF_DATASETS_CACHE)")
     _add_common(h)
-    k = sub.add_parser("karpathy", help="pack Karpathy's dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json")
+    k = sub.add_parser("karpathy", help="pack Karpathy's dataset_coco.json / dataset_flickr30k.json / "
+                       "dataset_flickr8k.json")
     k.add_argument("source", help="the json, or the folder holding it and the images")
-    k.add_argument("--images", default=None, metavar="DIR", help="the image folder (COCO: the folder holding train2014/ and val2014/)")
+    k.add_argument("--images", default=None, metavar="DIR",
+                   help="the image folder (COCO: the folder holding train2014/ and val2014/)")
     _add_common(k)
     c = sub.add_parser("coco", help="pack the official COCO captions (annotations/captions_{train,val}YEAR.json)")
     c.add_argument("source", help="the folder holding annotations/ and train2014/ val2014/ (or train2017/ val2017/)")
-    c.add_argument("--year", type=int, choices=[2014, 2017], default=None, help="which release (default: the one present)")
+    c.add_argument("--year", type=int, choices=[2014, 2017], default=None,
+                   help="which release (default: the one present)")
     c.add_argument("--images", default=None, metavar="DIR", help="the folder holding train{YEAR}/ and val{YEAR}/")
     _add_common(c)
-    i = sub.add_parser("img2dataset", help="convert img2dataset-style shards (jpg/txt/json), captions grouped per image")
-    i.add_argument("shards", help="shard URLs with {a..b} patterns (paths, http(s)://, pipe:CMD), several joined by '::'")
-    i.add_argument("--group-by", default=None, metavar="FIELD", help="json field naming the image (default: image_id if present, else url)")
+    urls_help = "shard URLs with {a..b} patterns (paths, http(s)://, pipe:CMD), several joined by '::'"
+    i = sub.add_parser("img2dataset", help="convert img2dataset-style shards (jpg/txt/json), captions grouped "
+                       "per image")
+    i.add_argument("shards", help=urls_help)
+    i.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="json field naming the image (default: image_id if present, else url)")
     i.add_argument("--split", default="train", choices=SPLITS, help="the split of every image (default train)")
-    i.add_argument("--split-ratio", default=None, metavar="A,B,C", help="or split by a hash of the image id, e.g. 0.98,0.01,0.01")
+    i.add_argument("--split-ratio", default=None, metavar="A,B,C",
+                   help="or split by a hash of the image id, e.g. 0.98,0.01,0.01")
     i.add_argument("--retries", type=int, default=5, help="failed remote reads in a row retried with backoff")
     _add_common(i)
     x = sub.add_parser("index", help="count shards that have no manifest (one read of each) into a manifest.json")
-    x.add_argument("shards", help="shard URLs with {a..b} patterns (paths, http(s)://, pipe:CMD), several joined by '::'")
-    x.add_argument("--out", required=True, help="the manifest to write (a .json path, or a folder for DIR/manifest.json); other splits in it are kept")
+    x.add_argument("shards", help=urls_help)
+    x.add_argument("--out", required=True, help="the manifest to write (a .json path, or a folder for "
+                   "DIR/manifest.json); other splits in it are kept")
     x.add_argument("--split", default="train", choices=SPLITS, help="the split these shards are (default train)")
     x.add_argument("--workers", type=int, default=None, help="shards read at once (default: CPU count, at most 4)")
     x.add_argument("--retries", type=int, default=5, help="failed remote reads in a row retried with backoff")

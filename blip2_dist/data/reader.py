@@ -109,7 +109,7 @@ def resolve_shards(
 def manifest_shards(spec: str, split: str, retry: RetryPolicy = DEFAULT_RETRY) -> list[ShardInfo]:
     manifest = read_manifest(spec, retry)
     return [
-        ShardInfo(s.get("url") or s["path"], s["name"], tuple(expand_runs(s["caption_counts"])))
+        ShardInfo(s["path"], s["name"], tuple(expand_runs(s["caption_counts"])))
         for s in split_shards(manifest, split, spec)
     ]
 
@@ -149,9 +149,9 @@ def _pattern_shards(urls: list[str], spec: str, retry: RetryPolicy) -> list[Shar
     remote = [u for u in missing if is_remote(u)]
     if remote:
         raise UserError(
-            f"{spec}: no per-shard sample counts for {len(remote)} remote shard(s), e.g. {remote[0]}. Count them "
-            f"once (reads every shard): python -m blip2_dist.data.pack index '{spec}' --out DIR, then pass "
-            f"--data DIR/{MANIFEST}"
+            f"{spec}: no per-shard sample counts for {len(remote)} remote shard(s), e.g. {remote[0]}. Give the "
+            f"URL of their {MANIFEST} if they have one, or count them once (reads every shard): python -m "
+            f"blip2_dist.data.pack index '{spec}' --out DIR, then pass --data DIR/{MANIFEST}"
         )
     if missing:
         t0 = time.time()
@@ -234,7 +234,8 @@ class SampleLog:
     def retry(self, url: str, failure: int, wait_s: float, detail: str) -> None:
         self.counts["retries"] += 1
         if self._due():
-            log.warning("%s: reading %s failed (%s); retry %d in %.1f s", self.where, url, detail[:300], failure, wait_s)
+            log.warning("%s: reading %s failed (%s); retry %d in %.1f s", self.where, url, detail[:300], failure,
+                        wait_s)
 
     def _due(self) -> bool:
         now = time.monotonic()
@@ -309,7 +310,7 @@ def _read_once(source: Source, name: str, pos: _Position) -> Iterator[dict]:
             if key is not None:
                 yield {"shard": name, "key": key, "index": index, "parts": group}
             key, index, group = k, pos.index, {}
-        group.setdefault(ext.lower(), f["data"])  # a duplicate part keeps the first, as a reader would
+        group.setdefault(ext.lower(), f["data"])  # a duplicate part: the first is kept (webdataset's grouper raises)
     if not pos.past:
         source.finish()
     if key is not None:
@@ -407,13 +408,15 @@ def count_shard(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> ShardCount:
         source = None
         try:
             source = Source(url, retry, digest=True)
-            pos = _Position(0, None, ("json", "txt"))
+            pos = _Position(0, None, None)
             counts: dict[int, int] = {}
             bad: list[tuple[str, str]] = []
             for raw in _read_once(source, url, pos):
                 try:
+                    if image_part(raw["parts"]) is None:
+                        raise ValueError(f"no image part (has {sorted(raw['parts'])})")
                     counts[raw["index"]] = len(parse_sample(raw["parts"], raw["key"])[1])
-                except (ValueError, UnicodeDecodeError) as e:
+                except (ValueError, UnicodeDecodeError) as e:  # the loader skips it: 0 captions
                     bad.append((raw["key"], str(e)[:200]))
             per_sample = tuple(counts.get(i, 0) for i in range(pos.index + 1))
             return ShardCount(url, per_sample, bad, source.digest.hexdigest(), source.bytes)

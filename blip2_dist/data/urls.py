@@ -134,7 +134,10 @@ class Source:
 
     def finish(self, drain_limit: int = 1 << 20) -> None:
         """After a natural end: read the rest (tar padding) so that a command can exit by itself,
-        then raise if it did not succeed. A local file just closes."""
+        then raise if it did not succeed. A local file just closes (read to its end for a digest)."""
+        if self.proc is None and self.digest is None:
+            self.abort()
+            return
         drained, limit = 0, drain_limit if self.digest is None else float("inf")
         while drained < limit:
             chunk = self.read(1 << 16)
@@ -148,7 +151,8 @@ class Source:
         try:
             self.stream.close()
         except subprocess.TimeoutExpired:
-            raise ReadFailure(f"the command did not exit within {self.watchdog.stall_s:.0f} s after its output ended") from None
+            raise ReadFailure(f"the command did not exit within {self.watchdog.stall_s:.0f} s after its output "
+                              "ended") from None
 
     def failure(self, error: BaseException) -> ReadFailure:
         """What went wrong, in one line; permanent for an HTTP 4xx (but 408/425/429)."""
@@ -163,7 +167,7 @@ class Source:
                 pass
             status, text = self.proc.returncode, self._stderr_tail()
             code = re.search(r"returned error: (\d{3})", text)
-            permanent = code is not None and 400 <= int(code.group(1)) < 500 and code.group(1) not in ("408", "425", "429")
+            permanent = code is not None and code.group(1)[0] == "4" and code.group(1) not in ("408", "425", "429")
             if text or status not in (None, *self.IGNORED_STATUS):
                 return ReadFailure(text or f"exit status {status}", permanent)
         return ReadFailure(f"{type(error).__name__}: {error}")
