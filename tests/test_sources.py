@@ -151,6 +151,8 @@ def test_counting_pass_for_shards_without_a_manifest(packed, reference, fmt_tf, 
         pattern = srv.url + "/train-{000000..000002}.tar"
         with pytest.raises(UserError, match=r"no per-shard sample counts .*blip2_dist.data.pack index"):
             resolve_shards(pattern, "train")
+        with pytest.raises(UserError, match=r"no per-shard sample counts"):  # before any process group
+            check_data(f"{packed}::{pattern}", ["train"])
         assert pack_main(["index", pattern, "--out", str(tmp_path / "idx")]) == 0
         made = read_manifest(tmp_path / "idx")
         assert _epoch(str(tmp_path / "idx" / "manifest.json"), fmt_tf)[0] == reference

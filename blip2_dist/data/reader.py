@@ -116,13 +116,18 @@ def manifest_shards(spec: str, split: str, retry: RetryPolicy = DEFAULT_RETRY) -
 
 def check_data(data: str, splits: Iterable[str], retry: RetryPolicy = DEFAULT_RETRY) -> None:
     """Cheap checks before any process group: every manifest is read and holds the splits, every
-    local shard of a pattern exists. Remote shards are not probed (their counts are)."""
+    local shard of a pattern exists, remote shards of a pattern have counts (img2dataset's stats file
+    of the first one is read; the shards themselves are not probed)."""
     for spec in split_sources(data):
         if is_manifest(spec):
             for split in splits:
                 split_shards(read_manifest(spec, retry), split, spec)
-        else:
-            _check_local(expand_urls(spec), spec)
+            continue
+        urls = expand_urls(spec)
+        _check_local(urls, spec)
+        remote = [u for u in urls if is_remote(u)]
+        if remote and not _stats_counts(remote[:1]):
+            raise _no_counts(spec, remote)
 
 
 def _check_local(urls: list[str], spec: str) -> None:
@@ -148,11 +153,7 @@ def _pattern_shards(urls: list[str], spec: str, retry: RetryPolicy) -> list[Shar
         missing = [u for u in urls if u not in known]
     remote = [u for u in missing if is_remote(u)]
     if remote:
-        raise UserError(
-            f"{spec}: no per-shard sample counts for {len(remote)} remote shard(s), e.g. {remote[0]}. Give the "
-            f"URL of their {MANIFEST} if they have one, or count them once (reads every shard): python -m "
-            f"blip2_dist.data.pack index '{spec}' --out DIR, then pass --data DIR/{MANIFEST}"
-        )
+        raise _no_counts(spec, remote)
     if missing:
         t0 = time.time()
         for url in missing:
@@ -163,6 +164,14 @@ def _pattern_shards(urls: list[str], spec: str, retry: RetryPolicy) -> list[Shar
             time.time() - t0,
         )
     return [ShardInfo(u, _display_name(u), known[u]) for u in urls]
+
+
+def _no_counts(spec: str, remote: list[str]) -> UserError:
+    return UserError(
+        f"{spec}: no per-shard sample counts for {len(remote)} remote shard(s), e.g. {remote[0]}. Give the "
+        f"URL of their {MANIFEST} if they have one, or count them once (reads every shard): python -m "
+        f"blip2_dist.data.pack index '{spec}' --out DIR, then pass --data DIR/{MANIFEST}"
+    )
 
 
 def _display_name(url: str) -> str:
