@@ -27,9 +27,9 @@ from PIL import Image
 from blip2_dist import dist
 from blip2_dist.config import EvalArgs
 from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
-from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.logging import NullWriter
 from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
 from blip2_dist.model import generate_captions, unwrap_blip2

@@ -25,9 +25,9 @@ from blip2_dist import dist
 from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoint
 from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config, precision_of
 from blip2_dist.data.reader import check_data
-from blip2_dist.data.urls import RetryPolicy
 from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
+from blip2_dist.data.urls import RetryPolicy
 from blip2_dist.errors import EXIT_PREEMPTED, UserError, write_exit_report
 from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
 from blip2_dist.adapters import save_adapter
