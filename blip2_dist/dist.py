@@ -62,9 +62,14 @@ def export_env_for_torch(info: WorldInfo) -> None:
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _slurm_master_addr() if "SLURM_PROCID" in os.environ else "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
-        # Derived from the job id so two jobs sharing a node do not collide.
-        job = int(os.environ.get("SLURM_JOB_ID", "0"))
-        os.environ["MASTER_PORT"] = str(20000 + job % 20000)
+        if "SLURM_JOB_ID" in os.environ:
+            # Every task must name the same port without talking to the others: derived from the job
+            # id, so two jobs sharing a node do not collide.
+            os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
+        elif info.world_size == 1:  # `python launch/train.py`: any free port, so two such runs share a host
+            os.environ["MASTER_PORT"] = str(free_port())
+        else:  # ranks started by hand with RANK/WORLD_SIZE: they must agree, so torch's usual default
+            os.environ["MASTER_PORT"] = "29500"
 
 
 def rank_placement() -> dict:
