@@ -4,16 +4,21 @@ rank (so all ranks can pick the best checkpoint together without a hang).
 
     metrics = evaluate_model(model, processor, data_dir, "val", EvalArgs(), out_dir, step=100, writer=w)
 
-Outputs in `out_dir`: predictions.json (image id -> caption), results.json (per image prediction
-and references, metrics, generation settings, which scorers ran), gallery.html.
+One pass over the split does two things per batch: beam-search captions (scored with the COCO
+toolkit), and the teacher-forced loss of every reference caption of the batch's images (the
+validation loss, "loss" in the metrics: the summed token losses of all ranks over their token count,
+the same token-level cross-entropy as the training loss). Each image is read once, on one rank.
+
+Outputs in `out_dir`: predictions.json (image id -> caption), results.json (what was evaluated, per
+image prediction and references, metrics, validation loss, prompt and generation settings, which
+scorers ran), gallery.html with gallery/*.jpg. TensorBoard: `<Split>/<metric>` and `<Split>/loss`
+scalars (e.g. Val/CIDEr: capitalised so these groups sort before the lowercase ones and open first),
+caption cards `gallery/<Split>/<image id>` and a table `gallery/<Split>` (see blip2_dist.gallery).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
-import io
 import json
 import time
 from dataclasses import asdict
@@ -22,17 +27,21 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 from blip2_dist import dist
 from blip2_dist.config import EvalArgs
 from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
 from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
+from blip2_dist.data.transforms import IGNORE_INDEX
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
-from blip2_dist.logging import NullWriter
+from blip2_dist.gallery import (
+    caption_card, gallery_markdown, save_gallery_images, write_eval_page, write_run_page,
+)
+from blip2_dist.logging import NullWriter, split_group
 from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
-from blip2_dist.model import generate_captions, unwrap_blip2
+from blip2_dist.model import caption_forward, generate_captions, unwrap_blip2
 
 
 class ExactlyOnceError(RuntimeError):
@@ -46,10 +55,7 @@ class EvaluationError(RuntimeError):
 
 
 def generation_kwargs(args: EvalArgs) -> dict:
-    return dict(
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_length, repetition_penalty=args.repetition_penalty,
-    )
+    return args.generation()
 
 
 def generation_record(args: EvalArgs, fmt: CaptionFormat) -> dict:
@@ -60,14 +66,33 @@ def generation_record(args: EvalArgs, fmt: CaptionFormat) -> dict:
 
 def _dummy_batch(fmt: CaptionFormat, size: int) -> dict:
     """A one-image batch for a rank that ran out while others still generate (ZeRO-3 lock-step)."""
-    return {"pixel_values": torch.zeros(1, 3, size, size), **fmt.encode_prompts(1)}
+    return {"pixel_values": torch.zeros(1, 3, size, size), "references": [["a"]], **fmt.encode_prompts(1)}
+
+
+def reference_loss(model, fmt: CaptionFormat, batch: dict) -> tuple[float, int]:
+    """(summed token loss, tokens) of all reference captions of the batch's images, teacher-forced with
+    the training loss's labels (prompt and image tokens masked; the caption and its end token count).
+    The cross-entropy runs in float32 (T5's own loss would stay in bf16: steps of 1/32 near 5 nats)."""
+    captions, image_index = [], []
+    for row, references in enumerate(batch["references"]):
+        captions += references
+        image_index += [row] * len(references)
+    text = fmt.encode_train(captions)
+    inputs = {"pixel_values": batch["pixel_values"], "image_index": torch.tensor(image_index), **text}
+    logits = caption_forward(model, inputs).logits.float()
+    labels = text["labels"].to(logits.device)
+    if fmt.decoder_only:  # position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(total), int((labels != IGNORE_INDEX).sum())
 
 
 def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args: EvalArgs, device: torch.device,
                   lockstep: bool, should_stop: Callable[[], bool] | None = None,
-                  ) -> tuple[dict[str, str], dict[str, list[str]], list]:
-    """This rank's captions. With `lockstep` (ZeRO-3: parameters are gathered collectively), a
-    rank without batches keeps running dummy generations until every rank is done.
+                  ) -> tuple[dict[str, str], dict[str, list[str]], list, list]:
+    """This rank's captions, gallery images and [summed reference loss, tokens]. With `lockstep`
+    (ZeRO-3: parameters are gathered collectively), a rank without batches keeps running dummy
+    generations and losses until every rank is done.
 
     With `should_stop` (the trainer's stop flag), the ranks agree before every batch whether any
     of them was asked to stop, and all raise EvaluationInterrupted together: a preemption signal
@@ -76,6 +101,7 @@ def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args
     preds: dict[str, str] = {}
     refs: dict[str, list[str]] = {}
     gallery: list[tuple[str, np.ndarray]] = []
+    loss = [0.0, 0]
     dtype = next(p for p in model.parameters()).dtype
     gen = generation_kwargs(args)
     if lockstep:
@@ -98,12 +124,16 @@ def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args
             break
         real = batch is not None
         b = batch if real else dummy
-        captions = generate_captions(
-            model, processor, b["pixel_values"].to(device, dtype), b["input_ids"].to(device),
-            b["attention_mask"].to(device), **gen,
-        )
+        with _gathered_query_tokens(model, enabled=lockstep):
+            captions = generate_captions(
+                model, processor, b["pixel_values"].to(device, dtype), b["input_ids"].to(device),
+                b["attention_mask"].to(device), **gen,
+            )
+            batch_loss, tokens = reference_loss(model, fmt, b)
         if not real:
             continue
+        loss[0] += batch_loss
+        loss[1] += tokens
         for image_id, caption, references in zip(b["image_ids"], captions, b["references"]):
             if image_id in preds:
                 raise ExactlyOnceError(f"image {image_id!r} came twice from the stream on rank {dist.get_rank()}")
@@ -112,7 +142,7 @@ def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args
         if len(gallery) < args.gallery_images:
             for image_id, pixels in zip(b["image_ids"], b["pixel_values"]):
                 gallery.append((image_id, _to_uint8(pixels, stream.transform)))
-    return preds, refs, gallery[: args.gallery_images]
+    return preds, refs, gallery[: args.gallery_images], loss
 
 
 def _to_uint8(pixels: torch.Tensor, transform: ImageTransform) -> np.ndarray:
@@ -160,13 +190,16 @@ def merge_exactly_once(gathered: list[tuple[dict, dict]], expected: list[str]) -
 def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, out_dir: str | Path,
                    step: int = 0, writer=None, lockstep: bool = False, num_workers: int = 1,
                    prompt: str = "", should_stop: Callable[[], bool] | None = None,
-                   retry: RetryPolicy = DEFAULT_RETRY) -> dict[str, float]:
-    """Generate on every rank, gather, check, score on rank 0; the metrics are returned on all ranks.
-    `should_stop`: see generate_rank (EvaluationInterrupted on every rank). `retry`: remote reads."""
+                   retry: RetryPolicy = DEFAULT_RETRY, max_caption_tokens: int = 64, source: dict | None = None,
+                   run_page: str | None = None) -> dict[str, float]:
+    """Generate and take the reference loss on every rank, gather, check, score on rank 0; the metrics
+    ("loss" included) are returned on all ranks. `should_stop`: see generate_rank (EvaluationInterrupted
+    on every rank). `retry`: remote reads. source: what is evaluated, for results.json and the gallery
+    ({"label", "model", "adapter", ...}); run_page: relative link to the run's comparison page."""
     writer = writer or NullWriter()
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    fmt = CaptionFormat.from_processor(processor, model.config, prompt=prompt)
+    fmt = CaptionFormat.from_processor(processor, model.config, prompt=prompt, max_caption_tokens=max_caption_tokens)
     stream = EvalStream(
         data_dir, split, fmt, ImageTransform.from_processor(processor), batch_size=args.eval_batch,
         rank=dist.get_rank(), world_size=dist.get_world_size(), num_workers=num_workers,
@@ -179,17 +212,18 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _gathered_query_tokens(model, enabled=lockstep):
-            preds, refs, gallery = generate_rank(model, processor, stream, fmt, args, device, lockstep,
-                                                 should_stop)
+        with torch.no_grad():
+            preds, refs, gallery, loss = generate_rank(model, processor, stream, fmt, args, device, lockstep,
+                                                       should_stop)
     finally:
         model.train(was_training)
-    gathered = dist.all_gather_object((preds, refs))
+    gathered = dist.all_gather_object((preds, refs, loss))
     result = None
     if dist.get_rank() == 0:
+        context = {"source": source or {}, "prompt": prompt, "run_page": run_page, "t0": t0, "retry": retry}
         try:
-            result = _score_and_write(gathered, data_dir, split, args, fmt, Path(out_dir), step, gallery, writer, t0,
-                                      retry)
+            result = _score_and_write(gathered, data_dir, split, args, fmt, Path(out_dir), step, gallery, writer,
+                                      context)
         except Exception as err:  # noqa: BLE001 - the other ranks wait in the broadcast below: tell them
             dist.broadcast_object({"error": f"evaluation at step {step} failed on rank 0: {type(err).__name__}: {err}"})
             raise  # here with its traceback; the other ranks raise EvaluationError with its message
@@ -200,10 +234,10 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
 
 
 def _gathered_query_tokens(model, enabled: bool):
-    """ZeRO-3 gathers a module's parameters when its forward runs, but BLIP-2's generate() reads
-    query_tokens (a bare parameter of the top module) outside any forward: gather it for the whole
-    generation. It is usually still there from training, but not after an adapter export, which
-    gathers and then re-partitions every parameter."""
+    """ZeRO-3 gathers a module's parameters when its forward runs, but BLIP-2's generate() and the grouped
+    image path of the reference loss read query_tokens (a bare parameter of the top module) outside any
+    forward, and a forward of the top module leaves it partitioned again: gather it for each batch's
+    generation and loss. Collective: under ZeRO-3 every rank runs every batch in lock-step."""
     if not enabled:
         return contextlib.nullcontext()
     import deepspeed
@@ -211,63 +245,83 @@ def _gathered_query_tokens(model, enabled: bool):
     return deepspeed.zero.GatheredParameters([unwrap_blip2(model).query_tokens], modifier_rank=None)
 
 
-def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, gallery, writer, t0,
-                     retry) -> dict:
-    expected = expected_image_ids(data_dir, split, retry)
+def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, gallery, writer, context) -> dict:
+    expected = expected_image_ids(data_dir, split, context["retry"])
     if args.max_eval_images:
         expected = expected[: args.max_eval_images]
-    preds, refs = merge_exactly_once(gathered, expected)
+    preds, refs = merge_exactly_once([(p, r) for p, r, _ in gathered], expected)
     scores, info = score_captions_detailed(preds, refs)
+    loss_sum, tokens = sum(l[0] for _, _, l in gathered), sum(l[1] for _, _, l in gathered)
+    metrics = {**scores, "loss": loss_sum / max(tokens, 1)}
     out_dir.mkdir(parents=True, exist_ok=True)
+    saved = save_gallery_images(out_dir, gallery)
+    source = context["source"]
+    label = source.get("label") or f"step {step}"
     write_json_atomic(out_dir / "predictions.json", {k: normalize_caption(v) for k, v in sorted(preds.items())})
     write_json_atomic(out_dir / "results.json", {
-        "step": step, "split": split, "images": len(preds), "metrics": scores,
-        "generation": generation_record(args, fmt), "scoring": _jsonable(info),
+        "label": label, "source": source, "step": step, "split": split, "images": len(preds),
+        "metrics": metrics,
+        "loss": {"value": metrics["loss"], "tokens": tokens, "captions": sum(map(len, refs.values()))},
+        "prompt": context["prompt"], "generation": generation_record(args, fmt), "scoring": _jsonable(info),
+        "gallery": saved,
         "per_image": {k: {"prediction": preds[k], "references": refs[k]} for k in sorted(preds)},
     })
-    (out_dir / "gallery.html").write_text(_gallery_html(gallery, preds, refs, scores, step), encoding="utf-8")
-    writer.scalars(scores, step, prefix="eval/")
-    for image_id, chw in gallery[:4]:
-        writer.image(f"eval_images/{image_id}", chw, step)
-        writer.text(f"eval_captions/{image_id}", f"**generated:** {preds[image_id]}  \n**references:** "
-                    + " | ".join(refs[image_id]), step)
+    per_image = info.get("per_image", {})
+    items = [{**s, "generated": preds[s["image_id"]], "references": refs[s["image_id"]],
+              "CIDEr": _fmt(per_image.get(s["image_id"], {}).get("CIDEr"))} for s in saved]
+    header = _gallery_header(label, split, step, len(preds), context["prompt"], args, metrics, source)
+    write_eval_page(out_dir, items, header, context["run_page"])
+    _log_tensorboard(writer, split, step, metrics, gallery, items, header)
+    line = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    print(f"eval step {step} [{split}, {len(preds)} images, {time.perf_counter() - context['t0']:.1f}s]: {line}",
+          flush=True)
+    return metrics
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _gallery_header(label, split, step, images, prompt, args: EvalArgs, metrics, source) -> dict:
+    return {
+        "evaluated": label, "model": source.get("model"), "adapter": source.get("adapter"), "split": split,
+        "step": step, "images": images, "prompt": repr(prompt) if prompt else "(none)",
+        "generation": ", ".join(f"{k}={v}" for k, v in args.generation().items()),
+        "metrics": " · ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
+    }
+
+
+def _log_tensorboard(writer, split, step, metrics, gallery, items, header) -> None:
+    group = split_group(split)
+    writer.scalars(metrics, step, prefix=f"{group}/")
+    label = header["evaluated"]
+    title = f"{split} · step {step}" + ("" if label == f"step {step}" else f" · {label}")
+    for (image_id, chw), item in zip(gallery, items):
+        card = caption_card(chw, item["generated"], item["references"], title=title,
+                            score=f"CIDEr {item['CIDEr']}" if item["CIDEr"] else "")
+        writer.image(f"gallery/{group}/{image_id}", card, step)
+    writer.text(f"gallery/{group}", gallery_markdown(items, header), step)
     writer.flush()
-    line = " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-    print(f"eval step {step} [{split}, {len(preds)} images, {time.perf_counter() - t0:.1f}s]: {line}", flush=True)
-    return scores
 
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _gallery_html(gallery, preds, refs, scores, step) -> str:
-    rows = []
-    for image_id, chw in gallery:
-        buf = io.BytesIO()
-        Image.fromarray(np.transpose(chw, (1, 2, 0))).save(buf, format="JPEG", quality=90)
-        src = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-        ref_items = "".join(f"<li>{html.escape(r)}</li>" for r in refs[image_id])
-        rows.append(
-            f'<div class="c"><img src="{src}"><p><b>{html.escape(preds[image_id])}</b></p>'
-            f"<small>{html.escape(image_id)}</small><ul>{ref_items}</ul></div>"
-        )
-    metrics = " · ".join(f"{k} {v:.3f}" for k, v in scores.items())
-    return (
-        "<!doctype html><meta charset='utf-8'><title>blip2-dist eval</title><style>"
-        "body{font-family:sans-serif} .c{display:inline-block;width:260px;vertical-align:top;margin:8px}"
-        "img{width:256px;image-rendering:pixelated}</style>"
-        f"<h2>step {step}</h2><p>{html.escape(metrics)}</p>" + "".join(rows)
-    )
-
-
 def evaluate_in_training(trainer, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """Called by the trainer on every rank at --eval-steps and at the end."""
-    cfg = trainer.cfg
+    """Called by the trainer on every rank at --eval-steps and at the end; rank 0 then refreshes the
+    run's comparison page (RUN/gallery.html)."""
+    cfg, step = trainer.cfg, trainer.state.step
     lockstep = trainer.engine.zero_optimization_stage() == 3
-    return evaluate_model(
+    metrics = evaluate_model(
         trainer.model, trainer.processor, cfg.data.data, cfg.data.eval_split, cfg.eval,
-        trainer.out / "eval" / f"{trainer.state.step:08d}", step=trainer.state.step,
+        trainer.out / "eval" / f"{step:08d}", step=step,
         writer=trainer.writer, lockstep=lockstep, num_workers=min(cfg.data.num_workers, 1),
         prompt=cfg.data.prompt, should_stop=should_stop, retry=RetryPolicy(retries=cfg.data.data_retries),
+        max_caption_tokens=cfg.data.max_caption_tokens,
+        source={"label": f"step {step}", "model": cfg.model.model, "adapter": "(training)"},
+        run_page="../../gallery.html",
     )
+    if dist.get_rank() == 0:
+        write_run_page(trainer.out)
+    return metrics

@@ -333,6 +333,7 @@ def load_model(
     random_init: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
+    dispatch: dict | None = None,
 ) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
     """Load BLIP-2 and its processor.
 
@@ -341,20 +342,31 @@ def load_model(
     random_init: the real architecture of a known hub id with random weights and the tiny
     tokenizer, no download (benchmarks only). device: where weights are built or loaded
     (default CPU; "meta" for random_init only).
+    dispatch: from_pretrained's big-model options, e.g. {"device_map": "auto", "max_memory":
+    {0: "20GiB", "cpu": "60GiB"}, "offload_folder": "offload"}: accelerate spreads the layers over
+    the GPUs, then CPU memory, then disk (a model larger than one GPU). Saved models only.
     """
+    if dispatch:
+        if name in TINY_MODELS or random_init:
+            raise ValueError(f"a device map needs a saved model directory or hub id, not {name!r}"
+                             f"{' with random_init' if random_init else ''}")
+        if device is not None:
+            raise ValueError("pass either device or a device map (dispatch), not both")
     if name in TINY_MODELS:
         model, processor = build_tiny(name.split("-")[1], seed=seed)
         model.to(dtype=dtype, device=device)
     elif random_init:
         model, processor = build_random_init(name, dtype=dtype, seed=seed, device=device)
     else:
-        model, processor = _from_pretrained(name, dtype, device)
+        model, processor = _from_pretrained(name, dtype, device, dispatch)
     # Where the base came from: save_adapter records it (tiny bases are rebuilt from it).
     model.blip2_dist_source = {"name": name, "seed": seed, "random_init": random_init and name not in TINY_MODELS}
     return model, processor
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, device) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+def _from_pretrained(
+    name: str, dtype: torch.dtype, device, dispatch: dict | None = None
+) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -368,9 +380,8 @@ def _from_pretrained(name: str, dtype: torch.dtype, device) -> tuple[Blip2ForCon
     if config.model_type != "blip-2":
         raise ValueError(f"{name!r} is a {config.model_type!r} model, not BLIP-2 (model_type 'blip-2')")
     try:
-        model = Blip2ForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, **({"device_map": {"": device}} if device is not None else {})
-        )
+        placement = dispatch or ({"device_map": {"": device}} if device is not None else {})
+        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype, **placement)
         processor = Blip2Processor.from_pretrained(path)
     except OSError as err:
         raise ModelNotAvailableError(_unavailable_message(name, err)) from err
@@ -580,8 +591,23 @@ def describe_trainable(model: nn.Module) -> str:
 # Training forward and generation
 # ---------------------------------------------------------------------------------------------------
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the vision encoder's device. Under an accelerate device map that offloaded the
+    vision weights (they sit on "meta"), the device its hook runs them on."""
+    weight = unwrap_blip2(model).vision_model.embeddings.patch_embedding.weight
+    if weight.device.type != "meta":
+        return weight.device
+    hook = getattr(unwrap_blip2(model).vision_model, "_hf_hook", None)
+    return torch.device(getattr(hook, "execution_device", None) or "cpu")
+
+
 def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor], group_images: bool = True) -> torch.Tensor:
-    """Mean token cross-entropy of a captioning micro-batch.
+    """Mean token cross-entropy of a captioning micro-batch (see `caption_forward`)."""
+    return caption_forward(model, batch, group_images).loss
+
+
+def caption_forward(model: nn.Module, batch: dict[str, torch.Tensor], group_images: bool = True):
+    """The model's forward output (loss: mean token cross-entropy, logits) for a captioning micro-batch.
 
     model: Blip2ForConditionalGeneration, its PeftModel, or a DeepSpeed engine around either (called
     as is, so the engine's forward hooks run). batch: pixel_values [n_images,3,H,W], image_index
@@ -609,10 +635,10 @@ def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor], group_images:
     if not share_vision:
         if image_index is not None:
             pixel_values = pixel_values[image_index]
-        return model(pixel_values=pixel_values, **text).loss
+        return model(pixel_values=pixel_values, **text)
     features = grouped_image_features(blip2, pixel_values, image_index)
     image = BaseModelOutputWithVisionQformerOutputs(pooler_output=features)  # all forward reads of it
-    return model(pixel_values=None, mm_encoder_outputs={"image": image}, **text).loss
+    return model(pixel_values=None, mm_encoder_outputs={"image": image}, **text)
 
 
 def has_active_dropout(module: nn.Module) -> bool:
@@ -696,6 +722,7 @@ def generate_captions(
     inner = _strip_engine(model)
     blip2 = unwrap_blip2(inner)
     weight = blip2.vision_model.embeddings.patch_embedding.weight
+    device = input_device(blip2)
     for old, new in (("min_length", "min_new_tokens"), ("max_length", "max_new_tokens")):
         if old in gen_kwargs:
             gen_kwargs[new] = gen_kwargs.pop(old)
@@ -703,9 +730,9 @@ def generate_captions(
     tokenizer = processor.tokenizer
     gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     gen_kwargs.setdefault("eos_token_id", end_of_caption_id(blip2.config, tokenizer))
-    input_ids = input_ids.to(weight.device)
+    input_ids = input_ids.to(device)
     if attention_mask is not None:
-        attention_mask = attention_mask.to(weight.device)
+        attention_mask = attention_mask.to(device)
     decoder_only = family_of(blip2) == "opt"
     if decoder_only and attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("OPT prompts are right-padded: pad them on the left (tokenizer.padding_side='left')")
@@ -713,7 +740,7 @@ def generate_captions(
     # text_config.bos_token_id, which T5 configs lack.
     with torch.no_grad():
         output = inner.generate(
-            pixel_values=pixel_values.to(weight.device, weight.dtype), input_ids=input_ids,
+            pixel_values=pixel_values.to(device, weight.dtype), input_ids=input_ids,
             attention_mask=attention_mask, **gen_kwargs,
         )
     if decoder_only:  # OPT returns prompt + continuation

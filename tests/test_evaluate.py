@@ -55,10 +55,31 @@ def test_merge_catches_duplicates_and_gaps():
         merge_exactly_once([({"a": "1", "b": "2", "c": "3"}, refs), ({"d": "4"}, {"d": ["w"]})], ["a", "b", "c"])
 
 
+def single_process_reference_loss(data_dir, split):
+    """The validation loss computed here in one process over every image of the split at once."""
+    import torch
+
+    from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
+    from blip2_dist.evaluate import reference_loss
+    from blip2_dist.model import load_model
+
+    model, processor = load_model("tiny-t5", dtype=torch.float32)
+    fmt = CaptionFormat.from_processor(processor, model.config)
+    stream = EvalStream(str(data_dir), split, fmt, ImageTransform.from_processor(processor), batch_size=100,
+                        rank=0, world_size=1, num_workers=0)
+    total, tokens, captions = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in stream:
+            batch_total, batch_tokens = reference_loss(model.eval(), fmt, batch)
+            total, tokens = total + batch_total, tokens + batch_tokens
+            captions += sum(map(len, batch["references"]))
+    return total / tokens, captions
+
+
 @pytest.mark.slow
 def test_two_ranks_seven_images_exactly_once_and_toolkit_equal(seven, tmp_path):
     proc = run("launch/evaluate.py", ["--model", "tiny-t5", "--data", str(seven), "--split", "val",
-                                      "--output-dir", str(tmp_path), *GEN], nproc=2)
+                                      "--output-dir", str(tmp_path), "--dtype", "float32", *GEN], nproc=2)
     assert proc.returncode == 0, explain(proc)
     ids = expected_image_ids(str(seven), "val")
     preds = read_json(tmp_path / "predictions.json")
@@ -68,7 +89,12 @@ def test_two_ranks_seven_images_exactly_once_and_toolkit_equal(seven, tmp_path):
     raw = {k: v["prediction"] for k, v in per_image.items()}
     refs = {k: v["references"] for k, v in per_image.items()}
     expected = toolkit_scores(raw, refs)
-    assert results["metrics"] == pytest.approx(expected, rel=0, abs=0)
+    scores = {k: v for k, v in results["metrics"].items() if k != "loss"}
+    assert scores == pytest.approx(expected, rel=0, abs=0)
+    # Validation loss: 2 ranks x batches of 2 images = every reference caption of every image, once.
+    loss, captions = single_process_reference_loss(seven, "val")
+    assert results["loss"]["captions"] == captions == sum(len(v) for v in refs.values())
+    assert results["metrics"]["loss"] == pytest.approx(loss, rel=1e-5)
     assert results["scoring"]["tokenizer"] == "ptb" and results["images"] == 7
     assert "BLEU-4" in (tmp_path / "gallery.html").read_text()
 
