@@ -5,10 +5,18 @@
     model, processor = load_for_inference(None, "runs/x/best")   # the base recorded in the adapter
 
 An adapter directory is a standard peft adapter (`PeftModel.from_pretrained(base, dir)` loads it) plus
-the processor, `blip2_dist_adapter.json` (base name, family, LoRA settings) and, only when parameters
-outside LoRA were trained (query tokens, language projection, Q-Former), `extra_trainable.safetensors`
-holding them under their `Blip2ForConditionalGeneration` names. Adapters of the tiny built-ins also carry
-their base in `base/` (a `save_pretrained` directory), so they never depend on rebuilding random weights.
+the processor, `blip2_dist_adapter.json` (base name, family, LoRA settings, and what training recorded:
+the prompt and caption format, the generation settings it evaluated with, the step, the data, the
+command, the metrics), a model card `README.md` and, only when parameters outside LoRA were trained
+(query tokens, language projection, Q-Former), `extra_trainable.safetensors` holding them under their
+`Blip2ForConditionalGeneration` names. Adapters of the tiny built-ins also carry their base in `base/`
+(a `save_pretrained` directory), so they never depend on rebuilding random weights.
+
+Inference uses what the adapter recorded unless told otherwise:
+
+    recorded = recorded_inference("runs/x/best")       # {"prompt": ..., "generation": {...}}
+    prompt, generation, notes = resolve_inference(recorded, prompt=None, given={"num_beams": 3})
+    # notes: a warning for each given value that differs from the recorded (training) one
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -25,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
+from blip2_dist.cards import render_card
+from blip2_dist.config import EvalArgs
 from blip2_dist.model import (
     TINY_MODELS,
     _strip_engine,
@@ -38,19 +49,30 @@ from blip2_dist.model import (
 logger = logging.getLogger(__name__)
 
 ADAPTER_META = "blip2_dist_adapter.json"
+EXPORT_META = "blip2_dist_export.json"  # in a merged export (blip2_dist.export)
 EXTRAS_FILE = "extra_trainable.safetensors"
 BASE_SUBDIR = "base"
+CARD = "README.md"
+# What an adapter records beside its weights (all optional; older adapters have none of them).
+RECORD_KEYS = ("step", "caption_format", "generation", "training", "metrics")
 
 
 def save_adapter(
     model: nn.Module, processor: Blip2Processor, out_dir: str | os.PathLike, base_name: str, *,
-    seed: int | None = None,
+    seed: int | None = None, record: dict | None = None,
 ) -> Path:
     """Write a loadable adapter directory (see the module docstring); call on one rank only.
 
     model: the PeftModel from apply_lora, or a DeepSpeed engine / DDP around it. base_name: what
     load_model was given. seed: the tiny base's seed (default: the one load_model recorded).
+    record: what training knows about it, keys RECORD_KEYS: step, caption_format (prompt,
+    max_caption_tokens, end_of_caption, end_of_caption_ids: see `caption_format_record`),
+    generation (generate() keyword arguments), training (data, splits, batch, command, ...),
+    metrics ({"split", "step", "images", "values"}). It goes into the JSON and the model card.
     """
+    unknown = sorted(set(record or {}) - set(RECORD_KEYS))
+    if unknown:
+        raise ValueError(f"save_adapter: unknown record keys {unknown} (known: {list(RECORD_KEYS)})")
     peft_model = _strip_engine(model)
     if not isinstance(peft_model, PeftModel):
         raise TypeError("save_adapter needs the PeftModel returned by apply_lora")
@@ -84,9 +106,69 @@ def save_adapter(
         "lora": dataclasses.asdict(settings) if settings is not None else None,
         "extras": extras,
         "extras_file": EXTRAS_FILE if extras else None,
+        **(record or {}),
     }
-    (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    # Replaces the empty template peft's save_pretrained leaves in README.md.
+    (out / CARD).write_text(render_card(meta, kind="adapter"), encoding="utf-8")
     return out
+
+
+def caption_format_record(fmt) -> dict:
+    """What an adapter records of a CaptionFormat: the prompt, the caption cap and the token(s)
+    that end every training caption (generation must stop there)."""
+    end_ids = [int(i) for i in fmt.suffix_ids]
+    return {
+        "prompt": fmt.prompt,
+        "max_caption_tokens": fmt.max_caption_tokens,
+        "end_of_caption": fmt.tokenizer.decode(end_ids),
+        "end_of_caption_ids": end_ids,
+    }
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """blip2_dist_adapter.json of an adapter, or blip2_dist_export.json of a merged export; {} if neither."""
+    for name in (ADAPTER_META, EXPORT_META):
+        path = Path(folder) / name
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return {}
+
+
+def recorded_inference(folder: str | os.PathLike | None) -> dict:
+    """{"prompt", "generation"} as recorded in an adapter or export folder; {} when nothing is."""
+    meta = read_meta(folder) if folder is not None and Path(folder).is_dir() else {}
+    out = {}
+    if "caption_format" in meta:
+        out["prompt"] = meta["caption_format"].get("prompt", "")
+    if meta.get("generation"):
+        out["generation"] = dict(meta["generation"])
+    return out
+
+
+def resolve_inference(
+    recorded: dict, *, prompt: str | None, given: dict[str, Any]
+) -> tuple[str, dict[str, Any], list[str]]:
+    """(prompt, generate kwargs, warnings): defaults <- recorded <- given (flags the user passed).
+
+    given: generate() keyword arguments the user set explicitly. A given value that differs from a
+    recorded one is used, with a warning: the recorded ones are what training evaluated with.
+    """
+    notes = []
+    rec_prompt = recorded.get("prompt")
+    if prompt is None:
+        prompt = rec_prompt if rec_prompt is not None else ""
+    elif rec_prompt is not None and prompt != rec_prompt:
+        notes.append(f"--prompt {prompt!r} differs from the prompt the adapter was trained with ({rec_prompt!r}): "
+                     "captions and scores usually get worse")
+    rec_gen = recorded.get("generation") or {}
+    generation = {**EvalArgs().generation(), **rec_gen}
+    for key, value in given.items():
+        if key in rec_gen and rec_gen[key] != value:
+            notes.append(f"{key}={value!r} differs from the recorded {key}={rec_gen[key]!r} (what training "
+                         "evaluated with)")
+        generation[key] = value
+    return prompt, generation, notes
 
 
 def _base_state_dict(base: Blip2ForConditionalGeneration) -> dict[str, torch.Tensor]:
@@ -128,17 +210,20 @@ def load_extras(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 def load_for_inference(
     base: str | None, adapter_dir: str | os.PathLike | None, *, dtype: torch.dtype = torch.bfloat16,
-    merge: bool = False, device: str | torch.device | None = None,
+    merge: bool = False, device: str | torch.device | None = None, dispatch: dict | None = None,
 ) -> tuple[nn.Module, Blip2Processor]:
     """Base (via load_model) + adapter + extras, in eval mode with nothing trainable.
 
     base: hub id, local dir or tiny name; None takes the one recorded in the adapter. Tiny bases
     come from the adapter's `base/`. merge: fold LoRA into the weights (returns the plain model).
+    dispatch: a device map for a model larger than one device (see `load_model`). With an adapter,
+    layers may go to GPUs and CPU but not to disk: peft cannot load LoRA into disk-offloaded layers
+    of BLIP-2; export a merged model (blip2_dist.export) and dispatch that instead.
     """
     if adapter_dir is None:
         if base is None:
             raise ValueError("load_for_inference needs a base or an adapter_dir")
-        model, processor = load_model(base, dtype=dtype, device=device)
+        model, processor = load_model(base, dtype=dtype, device=device, dispatch=dispatch)
         return _frozen(model), processor
     adapter = Path(adapter_dir)
     meta = json.loads((adapter / ADAPTER_META).read_text()) if (adapter / ADAPTER_META).exists() else {}
@@ -152,7 +237,13 @@ def load_for_inference(
     base = base if base is not None else recorded
     if meta.get("base_dir") and base == recorded:
         base = str(adapter / meta["base_dir"])
-    model, processor = load_model(base, dtype=dtype, seed=meta.get("seed", 0), device=device)
+    model, processor = load_model(base, dtype=dtype, seed=meta.get("seed", 0), device=device, dispatch=dispatch)
+    if "disk" in getattr(model, "hf_device_map", {}).values():
+        raise ValueError(
+            f"the device map put part of {base} on disk; peft cannot load the adapter {adapter} into "
+            "disk-offloaded layers. Give it more GPU/CPU memory (max_memory), or merge first "
+            "(python launch/export.py --adapter ADAPTER --out DIR) and load DIR with the device map"
+        )
     # Keep the adapter in the base's dtype (peft would upcast it to fp32): a bf16 DeepSpeed engine
     # trained and evaluated it in bf16, and only the same dtype reproduces its generations.
     model = PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=False)

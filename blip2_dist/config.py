@@ -82,10 +82,25 @@ class EvalArgs:
     max_new_tokens: int = _f(30, "longest caption generated")
     min_length: int = _f(8, "shortest caption generated, in tokens")
     repetition_penalty: float = _f(1.0, "generation repetition penalty")
+    length_penalty: float = _f(1.0, "beam search length penalty (> 1 favours longer captions, < 1 shorter)")
     eval_batch: int = _f(16, "images per generation batch per rank")
     max_eval_images: int = _f(0, "evaluate only the first N images of the split (0 = all)")
-    best_metric: str = _f("CIDEr", "metric that picks the best checkpoint")
+    best_metric: str = _f("CIDEr", "metric that picks the best checkpoint (loss: the validation loss, lower is better)")
     gallery_images: int = _f(24, "images shown in the HTML gallery and TensorBoard")
+
+    def generation(self) -> dict[str, Any]:
+        """The settings as `generate` keyword arguments (min_length counts caption tokens: min_new_tokens)."""
+        return {key: getattr(self, name) for name, key in GENERATION_FIELDS.items()}
+
+
+# EvalArgs field -> generate() keyword: what an adapter records and a flag may override.
+GENERATION_FIELDS = {
+    "num_beams": "num_beams",
+    "max_new_tokens": "max_new_tokens",
+    "min_length": "min_new_tokens",
+    "repetition_penalty": "repetition_penalty",
+    "length_penalty": "length_penalty",
+}
 
 
 @dataclass
@@ -107,6 +122,8 @@ class TrainArgs:
     dist_timeout: float = _f(600.0, "seconds a collective waits for the other ranks before this rank fails (exit 76)")
     heartbeat_timeout: float = _f(60.0, "seconds a dead or cut-off rank is waited for before all ranks exit 76 (0 = off)")
     sample_log: bool = _f(False, "log every trained example (image id, caption) to OUTPUT_DIR/samples/rank-N.jsonl")
+    early_stop_patience: int = _f(
+        0, "stop after N evaluations in a row without a better --best-metric (0 = never); best/ keeps the best adapter")
 
 
 SECTIONS: dict[str, type] = {
