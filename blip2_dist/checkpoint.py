@@ -42,6 +42,8 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     eval_pending: bool = False  # a stop signal interrupted the evaluation at `step`: run it on resume
+    evals_since_best: int = 0   # evaluations in a row without a better --best-metric (early stopping)
+    stopped_early: bool = False
 
     def state_dict(self) -> dict:
         return asdict(self)

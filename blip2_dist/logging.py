@@ -2,6 +2,16 @@
 
 Which rank writes is decided once, when the writer is built: the train loop calls `log.scalar(...)`
 on every rank and never asks for its rank.
+
+Tag names decide what a user sees first. TensorBoard's default (Time Series) page groups tags by the
+part before the first "/", sorts the groups case-sensitively (uppercase first) and opens only the
+first two. So the curves to watch have capitalised groups, the rest lowercase (collapsed):
+    Train/loss Train/lr                  training loss (mean over the log window) and learning rate
+    Val/loss Val/CIDEr ... (the split)   validation loss beside the caption metrics (blip2_dist.evaluate)
+    best/CIDEr ...                       the metrics of the best evaluation so far (what HParams ranks by)
+    optim/grad_norm  progress/epoch  perf/captions_per_s ...  memory/device_peak_allocated_gib ...
+    gallery/Val/<image id>               caption cards (images), gallery/Val (a table, in the Text tab)
+A custom-scalars layout puts train and validation loss in one chart (the Custom Scalars tab).
 """
 
 from __future__ import annotations
@@ -11,7 +21,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -23,7 +32,9 @@ class NullWriter:
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None: ...
     def text(self, tag: str, text: str, step: int = 0) -> None: ...
     def image(self, tag: str, image_chw, step: int) -> None: ...
-    def hparams(self, hparams: dict, metrics: dict) -> None: ...
+    def hparams_start(self, hparams: dict, metric_tags: list[str]) -> None: ...
+    def hparams_end(self) -> None: ...
+    def layout(self, layout: dict) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -47,10 +58,26 @@ class TensorBoardWriter(NullWriter):
     def image(self, tag: str, image_chw, step: int) -> None:
         self._w.add_image(tag, image_chw, step, dataformats="CHW")
 
-    def hparams(self, hparams: dict, metrics: dict) -> None:
-        # add_hparams only takes scalars/strings; lists and None become strings.
+    def hparams_start(self, hparams: dict, metric_tags: list[str]) -> None:
+        """The run's settings for the HParams tab, ranked by `metric_tags`: ordinary scalar tags whose
+        latest value HParams shows (best/* are logged at each new best). Written when the run starts, so
+        an unfinished or preempted run is listed too; hparams_end marks it finished."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        # HParams takes numbers, strings and booleans; lists and None become strings.
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in hparams.items()}
-        self._w.add_hparams(flat, metrics, run_name=".")
+        experiment, session_start, _ = hparams_summaries(flat, {tag: 0.0 for tag in metric_tags})
+        for summary in (experiment, session_start):
+            self._w._get_file_writer().add_summary(summary)
+
+    def hparams_end(self) -> None:
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        self._w._get_file_writer().add_summary(hparams_summaries({}, {})[2])  # session end: success
+
+    def layout(self, layout: dict) -> None:
+        """A custom-scalars layout: {category: {chart: ["Multiline", [tag regexes]]}}."""
+        self._w.add_custom_scalars(layout)
 
     def flush(self) -> None:
         self._w.flush()
@@ -59,24 +86,26 @@ class TensorBoardWriter(NullWriter):
         self._w.close()
 
 
+def split_group(split: str) -> str:
+    """TensorBoard group of an evaluation split's scalars: "val" -> "Val" (see the module docstring)."""
+    return split[:1].upper() + split[1:]
+
+
 def build_writer(log_dir: str | Path, is_main: bool) -> NullWriter:
     return TensorBoardWriter(log_dir) if is_main else NullWriter()
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
-    return out
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated accelerator memory; on CPU the process's peak resident set."""
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """Peak memory of this process, in GiB, device and host apart: memory/device_peak_allocated_gib and
+    memory/device_peak_reserved_gib (CUDA's caching allocator) on a GPU; memory/host_peak_rss_gib always
+    (the process's peak resident set, which on CPU training holds the model too)."""
+    out = {}
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        out["memory/device_peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["memory/device_peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
+    out["memory/host_peak_rss_gib"] = kib / 2**20 if sys.platform != "darwin" else kib / 2**30
+    return out
 
 
 class ThroughputMeter:
@@ -103,7 +132,7 @@ class ThroughputMeter:
         """Per-rank counts scaled by world size: ranks see equal-size batches by construction."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {
-            "samples_per_s": self.examples * world_size / elapsed,
+            "captions_per_s": self.examples * world_size / elapsed,
             "images_per_s": self.images * world_size / elapsed,
             "tokens_per_s": self.tokens * world_size / elapsed,
             "sec_per_step": elapsed / max(self.steps, 1),

@@ -4,14 +4,16 @@
 
 Order of work: validate everything that can be checked without other ranks (so a bad argument
 fails fast instead of hanging a process group) -> start the process group and the heartbeat
-watchdog -> model + LoRA -> engine -> resume -> loop (train_step, log, evaluate, checkpoint) ->
-final save + eval -> every rank reports its exit code, waits for the others, stops its watchdog.
+watchdog -> model + LoRA -> engine -> resume -> loop (train_step, log, evaluate, checkpoint, early
+stop) -> final save + eval -> every rank reports its exit code, waits for the others, stops its watchdog.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import signal
 import sys
 import time
@@ -29,8 +31,8 @@ from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.data.urls import RetryPolicy
 from blip2_dist.errors import EXIT_PREEMPTED, UserError, write_exit_report
-from blip2_dist.logging import ThroughputMeter, build_writer, flatten, peak_memory_gb
-from blip2_dist.adapters import save_adapter
+from blip2_dist.logging import ThroughputMeter, build_writer, memory_gib, split_group
+from blip2_dist.adapters import caption_format_record, save_adapter
 from blip2_dist.model import (
     LoraSettings,
     apply_lora,
@@ -122,6 +124,10 @@ def plan_steps(cfg: Config, loader_steps: int) -> Plan:
     return Plan(steps_per_epoch * accum, steps_per_epoch, total)
 
 
+# What --best-metric may name: the COCO toolkit's metrics and the validation loss.
+EVAL_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "loss")
+
+
 def validate(cfg: Config, world_size: int) -> dict:
     """Checks that need no other rank. Returns the DeepSpeed config, checked, "auto" values filled but the
     schedule's length (known once the data stream is built)."""
@@ -137,9 +143,86 @@ def validate(cfg: Config, world_size: int) -> dict:
         raise ValueError(f"--dist-timeout must be > 0 seconds, got {cfg.train.dist_timeout}")
     if cfg.train.heartbeat_timeout < 0:
         raise ValueError(f"--heartbeat-timeout must be >= 0 seconds (0 = off), got {cfg.train.heartbeat_timeout}")
+    validate_eval_plan(cfg)
     filled = fill_deepspeed_config(ds, cfg, world_size, None, *device_precisions())  # surfaces conflicts early
     check_fp16_family(precision_of(filled), family_from_name(cfg.model.model), cfg)
     return ds
+
+
+def validate_eval_plan(cfg: Config) -> None:
+    """--best-metric names a metric; --early-stop-patience has evaluations to count."""
+    if cfg.eval.best_metric not in EVAL_METRICS:
+        raise ValueError(f"--best-metric {cfg.eval.best_metric!r} is not one of {', '.join(EVAL_METRICS)}")
+    patience = cfg.train.early_stop_patience
+    if patience < 0:
+        raise ValueError(f"--early-stop-patience must be >= 0, got {patience}")
+    if patience and (cfg.train.skip_eval or not cfg.train.eval_steps):
+        raise ValueError("--early-stop-patience counts evaluations: it needs --eval-steps N and no --skip-eval")
+
+
+def improved(metric: str, value: float, best: float | None) -> bool:
+    """Whether `value` beats `best`: the loss is better lower, every caption metric higher."""
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def command_line() -> str:
+    """This process's command as the user typed it, minus the --local_rank the launcher appends."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            args.append(arg)
+    script = os.path.relpath(sys.argv[0]) if os.path.abspath(sys.argv[0]).startswith(os.getcwd()) else sys.argv[0]
+    return shlex.join([script, *args])
+
+
+def training_record(cfg: Config, world_size: int, precision: str) -> dict:
+    """What an adapter records about the run that made it (for its model card)."""
+    micro, accum = cfg.data.micro_batch, cfg.optim.grad_accum
+    return {
+        "data": cfg.data.data, "train_split": cfg.data.train_split, "eval_split": cfg.data.eval_split,
+        "micro_batch": micro, "grad_accum": accum, "world_size": world_size, "global_batch": micro * accum * world_size,
+        "lr": cfg.optim.lr, "precision": precision, "deepspeed": cfg.train.deepspeed,
+        "command": command_line(),
+    }
+
+
+def hparams_of(cfg: Config, world_size: int, total_steps: int, precision: str) -> dict:
+    """The settings that tell runs apart, for TensorBoard's HParams tab."""
+    m, o = cfg.model, cfg.optim
+    return {
+        "model": m.model, "lr": o.lr, "lora_r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
+        "lora_targets": ",".join(m.lora_targets or ["default"]),
+        "qformer_lora_targets": ",".join(m.qformer_lora_targets or []),
+        "vision_lora_targets": ",".join(m.vision_lora_targets or []),
+        "train_qformer": m.train_qformer, "train_query_tokens": m.train_query_tokens,
+        "micro_batch": cfg.data.micro_batch, "grad_accum": o.grad_accum, "world_size": world_size,
+        "global_batch": cfg.data.micro_batch * o.grad_accum * world_size, "steps": total_steps,
+        "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "prompt": cfg.data.prompt,
+        "caption_mode": cfg.data.caption_mode, "num_beams": cfg.eval.num_beams, "seed": cfg.train.seed,
+        "precision": precision, "deepspeed": cfg.train.deepspeed,
+    }
+
+
+def tensorboard_layout(eval_split: str, best_metric: str) -> dict:
+    """Custom Scalars tab: train and validation loss in one chart, then the rest."""
+    group = split_group(eval_split)
+    return {
+        "Training": {
+            "loss: train (window mean) and validation": ["Multiline", ["^Train/loss$", f"^{group}/loss$"]],
+            "learning rate": ["Multiline", ["^Train/lr$"]],
+            f"{best_metric} on {eval_split}": ["Multiline", [f"^{group}/{best_metric}$"]],
+        },
+        "Speed and memory": {
+            "captions/s": ["Multiline", ["^perf/captions_per_s$"]],
+            "peak memory (GiB)": ["Multiline", ["^memory/"]],
+        },
+    }
 
 
 def device_precisions() -> tuple[bool, bool]:
@@ -293,12 +376,16 @@ class Trainer:
         # peft's new LoRA layers are in train mode: train everything from step 1, as after an evaluation.
         self.engine.train()
         self.model = self.engine.module.model
-        self.writer = build_writer(self.out / "tensorboard", self.is_main)
+        # A subfolder, so `tensorboard --logdir OUT/tensorboard` names this run "training" beside others
+        # (e.g. an evaluation of the untrained model in OUT/tensorboard/before-training).
+        self.writer = build_writer(self.out / "tensorboard" / "training", self.is_main)
         self.checkpointer = Checkpointer(self.out, cfg.train.keep_last, self._export_adapter)
         self.state = TrainState()
         self.saved_step = -1  # the step of the checkpoint this run saved or resumed from
         self.stop = StopFlag()
         self.example_log = ExampleLog(self.out / "samples", self.info.rank, cfg.train.sample_log)
+        self.last_eval: dict | None = None  # {"split", "step", "values"} of the latest evaluation
+        self.log_window: list[float] = []   # step losses since the last TensorBoard point
 
     def _export_adapter(self, out_dir: Path) -> None:
         """Collective. Under ZeRO-3 parameters are partitioned: gather them (all of them, since a
@@ -309,7 +396,17 @@ class Trainer:
         params = list(self.model.parameters()) if gather else []
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
             if self.is_main:
-                save_adapter(self.model, self.processor, out_dir, base_name=self.cfg.model.model)
+                save_adapter(self.model, self.processor, out_dir, base_name=self.cfg.model.model,
+                             record=self._adapter_record())
+
+    def _adapter_record(self) -> dict:
+        """Prompt, caption format, generation settings, run facts, and the metrics of this step if evaluated."""
+        step = self.state.step
+        evaluated = self.last_eval if self.last_eval and self.last_eval["step"] == step else None
+        return {
+            "step": step, "caption_format": caption_format_record(self.fmt), "generation": self.cfg.eval.generation(),
+            "training": training_record(self.cfg, self.info.world_size, self.precision), "metrics": evaluated,
+        }
 
     def _write_config(self) -> None:
         placement = dist.rank_placement()
@@ -348,6 +445,7 @@ class Trainer:
         """Returns the process exit code: 0 done, EXIT_PREEMPTED saved after a signal."""
         self._write_config()
         self.resume()
+        self._describe_run_to_tensorboard()
         cfg, plan, state = self.cfg, self.plan, self.state
         if self._run_pending_eval():
             return EXIT_PREEMPTED
@@ -355,7 +453,7 @@ class Trainer:
         bar = tqdm(total=plan.total_steps, initial=state.step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
         meter, window = ThroughputMeter(), []
-        while state.step < plan.total_steps:
+        while state.step < plan.total_steps and not state.stopped_early:
             if state.batch_in_epoch >= plan.micro_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             batches = self.stream.epoch(state.epoch, start_batch=state.batch_in_epoch)
@@ -377,6 +475,8 @@ class Trainer:
                     if self._maybe_stop_or_save():
                         bar.close()
                         return EXIT_PREEMPTED
+                    if state.stopped_early:
+                        break
                 t_wait = time.perf_counter()
             if state.batch_in_epoch == start and state.step < plan.total_steps:
                 raise RuntimeError(f"epoch {state.epoch} yielded no batch after micro-batch {start}: loader bug")
@@ -407,34 +507,49 @@ class Trainer:
         state.losses.append(loss)
         state.examples_seen += cfg.data.micro_batch * cfg.optim.grad_accum * self.info.world_size
         meter.step()
+        # refresh=False: the bar redraws at its own interval (30 s in a log file), not at every step.
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}")
+        self.log_window.append(loss)
         if state.step % cfg.train.log_steps == 0 or state.step == 1:
-            self._log_scalars(loss, meter)
+            self._log_scalars(meter)
             meter.reset()
         if cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0 and state.step < self.plan.total_steps:
             self.evaluate()
+            self._check_early_stop()
 
     def _lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def _log_scalars(self, loss: float, meter: ThroughputMeter) -> None:
+    def _log_scalars(self, meter: ThroughputMeter) -> None:
+        """Train/loss: the mean step loss over the window since the last point (as throughput is)."""
         step = self.state.step
+        finite = [v for v in self.log_window if math.isfinite(v)]
+        self.log_window = []
         grad_norm = self.engine.get_global_grad_norm()
-        values = {"train/loss": loss, "train/lr": self._lr(), "train/epoch": self.state.epoch}
+        values = {"Train/loss": sum(finite) / len(finite) if finite else float("nan"), "Train/lr": self._lr(),
+                  "progress/epoch": self.state.epoch, "progress/captions_seen": self.state.examples_seen}
         if grad_norm is not None:
-            values["train/grad_norm"] = float(grad_norm)
+            values["optim/grad_norm"] = float(grad_norm)
         values.update({f"perf/{k}": v for k, v in meter.summary(self.info.world_size).items()})
-        values["perf/peak_mem_gb"] = peak_memory_gb(self.engine.device)
+        values.update(memory_gib(self.engine.device))
         self.writer.scalars(values, step)
         self.writer.flush()
+
+    def _describe_run_to_tensorboard(self) -> None:
+        """HParams (the settings, ranked by the best metrics) and the custom-scalars layout."""
+        metrics = [f"best/{m}" for m in EVAL_METRICS] + ["best/step", "Train/loss"]
+        self.writer.hparams_start(hparams_of(self.cfg, self.info.world_size, self.plan.total_steps, self.precision),
+                                  metrics)
+        self.writer.layout(tensorboard_layout(self.cfg.data.eval_split, self.cfg.eval.best_metric))
 
     def _maybe_stop_or_save(self) -> bool:
         state = self.state
         if self.stop.agreed():
             self._save_and_stop()
             return True
-        if state.step % self.cfg.train.save_steps == 0 and state.step < self.plan.total_steps:
+        if state.step % self.cfg.train.save_steps == 0 and state.step < self.plan.total_steps \
+                and not state.stopped_early:  # an early stop saves in _finish
             self.checkpointer.save(self.engine, state)
         return False
 
@@ -456,6 +571,7 @@ class Trainer:
         if state.eval_pending:
             self._save_and_stop()
             return True
+        self._check_early_stop()  # the evaluation may have been the one that ends the run
         return False
 
     def evaluate(self) -> dict | None:
@@ -472,11 +588,28 @@ class Trainer:
             dist.print0(f"evaluation at step {self.state.step} interrupted by a stop signal: "
                         "it runs when the run resumes")
             return None
-        key = self.cfg.eval.best_metric
-        if metrics and key in metrics and (self.state.best_metric is None or metrics[key] > self.state.best_metric):
-            self.state.best_metric, self.state.best_step = metrics[key], self.state.step
-            self.checkpointer.save_best(self.state.step, metrics)
+        state, key = self.state, self.cfg.eval.best_metric
+        self.last_eval = {"split": self.cfg.data.eval_split, "step": state.step, "values": metrics}
+        if metrics and key in metrics and improved(key, metrics[key], state.best_metric):
+            state.best_metric, state.best_step, state.evals_since_best = metrics[key], state.step, 0
+            self.writer.scalars({**metrics, "step": state.step}, state.step, prefix="best/")
+            self.checkpointer.save_best(state.step, metrics)
+        else:
+            state.evals_since_best += 1
         return metrics
+
+    def _check_early_stop(self) -> None:
+        """After an evaluation: stop once --early-stop-patience evaluations in a row brought no better
+        --best-metric. Every rank holds the same broadcast metrics, so they agree; the all-reduce makes
+        sure they stop at the same step regardless."""
+        patience, state = self.cfg.train.early_stop_patience, self.state
+        if not patience or self.cfg.train.skip_eval:
+            return
+        if dist.all_reduce_max(1.0 if state.evals_since_best >= patience else 0.0) > 0:
+            state.stopped_early = True
+            dist.print0(f"early stop at step {state.step}: no better {self.cfg.eval.best_metric} in {patience} "
+                        f"evaluations (best {state.best_metric} at step {state.best_step}); best adapter in "
+                        f"{self.out / 'best'}")
 
     def _finish(self) -> int:
         state = self.state
@@ -484,7 +617,8 @@ class Trainer:
         if self.saved_step != state.step:
             self.checkpointer.save(self.engine, state)
             self.saved_step = state.step
-        self.evaluate()
+        if not state.stopped_early:  # an early stop has just evaluated this step
+            self.evaluate()
         if state.eval_pending:  # a stop signal interrupted it: the resumed run evaluates again
             dist.print0(f"signal received during the final evaluation: exiting with {EXIT_PREEMPTED}")
             self.writer.close()
@@ -493,12 +627,9 @@ class Trainer:
             write_json_atomic(self.out / "final_state.json", {
                 "step": state.step, "epoch": state.epoch, "loss_history": state.losses,
                 "examples_seen": state.examples_seen, "best_metric": state.best_metric,
-                "best_step": state.best_step,
+                "best_step": state.best_step, "stopped_early": state.stopped_early,
             })
-        self.writer.hparams(
-            flatten(self.cfg.to_dict()),
-            {"hparam/final_loss": state.losses[-1] if state.losses else float("nan")},
-        )
+        self.writer.hparams_end()
         self.writer.close()
         dist.print0(f"done: {state.step} steps, final loss {state.losses[-1]:.4f}, run in {self.out}")
         return 0
