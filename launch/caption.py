@@ -1,11 +1,15 @@
 """Caption image files with a BLIP-2 base model and, optionally, a fine-tuned adapter.
 
-    python launch/caption.py --model Salesforce/blip2-flan-t5-xl --adapter runs/ft5xl/best photos/*.jpg
-    python launch/caption.py --model tiny-t5 --adapter runs/demo/best some/folder --json
+    python launch/caption.py --adapter runs/ft5xl/best photos/*.jpg         # base: the adapter's
+    python launch/caption.py --model exports/ft5xl photos/ --json           # a merged export
+    python launch/caption.py --adapter runs/demo/best some/folder --do-sample --top-p 0.9 --num-return-sequences 3
+    python launch/caption.py --model exports/flan-t5-xxl --device-map auto photos/   # larger than one GPU
 
 Arguments may be files, folders (their images, recursively) or glob patterns. Prints
-`path<TAB>caption` (or one JSON object per line with --json). Unreadable images are reported on
-stderr by name and skipped; the exit code is 1 if any image failed, 2 if none was captioned.
+`path<TAB>caption` (one line per caption) or one JSON object per image with --json. The prompt
+and generation settings an adapter (or export) recorded at training are used unless a flag says
+otherwise (a warning names each value that differs from training's). Unreadable images are reported
+on stderr by name and skipped; the exit code is 1 if any image failed, 2 if none was captioned.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from blip2_dist.adapters import load_for_inference, recorded_inference, resolve_inference
 from blip2_dist.config import DEFAULT_MODEL
 from blip2_dist.data.stream import CaptionFormat, ImageTransform
-from blip2_dist.adapters import load_for_inference
-from blip2_dist.model import generate_captions
+from blip2_dist.model import generate_captions, input_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -50,28 +54,93 @@ def load_image(path: Path) -> Image.Image:
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--model", default=None, help="base BLIP-2: hub id, local dir, tiny-t5, tiny-opt "
+    p.add_argument("--model", default=None, help="base BLIP-2 or merged export: hub id, local dir, tiny-t5, tiny-opt "
                    "(default: the adapter's base, else Salesforce/blip2-flan-t5-xl)")
     p.add_argument("--adapter", default=None, help="adapter directory saved by training")
-    p.add_argument("--prompt", default="", help="prompt the adapter was trained with")
+    p.add_argument("--prompt", default=None, help="prompt (default: the one recorded at training, else none)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation batch")
-    p.add_argument("--num-beams", type=int, default=5, help="beam search width")
-    p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
-    p.add_argument("--min-length", type=int, default=8, help="shortest caption, in tokens")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    choices=["bfloat16", "float32", "float16"], help="inference dtype")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of path<TAB>caption")
+    g = p.add_argument_group("generation (defaults: what the adapter recorded, else beam 5, 8-30 tokens)")
+    g.add_argument("--num-beams", type=int, default=None, help="beam search width")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest caption, in tokens")
+    g.add_argument("--min-length", type=int, default=None, help="shortest caption, in tokens")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="penalty on repeated tokens (1 = none)")
+    g.add_argument("--length-penalty", type=float, default=None,
+                   help="beam search length penalty (> 1 favours longer captions, < 1 shorter)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of searching (with --top-p: nucleus)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest token set of this "
+                   "total probability (needs --do-sample)")
+    g.add_argument("--num-return-sequences", type=int, default=1,
+                   help="captions per image (at most --num-beams unless sampling)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for --do-sample")
+    d = p.add_argument_group("placement (accelerate): a model larger than one GPU")
+    d.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread the layers over the GPUs, then CPU memory, then disk (--offload-folder)")
+    d.add_argument("--max-memory", nargs="+", default=None, metavar="DEVICE=SIZE",
+                   help="memory per device for --device-map, e.g. 0=20GiB cpu=60GiB")
+    d.add_argument("--offload-folder", default=None, help="where --device-map puts the layers that fit nowhere else")
     return p.parse_args(argv)
+
+
+def given_generation(a: argparse.Namespace) -> dict:
+    """generate() settings the user passed (None = not given: the recorded value applies)."""
+    flags = {"num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens, "min_new_tokens": a.min_length,
+             "repetition_penalty": a.repetition_penalty, "length_penalty": a.length_penalty}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def sampling_options(a: argparse.Namespace, num_beams: int) -> dict:
+    if a.top_p is not None and not a.do_sample:
+        raise SystemExit("error: --top-p applies to sampling: add --do-sample")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise SystemExit(f"error: --top-p must be in (0, 1], got {a.top_p}")
+    if a.num_return_sequences < 1 or (not a.do_sample and a.num_return_sequences > num_beams):
+        raise SystemExit(f"error: --num-return-sequences {a.num_return_sequences} needs --num-beams >= it "
+                         f"(now {num_beams}) or --do-sample")
+    options = {"num_return_sequences": a.num_return_sequences}
+    if a.do_sample:
+        options["do_sample"] = True
+        if a.top_p is not None:
+            options["top_p"] = a.top_p
+    return options
+
+
+def dispatch_options(a: argparse.Namespace) -> dict | None:
+    if a.device_map is None:
+        if a.max_memory or a.offload_folder:
+            raise SystemExit("error: --max-memory and --offload-folder go with --device-map")
+        return None
+    options: dict = {"device_map": a.device_map}
+    if a.max_memory:
+        try:
+            pairs = [item.split("=", 1) for item in a.max_memory]
+            options["max_memory"] = {(int(k) if k.isdigit() else k): v for k, v in pairs}
+        except ValueError:
+            raise SystemExit(f"error: --max-memory wants DEVICE=SIZE items (0=20GiB cpu=60GiB), got {a.max_memory}")
+    if a.offload_folder:
+        options["offload_folder"] = a.offload_folder
+    return options
 
 
 def main(argv=None) -> int:
     a = parse(argv)
+    prompt, generation, notes = resolve_inference(recorded_inference(a.adapter or a.model), prompt=a.prompt,
+                                                  given=given_generation(a))
+    generation.update(sampling_options(a, generation["num_beams"]))
+    dispatch = dispatch_options(a)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     paths = expand_paths(a.images)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_for_inference(a.model or (None if a.adapter else DEFAULT_MODEL), a.adapter, dtype=getattr(torch, a.dtype))
-    model.to(device)
+    model, processor = load_for_inference(a.model or (None if a.adapter else DEFAULT_MODEL), a.adapter,
+                                          dtype=getattr(torch, a.dtype), dispatch=dispatch)
+    if dispatch is None:
+        model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = input_device(model)
     transform = ImageTransform.from_processor(processor)
-    fmt = CaptionFormat.from_processor(processor, model.config, prompt=a.prompt)
+    fmt = CaptionFormat.from_processor(processor, model.config, prompt=prompt)
+    torch.manual_seed(a.seed)
     failed = done = 0
     for start in range(0, len(paths), a.batch_size):
         batch_paths, images = [], []
@@ -84,18 +153,29 @@ def main(argv=None) -> int:
                 failed += 1
         if not images:
             continue
-        pixels = transform.batch_from_pil(images).to(device, model.dtype)
+        pixels = transform.batch_from_pil(images)
         prompts = fmt.encode_prompts(len(images))
-        captions = generate_captions(
-            model, processor, pixels, prompts["input_ids"].to(device), prompts["attention_mask"].to(device),
-            num_beams=a.num_beams, max_new_tokens=a.max_new_tokens, min_new_tokens=a.min_length,
-        )
-        for path, caption in zip(batch_paths, captions):
-            print(json.dumps({"path": str(path), "caption": caption}) if a.json else f"{path}\t{caption}", flush=True)
+        captions = generate_captions(model, processor, pixels, prompts["input_ids"].to(device),
+                                     prompts["attention_mask"].to(device), **generation)
+        n = a.num_return_sequences
+        for i, path in enumerate(batch_paths):
+            mine = captions[i * n : (i + 1) * n]  # generate returns each image's sequences together
+            print_captions(path, mine, a.json)
             done += 1
     if failed:
         print(f"{failed} of {len(paths)} images could not be read", file=sys.stderr)
     return 2 if done == 0 else (1 if failed else 0)
+
+
+def print_captions(path: Path, captions: list[str], as_json: bool) -> None:
+    if as_json:
+        row = {"path": str(path), "caption": captions[0]}
+        if len(captions) > 1:
+            row["captions"] = captions
+        print(json.dumps(row), flush=True)
+    else:
+        for caption in captions:
+            print(f"{path}\t{caption}", flush=True)
 
 
 if __name__ == "__main__":
