@@ -115,14 +115,13 @@ def save_adapter(
 
 
 def caption_format_record(fmt) -> dict:
-    """What an adapter records of a CaptionFormat: the prompt, the caption cap and the token(s)
-    that end every training caption (generation must stop there)."""
-    end_ids = [int(i) for i in fmt.suffix_ids]
+    """What an adapter records of a CaptionFormat: the prompt, the caption cap and the token that ends
+    captions (CaptionFormat.end_id: where the labels end and generation stops)."""
     return {
         "prompt": fmt.prompt,
         "max_caption_tokens": fmt.max_caption_tokens,
-        "end_of_caption": fmt.tokenizer.decode(end_ids),
-        "end_of_caption_ids": end_ids,
+        "end_of_caption": fmt.tokenizer.decode([fmt.end_id]),
+        "end_of_caption_ids": [int(fmt.end_id)],
     }
 
 

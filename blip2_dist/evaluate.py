@@ -139,10 +139,11 @@ def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args
                 raise ExactlyOnceError(f"image {image_id!r} came twice from the stream on rank {dist.get_rank()}")
             preds[image_id] = caption
             refs[image_id] = references
-        if len(gallery) < args.gallery_images:
+        # The gallery shows the split's first images: rank r holds images start.. (contiguous ranges).
+        if stream.start + len(gallery) < args.gallery_images:
             for image_id, pixels in zip(b["image_ids"], b["pixel_values"]):
                 gallery.append((image_id, _to_uint8(pixels, stream.transform)))
-    return preds, refs, gallery[: args.gallery_images], loss
+    return preds, refs, gallery[: max(0, args.gallery_images - stream.start)], loss
 
 
 def _to_uint8(pixels: torch.Tensor, transform: ImageTransform) -> np.ndarray:
@@ -217,13 +218,12 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
                                                        should_stop)
     finally:
         model.train(was_training)
-    gathered = dist.all_gather_object((preds, refs, loss))
+    gathered = dist.all_gather_object((preds, refs, loss, gallery))
     result = None
     if dist.get_rank() == 0:
         context = {"source": source or {}, "prompt": prompt, "run_page": run_page, "t0": t0, "retry": retry}
         try:
-            result = _score_and_write(gathered, data_dir, split, args, fmt, Path(out_dir), step, gallery, writer,
-                                      context)
+            result = _score_and_write(gathered, data_dir, split, args, fmt, Path(out_dir), step, writer, context)
         except Exception as err:  # noqa: BLE001 - the other ranks wait in the broadcast below: tell them
             dist.broadcast_object({"error": f"evaluation at step {step} failed on rank 0: {type(err).__name__}: {err}"})
             raise  # here with its traceback; the other ranks raise EvaluationError with its message
@@ -245,13 +245,14 @@ def _gathered_query_tokens(model, enabled: bool):
     return deepspeed.zero.GatheredParameters([unwrap_blip2(model).query_tokens], modifier_rank=None)
 
 
-def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, gallery, writer, context) -> dict:
+def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, writer, context) -> dict:
     expected = expected_image_ids(data_dir, split, context["retry"])
     if args.max_eval_images:
         expected = expected[: args.max_eval_images]
-    preds, refs = merge_exactly_once([(p, r) for p, r, _ in gathered], expected)
+    preds, refs = merge_exactly_once([(p, r) for p, r, _, _ in gathered], expected)
     scores, info = score_captions_detailed(preds, refs)
-    loss_sum, tokens = sum(l[0] for _, _, l in gathered), sum(l[1] for _, _, l in gathered)
+    loss_sum, tokens = sum(g[2][0] for g in gathered), sum(g[2][1] for g in gathered)
+    gallery = [item for g in gathered for item in g[3]][: args.gallery_images]  # rank order = split order
     metrics = {**scores, "loss": loss_sum / max(tokens, 1)}
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = save_gallery_images(out_dir, gallery)

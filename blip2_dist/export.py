@@ -36,7 +36,7 @@ from transformers import GenerationConfig
 from blip2_dist.adapters import ADAPTER_META, CARD, EXPORT_META, load_for_inference, read_meta
 from blip2_dist.cards import render_card
 from blip2_dist.config import EvalArgs
-from blip2_dist.data.transforms import CaptionFormat
+from blip2_dist.data.transforms import end_of_caption_id
 from blip2_dist.errors import UserError
 from blip2_dist.model import family_of
 
@@ -114,11 +114,11 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 
 
 def end_of_caption_ids(meta: dict, processor, config) -> list[int]:
-    """The token id(s) that end every training caption: as recorded, else what CaptionFormat appends."""
+    """The token id(s) that end captions: as recorded, else end_of_caption_id, the rule labels and generation use."""
     recorded = (meta.get("caption_format") or {}).get("end_of_caption_ids")
     if recorded:
         return [int(i) for i in recorded]
-    return [int(i) for i in CaptionFormat.from_processor(processor, config).suffix_ids]
+    return [end_of_caption_id(config, processor.tokenizer)]
 
 
 def merged_generation_config(model, processor, generation: dict | None, end_ids: list[int]) -> GenerationConfig:
@@ -126,7 +126,7 @@ def merged_generation_config(model, processor, generation: dict | None, end_ids:
     text = model.config.text_config
     settings = {**EvalArgs().generation(), **(generation or {})}
     config = GenerationConfig(
-        bos_token_id=text.bos_token_id, eos_token_id=end_ids[0] if len(end_ids) == 1 else end_ids,
+        bos_token_id=getattr(text, "bos_token_id", None), eos_token_id=end_ids[0] if len(end_ids) == 1 else end_ids,
         pad_token_id=processor.tokenizer.pad_token_id, **settings,
     )
     if family_of(model) == "t5":

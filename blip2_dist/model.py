@@ -382,6 +382,11 @@ def _from_pretrained(
     try:
         placement = dispatch or ({"device_map": {"": device}} if device is not None else {})
         model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype, **placement)
+        if model.query_tokens.device.type == "meta":
+            raise ValueError(
+                f"the device map offloaded {name}'s query_tokens; BLIP-2's generate() reads them outside any "
+                "layer, so they must stay in memory: give the first device more room (max_memory)"
+            )
         processor = Blip2Processor.from_pretrained(path)
     except OSError as err:
         raise ModelNotAvailableError(_unavailable_message(name, err)) from err

@@ -4,6 +4,7 @@
     python launch/caption.py --model exports/ft5xl photos/ --json           # a merged export
     python launch/caption.py --adapter runs/demo/best some/folder --do-sample --top-p 0.9 --num-return-sequences 3
     python launch/caption.py --model exports/flan-t5-xxl --device-map auto photos/   # larger than one GPU
+    python launch/caption.py --model exports/flan-t5-xxl --device-map auto --max-memory 0=20GiB,cpu=60GiB photos/
 
 Arguments may be files, folders (their images, recursively) or glob patterns. Prints
 `path<TAB>caption` (one line per caption) or one JSON object per image with --json. The prompt
@@ -78,8 +79,8 @@ def parse(argv):
     d = p.add_argument_group("placement (accelerate): a model larger than one GPU")
     d.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="spread the layers over the GPUs, then CPU memory, then disk (--offload-folder)")
-    d.add_argument("--max-memory", nargs="+", default=None, metavar="DEVICE=SIZE",
-                   help="memory per device for --device-map, e.g. 0=20GiB cpu=60GiB")
+    d.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                   help="memory per device for --device-map, e.g. 0=20GiB,cpu=60GiB (sizes in bytes or with a unit)")
     d.add_argument("--offload-folder", default=None, help="where --device-map puts the layers that fit nowhere else")
     return p.parse_args(argv)
 
@@ -114,11 +115,10 @@ def dispatch_options(a: argparse.Namespace) -> dict | None:
         return None
     options: dict = {"device_map": a.device_map}
     if a.max_memory:
-        try:
-            pairs = [item.split("=", 1) for item in a.max_memory]
-            options["max_memory"] = {(int(k) if k.isdigit() else k): v for k, v in pairs}
-        except ValueError:
-            raise SystemExit(f"error: --max-memory wants DEVICE=SIZE items (0=20GiB cpu=60GiB), got {a.max_memory}")
+        pairs = [item.split("=", 1) for item in a.max_memory.split(",")]
+        if any(len(pair) != 2 for pair in pairs):
+            raise SystemExit(f"error: --max-memory wants DEVICE=SIZE,... (0=20GiB,cpu=60GiB), got {a.max_memory!r}")
+        options["max_memory"] = {(int(k) if k.isdigit() else k): (int(v) if v.isdigit() else v) for k, v in pairs}
     if a.offload_folder:
         options["offload_folder"] = a.offload_folder
     return options
