@@ -72,6 +72,16 @@ def wait_for(path: Path, timeout: float, proc: subprocess.Popen | None = None) -
         time.sleep(0.2)
 
 
+def load_launch(name: str):
+    """launch/NAME.py as a module, so a test can call its main(argv) in this process (no interpreter start)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 

@@ -1,8 +1,10 @@
 """The trainer end to end: real DeepSpeed ZeRO-2 engines, 2 CPU ranks (gloo), tiny models, synthetic shards.
 
-One uninterrupted reference run (tiny-t5, bf16) is shared by several tests: loss falls, TensorBoard
-scalars, checkpoints, best adapter, a 1-rank run with the same global batch, a SIGTERM'd run
-resumed to the end, and standalone evaluation of the saved adapter.
+One uninterrupted reference run (tiny-t5, bf16, a prompt, evaluations at steps 8, 16, 24) is shared by
+several tests: loss falls, TensorBoard (scalars, HParams, layout, gallery, read back with TensorBoard's
+reader), validation loss, checkpoints, best adapter and its model card, a 1-rank run with the same global
+batch, a SIGTERM'd run resumed to the end, standalone evaluation and captioning with the recorded
+settings, the progress bar in a log file, and a merged export of the trained adapter.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import time
 
 import pytest
 
 from blip2_dist.checkpoint import COMPLETE
 from launch_helpers import (
-    REPO, explain, read_json, read_scalars, run, signal_workers, start, wait_for,
+    REPO, explain, load_launch, read_json, read_scalars, run, signal_workers, start, wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -26,7 +29,9 @@ COMMON = [
     "--max-steps", str(STEPS), "--save-steps", "8", "--keep-last", "5", "--lr", "3e-3",
     "--warmup-steps", "4", "--log-steps", "4", "--seed", "7", "--lora-r", "8",
     "--num-beams", "1", "--max-new-tokens", "12", "--min-length", "1", "--eval-batch", "16",
+    "--prompt", "a picture of",
 ]
+EVAL_STEPS = 8  # the reference run evaluates at 8, 16 and 24
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,11 @@ def train_args(shards, out, model="tiny-t5", micro=8, workers=1, accum=1, extra=
 @pytest.fixture(scope="module")
 def reference_run(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    proc = run("launch/train.py", train_args(shards, out), nproc=2)
+    start = time.monotonic()
+    proc = run("launch/train.py", train_args(shards, out, extra=["--eval-steps", str(EVAL_STEPS)]), nproc=2)
     assert proc.returncode == 0, explain(proc)
+    (out.parent / "ref-launch.json").write_text(json.dumps(
+        {"stderr": proc.stderr, "stdout": proc.stdout, "wall_s": time.monotonic() - start}))
     return out
 
 
@@ -78,15 +86,68 @@ def test_loss_falls_opt_zero2_bf16_two_ranks(shards, tmp_path):
 
 
 def test_tensorboard_scalars_written(reference_run):
-    scalars = read_scalars(reference_run / "tensorboard")
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s",
-                "perf/sec_per_step", "perf/data_wait_frac", "perf/peak_mem_gb", "eval/CIDEr", "eval/BLEU-4"):
+    scalars = read_scalars(reference_run / "tensorboard" / "training")
+    for tag in ("Train/loss", "Train/lr", "optim/grad_norm", "perf/captions_per_s", "perf/tokens_per_s",
+                "perf/sec_per_step", "perf/data_wait_frac", "memory/host_peak_rss_gib", "progress/epoch",
+                "Val/CIDEr", "Val/BLEU-4", "Val/loss", "best/CIDEr", "best/step"):
         assert tag in scalars, f"{tag} missing from TensorBoard; have {sorted(scalars)}"
+    assert not [t for t in scalars if t.startswith("memory/device")]  # CPU run: no device memory to report
+    assert "perf/samples_per_s" not in scalars and "perf/peak_mem_gb" not in scalars
     losses = read_json(reference_run / "final_state.json")["loss_history"]
-    logged = dict(scalars["train/loss"])
-    assert logged[STEPS] == pytest.approx(losses[STEPS - 1], rel=1e-5)
-    lrs = [v for _, v in scalars["train/lr"]]
+    logged = dict(scalars["Train/loss"])
+    # The mean over the log window (--log-steps 4), not the last step's loss.
+    assert logged[STEPS] == pytest.approx(sum(losses[STEPS - 4:]) / 4, rel=1e-6)
+    assert logged[8] == pytest.approx(sum(losses[4:8]) / 4, rel=1e-6) and logged[1] == pytest.approx(losses[0])
+    lrs = [v for _, v in scalars["Train/lr"]]
     assert max(lrs) == pytest.approx(3e-3, rel=0.05) and lrs[-1] < max(lrs)  # warm-up then cosine
+    assert 0 < dict(scalars["memory/host_peak_rss_gib"])[STEPS] < 64  # GiB: a process, not bytes or KiB
+    # TensorBoard sorts tag groups case-sensitively and opens the first two: training, then evaluation.
+    assert sorted({t.split("/")[0] for t in scalars})[:2] == ["Train", "Val"]
+
+
+def test_validation_loss_at_every_eval_step(reference_run):
+    val = dict(read_scalars(reference_run / "tensorboard" / "training")["Val/loss"])
+    assert sorted(val) == [8, 16, 24]
+    for step, value in val.items():
+        results = read_json(reference_run / "eval" / f"{step:08d}" / "results.json")
+        assert value == pytest.approx(results["metrics"]["loss"], rel=1e-6)
+        assert results["loss"]["captions"] == 24 * 5  # every reference caption of the 24 images, once
+    assert val[24] < val[8] - 0.3  # the model learnt the captions
+
+
+def test_hparams_layout_and_gallery_in_tensorboard(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(reference_run / "tensorboard" / "training"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    hp = {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+          for tag, content in acc.PluginTagToContent("hparams").items()}
+    settings = {k: v.number_value or v.string_value for k, v in hp["_hparams_/session_start_info"]
+                .session_start_info.hparams.items()}
+    assert settings["lr"] == pytest.approx(3e-3) and settings["lora_r"] == 8 and settings["model"] == "tiny-t5"
+    assert settings["global_batch"] == 16 and settings["world_size"] == 2 and settings["prompt"] == "a picture of"
+    metrics = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
+    assert {"best/CIDEr", "best/loss", "best/step", "Train/loss"} <= metrics
+    assert hp["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS: the run finished
+    assert acc.PluginTagToContent("custom_scalars")  # the layout: train and validation loss in one chart
+    cards = [t for t in acc.Tags()["images"] if t.startswith("gallery/Val/")]
+    assert len(cards) == 24  # every gallery image (--gallery-images 24), not 4
+    steps = [e.step for e in acc.Images(cards[0])]
+    assert steps == [8, 16, 24] and acc.Images(cards[0])[-1].width == 320
+    from tensorboard.util import tensor_util
+
+    table = [e for e in acc.Tensors("gallery/Val/text_summary")][-1]
+    text = tensor_util.make_ndarray(table.tensor_proto).item().decode()
+    assert "**evaluated** step 24" in text and "| image | generated | CIDEr | references |" in text
+    assert "'a picture of'" in text and "num_beams=1" in text
+
+
+def test_progress_bar_is_not_redrawn_every_step_in_a_log_file(reference_run):
+    launch = read_json(reference_run.parent / "ref-launch.json")
+    draws = launch["stderr"].count("train:")
+    # stderr is a pipe here, as in a Slurm log: a redraw every 30 s plus the first and the last.
+    assert 2 <= draws <= 3 + launch["wall_s"] / 30, draws
 
 
 def test_checkpoints_best_and_eval_outputs(reference_run):
@@ -97,6 +158,7 @@ def test_checkpoints_best_and_eval_outputs(reference_run):
     assert (ckpts / "step_00000024" / "adapter" / "adapter_config.json").exists()
     best = reference_run / "best"
     assert (best / "adapter_config.json").exists() and "CIDEr" in read_json(best / "metrics.json")
+    assert (reference_run / "gallery.html").read_text().count("<th><a href='eval/") == 3  # one column a step
     results = read_json(reference_run / "eval" / f"{STEPS:08d}" / "results.json")
     assert results["images"] == 24 and set(results["metrics"]) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     assert (reference_run / "eval" / f"{STEPS:08d}" / "gallery.html").stat().st_size > 1000
@@ -148,14 +210,19 @@ def test_resume_with_another_launch_shape(shards, reference_run, tmp_path):
 
 
 def test_standalone_evaluate_reproduces_training_eval(shards, reference_run, tmp_path):
+    # No --prompt and no generation flags: the adapter's recorded ones reproduce the training evaluation.
     adapter = reference_run / "checkpoints" / "step_00000024" / "adapter"
-    proc = run("launch/evaluate.py", ["--model", "tiny-t5", "--adapter", str(adapter), "--data", str(shards),
-                                      "--split", "val", "--output-dir", str(tmp_path), "--num-beams", "1",
-                                      "--max-new-tokens", "12", "--min-length", "1", "--eval-batch", "16"], nproc=2)
+    proc = run("launch/evaluate.py", ["--adapter", str(adapter), "--data", str(shards), "--split", "val",
+                                      "--output-dir", str(tmp_path), "--eval-batch", "16"], nproc=2)
     assert proc.returncode == 0, explain(proc)
+    assert "warning" not in proc.stdout + proc.stderr.replace("warnings.warn", "")
     standalone = read_json(tmp_path / "predictions.json")
     in_training = read_json(reference_run / "eval" / f"{STEPS:08d}" / "predictions.json")
     assert standalone == in_training
+    results = read_json(tmp_path / "results.json")
+    assert results["prompt"] == "a picture of" and results["step"] == STEPS
+    training = read_json(reference_run / "eval" / f"{STEPS:08d}" / "results.json")
+    assert results["metrics"]["loss"] == pytest.approx(training["metrics"]["loss"], rel=1e-6)
 
 
 def test_bad_arguments_fail_fast(shards, tmp_path):
@@ -175,11 +242,13 @@ def test_caption_command_on_trained_adapter(reference_run, shards, tmp_path):
         for m in jpgs:
             (tmp_path / m.name).write_bytes(tar.extractfile(m).read())
     (tmp_path / "broken.jpg").write_bytes((tmp_path / jpgs[0].name).read_bytes()[:200])  # truncated
-    args = ["--model", "tiny-t5", "--adapter", str(reference_run / "best"), "--num-beams", "1",
+    last = reference_run / "checkpoints" / f"step_{STEPS:08d}" / "adapter"  # best/ may be an early, weak one
+    args = ["--model", "tiny-t5", "--adapter", str(last), "--num-beams", "1",
             "--max-new-tokens", "8", "--min-length", "1", "--batch-size", "2"]
     proc = run("launch/caption.py", [*args, str(tmp_path)], nproc=1, timeout=300)
     assert proc.returncode == 1, explain(proc)  # one image failed
-    lines = [l.split("\t") for l in proc.stdout.strip().splitlines()]
+    assert "max_new_tokens=8 differs from the recorded max_new_tokens=12" in proc.stderr
+    lines = [l.split("\t", 1) for l in proc.stdout.splitlines() if l.strip()]
     assert sorted(p.rsplit("/", 1)[1] for p, _ in lines) == sorted(m.name for m in jpgs)
     assert all(caption.strip() for _, caption in lines)
     assert "broken.jpg" in proc.stderr
@@ -216,3 +285,65 @@ def test_activation_checkpointing_and_unfused_adamw_match_the_plain_run(shards, 
     a = read_json(tmp_path / "a" / "final_state.json")["loss_history"]
     b = read_json(tmp_path / "b" / "final_state.json")["loss_history"]
     assert len(a) == 4 and b == pytest.approx(a, rel=1e-5)
+
+
+def test_best_adapter_records_settings_and_has_a_model_card(reference_run):
+    best = reference_run / "best"
+    meta = read_json(best / "blip2_dist_adapter.json")
+    step = read_json(best / "metrics.json")["step"]
+    assert meta["step"] == step and meta["caption_format"]["prompt"] == "a picture of"
+    assert meta["caption_format"]["end_of_caption"] == "</s>"
+    assert meta["generation"] == {"num_beams": 1, "max_new_tokens": 12, "min_new_tokens": 1,
+                                  "repetition_penalty": 1.0, "length_penalty": 1.0}
+    assert meta["metrics"]["split"] == "val" and meta["metrics"]["step"] == step
+    assert meta["metrics"]["values"]["CIDEr"] == read_json(best / "metrics.json")["CIDEr"]
+    assert meta["training"]["global_batch"] == 16 and "--max-steps 24" in meta["training"]["command"]
+    card = (best / "README.md").read_text()
+    for needle in ("tiny-t5", "trained on split `train`", "evaluated on `val`", "r=8, alpha=32", '"a picture of"',
+                   "num_beams=1", "Split `val`", f"step {step}", "launch/train.py --deepspeed", "| CIDEr |"):
+        assert needle in card, needle
+    # A checkpoint's adapter is carded too; metrics only when that step was evaluated.
+    assert "Not evaluated at this step" not in (reference_run / "checkpoints" / "step_00000016" / "adapter"
+                                                / "README.md").read_text()
+
+
+def test_early_stop_flag_checks_and_direction():
+    from blip2_dist.config import parse_config
+    from blip2_dist.train import improved, validate_eval_plan
+
+    for flags, message in ((["--early-stop-patience", "2"], "needs --eval-steps"),
+                           (["--early-stop-patience", "2", "--eval-steps", "5", "--skip-eval"], "no --skip-eval"),
+                           (["--early-stop-patience", "-1"], ">= 0"),
+                           (["--best-metric", "cider"], "--best-metric 'cider' is not one of")):
+        with pytest.raises(ValueError, match=message):
+            validate_eval_plan(parse_config(flags, "t"))
+    validate_eval_plan(parse_config(["--early-stop-patience", "2", "--eval-steps", "5"], "t"))
+    assert improved("loss", 1.0, 2.0) and not improved("loss", 2.0, 1.0) and not improved("loss", 1.0, 1.0)
+    assert improved("CIDEr", 2.0, 1.0) and not improved("CIDEr", 1.0, 1.0) and improved("CIDEr", 0.0, None)
+
+
+def test_export_of_the_trained_adapter_captions_like_it(reference_run, shards, tmp_path, capsys):
+    import tarfile
+
+    import torch
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    with tarfile.open(sorted(shards.glob("test-*.tar"))[0]) as tar:
+        for m in [m for m in tar if m.name.endswith(".jpg")][:4]:
+            (tmp_path / m.name).write_bytes(tar.extractfile(m).read())
+    images = sorted(tmp_path.glob("*.jpg"))
+    out, adapter = tmp_path / "merged", reference_run / "checkpoints" / f"step_{STEPS:08d}" / "adapter"
+    # The commands' main() in this process (test_export.py runs the plain side in a fresh interpreter).
+    assert load_launch("export").main(["--adapter", str(adapter), "--out", str(out), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert load_launch("caption").main(["--adapter", str(adapter), "--dtype", "float32", *map(str, images)]) == 0
+    ours = [line.split("\t", 1)[1] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(ours) == len(images) and any(ours)
+    model = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    processor = Blip2Processor.from_pretrained(out)
+    inputs = processor(images=[Image.open(p).convert("RGB") for p in images], text=["a picture of"] * len(images),
+                       return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, generation_config=model.generation_config)
+    assert [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)] == ours
