@@ -590,6 +590,9 @@ class Trainer:
             return None
         state, key = self.state, self.cfg.eval.best_metric
         self.last_eval = {"split": self.cfg.data.eval_split, "step": state.step, "values": metrics}
+        if metrics and key not in metrics:
+            dist.print0(f"warning: --best-metric {key} was not computed in this evaluation (see results.json "
+                        "'scoring'): no best adapter from it")
         if metrics and key in metrics and improved(key, metrics[key], state.best_metric):
             state.best_metric, state.best_step, state.evals_since_best = metrics[key], state.step, 0
             self.writer.scalars({**metrics, "step": state.step}, state.step, prefix="best/")
