@@ -47,7 +47,12 @@ def _title(meta: dict, kind: str) -> str:
 
 
 def _code(value: Any) -> str:
-    return "`" + json.dumps(value, ensure_ascii=False) + "`" if isinstance(value, str) else f"`{value}`"
+    return f"`{value}`"
+
+
+def _quoted(text: str) -> str:
+    """A string that may be empty or hold "\n": shown JSON-quoted, so both are visible."""
+    return "`" + json.dumps(text, ensure_ascii=False) + "`"
 
 
 def _lora_line(lora: dict | None, extras: list[str]) -> str:
@@ -76,9 +81,9 @@ def _facts(meta: dict, kind: str) -> str:
         rows.append(("optimizer", f"lr {training.get('lr')}, {training.get('precision')}, "
                                   f"DeepSpeed {_code(training.get('deepspeed'))}"))
     rows.append(("LoRA", _lora_line(meta.get("lora"), meta.get("extras") or [])))
-    rows.append(("prompt", _code(fmt.get("prompt", "")) + " (pass it as the processor's `text`)"))
+    rows.append(("prompt", _quoted(fmt.get("prompt", "")) + " (pass it as the processor's `text`)"))
     if "end_of_caption" in fmt:
-        rows.append(("end of caption", f"{_code(fmt['end_of_caption'])} (token ids {fmt.get('end_of_caption_ids')})"))
+        rows.append(("end of caption", f"{_quoted(fmt['end_of_caption'])} (token ids {fmt.get('end_of_caption_ids')})"))
     if meta.get("generation"):
         rows.append(("generation", ", ".join(f"{k}={v}" for k, v in meta["generation"].items())))
     if training.get("command"):

@@ -95,7 +95,10 @@ def _adapter_meta(adapter: Path) -> dict:
     if not (adapter / ADAPTER_META).is_file():
         raise UserError(f"--adapter {adapter}: no {ADAPTER_META}, so its base model is unknown "
                         "(export adapters saved by blip2-dist training)")
-    return read_meta(adapter)
+    meta = read_meta(adapter)
+    if meta.get("random_init"):
+        raise UserError(f"--adapter {adapter} was trained on a random-init base (benchmarks only): nothing to export")
+    return meta
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:

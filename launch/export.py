@@ -17,6 +17,7 @@ import sys
 
 from blip2_dist.errors import EXIT_ERROR, UserError
 from blip2_dist.export import DTYPES, export_merged
+from blip2_dist.model import ModelNotAvailableError
 
 
 def parse(argv):
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "launch/export.py", *argv])
     try:
         out = export_merged(a.adapter, a.out, dtype=DTYPES[a.dtype], overwrite=a.overwrite, command=command)
-    except UserError as e:
+    except (UserError, ModelNotAvailableError) as e:  # a bad folder, or a base that is not on this machine
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     print(f"merged model in {out}: Blip2ForConditionalGeneration.from_pretrained({str(out)!r}); "

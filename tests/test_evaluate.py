@@ -115,27 +115,18 @@ def test_java_missing_still_scores(seven, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_zero3_training_eval_keeps_ranks_in_lockstep_and_stops_early(seven, tmp_path):
+def test_zero3_training_eval_keeps_ranks_in_lockstep(seven, tmp_path):
     # eval batch 1 over 7 images: rank 0 generates 4 batches, rank 1 only 3, under ZeRO-3 where
     # every forward gathers parameters collectively. Without lock-step this hangs.
-    # Early stopping in the same run: lr 0 changes nothing, so the evaluation at step 2 is no better
-    # than the one at step 1; patience 1 stops both ranks at step 2 of 8, best/ from step 1.
     args = ["--deepspeed", "ds_configs/zero3.json", "--model", "tiny-t5", "--data", str(seven),
-            "--output-dir", str(tmp_path), "--max-steps", "8", "--micro-batch", "4", "--num-workers", "0",
+            "--output-dir", str(tmp_path), "--max-steps", "3", "--micro-batch", "4", "--num-workers", "0",
             "--save-steps", "100", "--warmup-steps", "1", "--num-beams", "1", "--max-new-tokens", "6",
-            "--min-length", "1", "--eval-batch", "1", "--eval-steps", "1", "--early-stop-patience", "1",
-            "--lr", "0", "--best-metric", "loss"]
+            "--min-length", "1", "--eval-batch", "1"]
     proc = run("launch/train.py", args, nproc=2, timeout=600)
     assert proc.returncode == 0, explain(proc)
-    for step in (1, 2):
-        assert read_json(tmp_path / "eval" / f"{step:08d}" / "results.json")["images"] == 7
-    assert "early stop at step 2: no better loss in 1 evaluations" in proc.stdout
-    assert (proc.stdout + proc.stderr).count("exits successfully") == 2  # both ranks ended together
-    final = read_json(tmp_path / "final_state.json")
-    assert final["stopped_early"] is True and final["step"] == 2 and final["best_step"] == 1
-    assert read_json(tmp_path / "best" / "metrics.json")["step"] == 1
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["00000001", "00000002"]  # none after the stop
-    adapter = tmp_path / "checkpoints" / "step_00000002" / "adapter"
+    results = read_json(tmp_path / "eval" / "00000003" / "results.json")
+    assert results["images"] == 7 and results["loss"]["captions"] == 7 * 5  # the loss took lock-step too
+    adapter = tmp_path / "checkpoints" / "step_00000003" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16
     from safetensors.torch import load_file

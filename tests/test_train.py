@@ -307,6 +307,22 @@ def test_best_adapter_records_settings_and_has_a_model_card(reference_run):
                                                 / "README.md").read_text()
 
 
+def test_early_stop_all_ranks_together_best_kept(shards, tmp_path):
+    # lr 0: nothing changes, so the evaluation at step 2 is no better than the one at step 1 (the loss,
+    # lower is better, is equal); patience 1 stops both ranks at step 2 of 20, best/ from step 1.
+    extra = ["--lr", "0", "--eval-steps", "1", "--early-stop-patience", "1", "--best-metric", "loss",
+             "--max-eval-images", "2", "--max-steps", "20", "--save-steps", "100", "--num-workers", "0"]
+    proc = run("launch/train.py", train_args(shards, tmp_path, micro=4, extra=extra), nproc=2, timeout=600)
+    assert proc.returncode == 0, explain(proc)
+    assert "early stop at step 2: no better loss in 1 evaluations" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("exits successfully") == 2  # both ranks ended together
+    final = read_json(tmp_path / "final_state.json")
+    assert final["stopped_early"] is True and final["step"] == 2 and final["best_step"] == 1
+    assert read_json(tmp_path / "best" / "metrics.json")["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["00000001", "00000002"]  # none after it
+    assert (tmp_path / "checkpoints" / "step_00000002" / COMPLETE).exists()
+
+
 def test_early_stop_flag_checks_and_direction():
     from blip2_dist.config import parse_config
     from blip2_dist.train import improved, validate_eval_plan
