@@ -76,7 +76,7 @@ def fine_tuned_adapter(base_dir, out_dir, seed: int):
             if param.requires_grad:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     fmt = CaptionFormat.from_processor(processor, model.config, prompt=PROMPT)
-    record = {"step": 100, "caption_format": A.caption_format_record(fmt, model.config), "generation": GENERATION,
+    record = {"step": 100, "caption_format": A.caption_format_record(fmt), "generation": GENERATION,
               "metrics": {"split": "val", "step": 100, "values": {"CIDEr": 0.5, "loss": 2.0}}}
     return A.save_adapter(peft_model.eval(), processor, out_dir, base_name=str(base_dir), record=record)
 

@@ -170,7 +170,7 @@ def test_zero2_reduces_and_accumulates_gradients_in_fp32(t5_probe, opt_run):
 
 
 def test_lr_stays_above_zero_after_warmup_without_a_scheduler_section(opt_run):
-    lrs = dict(read_scalars(opt_run[0] / "tensorboard")["train/lr"])
+    lrs = dict(read_scalars(opt_run[0] / "tensorboard" / "training")["Train/lr"])
     assert len(lrs) == STEPS
     peak = max(lrs.values())
     assert peak == pytest.approx(2e-2, rel=1e-3)
