@@ -2,6 +2,15 @@
 
     raise UserError("--save-steps must be >= 1, got 0")   # one line for the user, no traceback
     hard_exit(EXIT_PEER_LOST)                             # flush, SIGKILL own children, os._exit
+    if __name__ == "__main__":
+        run_main(main)                                    # every entry point ends through this
+
+`run_main` turns whatever ends `main` (a return code, any exception, Ctrl-C) into one line on
+stderr and an exit through `hard_exit`, so no process of a job outlives an error: a rank that
+raised exits 1 with its message; a rank whose collective failed because another rank died exits 76
+with a short line; tracebacks only with --debug or BLIP2_DEBUG=1. Before the process group starts
+every rank runs the same checks and meets the same error, so only the first rank of each node
+prints it; afterwards the rank that failed prints it, prefixed with its rank.
 
 Exit codes (launch/slurm/train.sbatch requeues on some of them):
   0   done
@@ -23,19 +32,46 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
-from typing import NoReturn
+import time
+import traceback
+from typing import Callable, NoReturn
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
 EXIT_PEER_LOST = 76
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+DEBUG_ENV = "BLIP2_DEBUG"
+# A rank that lost a peer waits this long before exiting, so that the rank with the real error is
+# the first to exit: the deepspeed launcher polls every second and exits with the first non-zero
+# code it sees, which should be that rank's 1 rather than this rank's 76.
+PEER_LOST_GRACE_S = 3.0
 
 
 class UserError(Exception):
-    """A problem the user can fix, stated in one line that names the flag, file or sample."""
+    """A problem the user can fix, stated in one line that names the flag, file or sample.
+    `exit_code` is what the process exits with (EXIT_ERROR unless given)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UsageError(UserError):
+    """A bad command line (what argparse reports): exit code 2."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_USAGE)
+
+
+class AgreedError(UserError):
+    """Raised on every rank at once, after the ranks agreed on it (e.g. a non-finite loss):
+    printed once, by rank 0, like the errors found before the process group starts."""
 
 
 def child_pids() -> list[int]:
@@ -102,3 +138,150 @@ def hard_exit(code: int, message: str | None = None) -> NoReturn:
             pass
     kill_children()
     os._exit(code)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG).
+
+    For DataLoader workers: they ignore SIGTERM so that Slurm's signals don't kill them before
+    their rank has saved, so nothing else would end them if their rank were SIGKILLed (the OOM
+    killer, a node agent). The death signal follows the parent *thread* that started the worker,
+    the rank's main thread here. If the parent is already gone, exit at once."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the rank's hard_exit still kills its workers
+        return
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(EXIT_PEER_LOST)
+
+
+# ---- the entry points' exit path ---------------------------------------------------------------
+
+
+def debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def _env_int(*names: str) -> int:
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _process_group():
+    """torch.distributed when a process group is up, else None (torch is not imported here)."""
+    td = sys.modules.get("torch.distributed")
+    try:
+        return td if td is not None and td.is_available() and td.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a broken torch state means no usable group
+        return None
+
+
+_PEER_LOST_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
+                    "timed out", "NCCL communicator was aborted")
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another rank is gone (or stuck past the timeout)."""
+    td = _process_group()
+    if td is None:
+        return False
+    if isinstance(exc, getattr(td, "DistError", ())):  # DistBackendError (NCCL), DistNetworkError, ...
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text) and any(
+        word in text for word in _PEER_LOST_WORDS)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an exception, without the traceback a DataLoader worker wraps it in."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        prefix = f"{type(exc).__name__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return text
+
+
+def exit_for(exc: BaseException) -> tuple[int, str | None]:
+    """(exit code, one-line message) for whatever ended an entry point's main."""
+    if isinstance(exc, SystemExit):  # sys.exit(n), argparse's --help
+        code = exc.code
+        if code is None or isinstance(code, int):
+            return code or EXIT_OK, None
+        return EXIT_ERROR, str(code)
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
+    if isinstance(exc, UserError):
+        return exc.exit_code, one_line(exc)
+    text = one_line(exc)
+    if is_peer_lost(exc):
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(exc).__name__)
+        return EXIT_PEER_LOST, f"another rank exited or was lost ({first.split('. ')[0][:160]})"
+    first = text.splitlines()[0] if text else "(no message)"
+    return EXIT_ERROR, f"{type(exc).__name__}: {first}"
+
+
+def _printed_here(exc: BaseException) -> bool:
+    """Before the process group every rank meets the same error: the first rank of each node
+    prints it. Afterwards the rank that failed prints it, except errors all ranks agreed on."""
+    agreed = isinstance(exc, (AgreedError, KeyboardInterrupt))
+    if _process_group() is None or agreed:
+        return _env_int("LOCAL_RANK", "SLURM_LOCALID") == 0
+    return True
+
+
+def _rank_prefix() -> str:
+    td = _process_group()
+    if td is not None:
+        return f"rank {td.get_rank()}: " if td.get_world_size() > 1 else ""
+    rank = _env_int("RANK", "SLURM_PROCID")
+    return f"rank {rank}: " if rank else ""
+
+
+def _close_progress_bars() -> None:
+    """End a tqdm bar's line, so the message starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - cosmetic only
+            pass
+
+
+def report(exc: BaseException, code: int, message: str | None, debug: bool) -> None:
+    """Print what ended the process: one line, or the traceback too with --debug."""
+    if message is None or not _printed_here(exc):
+        return
+    _close_progress_bars()
+    if debug and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        traceback.print_exception(exc, file=sys.stderr)
+    hint = ""
+    if not debug and code == EXIT_ERROR and not isinstance(exc, UserError):
+        hint = f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
+    kind = "stopped" if code in (EXIT_PEER_LOST, EXIT_INTERRUPTED) else "error"
+    print(f"{_rank_prefix()}{kind}: {message}{hint}", file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> NoReturn:
+    """Run an entry point's `main(argv)` and end the process through `hard_exit`, whatever happens
+    (see the module docstring). `main` returns the exit code (None = 0)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = main(argv)
+    except BaseException as exc:  # noqa: BLE001 - everything ends here, Ctrl-C included
+        code, message = exit_for(exc)
+        try:
+            report(exc, code, message, debug_requested(argv))
+            if code == EXIT_PEER_LOST:
+                time.sleep(PEER_LOST_GRACE_S)
+        except BaseException:  # noqa: BLE001 - a second Ctrl-C or a broken stream: exit anyway
+            pass
+        hard_exit(code, message)
+    hard_exit(EXIT_OK if code is None else int(code))
