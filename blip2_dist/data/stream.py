@@ -119,6 +119,7 @@ from blip2_dist.data.reader import (
 )
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
+from blip2_dist.errors import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -481,16 +482,19 @@ def _loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 2
     return DataLoader(
         dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers,
         prefetch_factor=prefetch_factor, persistent_workers=False, multiprocessing_context=mp_context,
-        worker_init_fn=_ignore_preemption_signals,
+        worker_init_fn=partial(_init_worker, parent=os.getpid()),
     )
 
 
-def _ignore_preemption_signals(worker_id: int) -> None:
+def _init_worker(worker_id: int, parent: int) -> None:
     """SLURM signals every process of a job step (scancel --signal, srun forwarding). A worker
     killed by SIGUSR1/SIGTERM would crash the trainer before it saves, so workers ignore them;
-    the trainer handles them and shuts its workers down (they also exit when it dies)."""
+    the trainer handles them and shuts its workers down. So that a worker never outlives its rank
+    (a rank SIGKILLed, or one ending through errors.hard_exit), the kernel kills it when its rank
+    dies."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(parent)
 
 
 def _to_torch(wire: dict, transform: ImageTransform, normalize: bool, pin_memory: bool) -> dict:
