@@ -5,6 +5,9 @@ the same in every entry point. A config file (JSON or YAML) is nested by section
 (`{"model": {"lora_r": 8}, "optim": {"lr": 1e-4}}`); unknown keys are rejected. The resolved
 config is written into the run directory by the trainer.
 
+A field's allowed range sits in its metadata (`min`, `gt`, `max`, `lt`); `check_values` checks
+every field's type and range, for flags and config-file values alike, before anything is loaded.
+
 DeepSpeed JSON files may hold "auto" values; `fill_deepspeed_config` replaces them from these
 settings the way the Hugging Face Trainer does.
 """
@@ -17,6 +20,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from blip2_dist.errors import UsageError, UserError
 
 DEFAULT_MODEL = "Salesforce/blip2-flan-t5-xl"  # the project default base
 
@@ -31,9 +36,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelArgs:
     model: str = _f(DEFAULT_MODEL, "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt")
     random_init: bool = _f(False, "build the named architecture with random weights, no download (benchmarks only)")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.05, "dropout on the LoRA path")
+    lora_r: int = _f(16, "LoRA rank", min=1)
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", min=1)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA path", min=0.0, lt=1.0)
     lora_targets: list[str] | None = _f(None, "language-model modules to adapt (default T5: q v; OPT: q_proj v_proj)", nargs="+")
     qformer_lora_targets: list[str] | None = _f(None, "Q-Former modules to adapt with LoRA too (e.g. query value)", nargs="+")
     vision_lora_targets: list[str] | None = _f(None, "vision-encoder modules to adapt with LoRA too (e.g. qkv)", nargs="+")
@@ -54,39 +59,39 @@ class DataArgs:
                            "pipe: command error, stall) retried with backoff before the run stops naming the URL")
     train_split: str = _f("train", "split to train on")
     eval_split: str = _f("val", "split to evaluate on during training")
-    micro_batch: int = _f(16, "captions per micro-batch per rank")
-    num_workers: int = _f(2, "loader worker processes per rank (0 = in the main process)")
+    micro_batch: int = _f(16, "captions per micro-batch per rank", min=1)
+    num_workers: int = _f(2, "loader worker processes per rank (0 = in the main process)", min=0)
     caption_mode: str = _f("all", "all: every caption once per epoch; random: one random caption per image per epoch", choices=["all", "random"])
     prompt: str = _f("", 'text prompt before the caption (LAVIS uses "a photo of")')
-    max_caption_tokens: int = _f(64, "captions longer than this many tokens are truncated (counted)")
-    shuffle_buffer: int = _f(1000, "images in each worker's shuffle buffer")
+    max_caption_tokens: int = _f(64, "captions longer than this many tokens are truncated (counted)", min=1)
+    shuffle_buffer: int = _f(1000, "images in each worker's shuffle buffer", min=1)
     augment: bool = _f(False, "training-time image augmentation (off by default: flips contradict left/right captions)")
 
 
 @dataclass
 class OptimArgs:
-    lr: float = _f(1e-4, "peak learning rate (fills DeepSpeed's \"auto\")")
-    weight_decay: float = _f(0.05, "AdamW weight decay; never applied to biases and norms")
-    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas", nargs=2)
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
-    warmup_steps: int = _f(100, "linear warm-up steps (optimizer steps)")
-    min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    lr: float = _f(1e-4, "peak learning rate (fills DeepSpeed's \"auto\")", gt=0.0)
+    weight_decay: float = _f(0.05, "AdamW weight decay; never applied to biases and norms", min=0.0)
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas", nargs=2, min=0.0, lt=1.0)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
+    warmup_steps: int = _f(100, "linear warm-up steps (optimizer steps)", min=0)
+    min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio", min=0.0, max=1.0)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", min=0.0)
     fused_adamw: str = _f("auto", "torch's fused AdamW kernel: auto (on CUDA), on, off", choices=["auto", "on", "off"])
 
 
 @dataclass
 class EvalArgs:
-    num_beams: int = _f(5, "beam search width")
-    max_new_tokens: int = _f(30, "longest caption generated")
-    min_length: int = _f(8, "shortest caption generated, in tokens")
-    repetition_penalty: float = _f(1.0, "generation repetition penalty")
+    num_beams: int = _f(5, "beam search width", min=1)
+    max_new_tokens: int = _f(30, "longest caption generated", min=1)
+    min_length: int = _f(8, "shortest caption generated, in tokens", min=0)
+    repetition_penalty: float = _f(1.0, "generation repetition penalty", gt=0.0)
     length_penalty: float = _f(1.0, "beam search length penalty (> 1 favours longer captions, < 1 shorter)")
-    eval_batch: int = _f(16, "images per generation batch per rank")
-    max_eval_images: int = _f(0, "evaluate only the first N images of the split (0 = all)")
+    eval_batch: int = _f(16, "images per generation batch per rank", min=1)
+    max_eval_images: int = _f(0, "evaluate only the first N images of the split (0 = all)", min=0)
     best_metric: str = _f("CIDEr", "metric that picks the best checkpoint (loss: the validation loss, lower is better)")
-    gallery_images: int = _f(24, "images shown in the HTML gallery and TensorBoard")
+    gallery_images: int = _f(24, "images shown in the HTML gallery and TensorBoard", min=0)
 
     def generation(self) -> dict[str, Any]:
         """The settings as `generate` keyword arguments (min_length counts caption tokens: min_new_tokens)."""
@@ -109,15 +114,16 @@ class TrainArgs:
     deepspeed: str = _f("ds_configs/zero2.json", "DeepSpeed JSON config (\"auto\" values are filled from these flags)")
     allow_fp16_t5: bool = _f(False, "train a FLAN-T5 model in fp16 although its activations overflow fp16 "
                              "(transformers issue 23918); without it fp16 + T5 is refused")
-    epochs: int = _f(1, "epochs to train (ignored when --max-steps is set)")
-    max_steps: int = _f(0, "optimizer steps to train (0 = use --epochs)")
-    save_steps: int = _f(500, "checkpoint every N optimizer steps (and at the end)")
-    eval_steps: int = _f(0, "evaluate every N optimizer steps (0 = only at the end)")
-    keep_last: int = _f(2, "checkpoints kept (the best adapter is kept apart)")
-    resume: str = _f("", "auto (latest complete checkpoint, if any) or a checkpoint path")
+    epochs: int = _f(1, "epochs to train (ignored when --max-steps is set)", min=1)
+    max_steps: int = _f(0, "optimizer steps to train (0 = use --epochs)", min=0)
+    save_steps: int = _f(500, "checkpoint every N optimizer steps (and at the end)", min=1)
+    eval_steps: int = _f(0, "evaluate every N optimizer steps (0 = only at the end)", min=0)
+    keep_last: int = _f(2, "checkpoints kept (the best adapter is kept apart)", min=1)
+    resume: str = _f("", "auto (the newest usable checkpoint in --output-dir, else a fresh start, said "
+                     "loudly), a step number (its checkpoint in --output-dir), or a checkpoint path")
     seed: int = _f(42, "seed for data order, LoRA init and dropout")
-    log_steps: int = _f(10, "TensorBoard scalars every N optimizer steps")
-    max_nonfinite: int = _f(0, "micro-batches with a NaN/inf loss skipped before the run stops")
+    log_steps: int = _f(10, "TensorBoard scalars every N optimizer steps", min=1)
+    max_nonfinite: int = _f(0, "micro-batches with a NaN/inf loss skipped before the run stops", min=0)
     skip_eval: bool = _f(False, "no evaluation during or after training")
     dist_timeout: float = _f(600.0, "seconds a collective waits for the other ranks before this rank fails (exit 76)")
     heartbeat_timeout: float = _f(60.0, "seconds a dead or cut-off rank is waited for before all ranks exit 76 (0 = off)")
@@ -151,6 +157,50 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+RANGE_KEYS = {"min": ">=", "gt": ">", "max": "<=", "lt": "<"}
+DEBUG_HELP = "print tracebacks of errors (also: BLIP2_DEBUG=1)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting: the entry point's
+    `errors.run_main` prints it once, not once per rank."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (usage: {self.prog} --help)")
+
+
+def _check_type(flag: str, kind: Any, value: Any) -> None:
+    text = str(kind)
+    if value is None and "None" in text:
+        return
+    numeric = (int, float) if "float" in text else (int,) if "int" in text else None
+    items = value if text.startswith("list") and isinstance(value, list) else [value]
+    for item in items:
+        if numeric is not None and (isinstance(item, bool) or not isinstance(item, numeric)):
+            raise UsageError(f"{flag} must be {'a number' if float in numeric else 'an integer'}, got {item!r}")
+        if kind is bool and not isinstance(item, bool):
+            raise UsageError(f"{flag} must be true or false, got {item!r}")
+        if kind is str and not isinstance(item, str):
+            raise UsageError(f"{flag} must be a string, got {item!r}")
+
+
+def check_values(section_obj: Any) -> None:
+    """Type and range of every field of a section (flags and config-file values alike): a bad one
+    is a UsageError naming the flag, before any model or process group exists."""
+    hints = get_type_hints(type(section_obj))
+    for f in dataclasses.fields(section_obj):
+        flag, value = _flag(f.name), getattr(section_obj, f.name)
+        _check_type(flag, hints[f.name], value)
+        for item in value if isinstance(value, list) else [value]:
+            for key, op in RANGE_KEYS.items():
+                bound = f.metadata.get(key)
+                if bound is None or item is None:
+                    continue
+                ok = {"min": item >= bound, "gt": item > bound, "max": item <= bound, "lt": item < bound}[key]
+                if not ok:
+                    raise UsageError(f"{flag} must be {op} {bound}, got {item}")
+
+
 def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     """One flag per field, defaults suppressed so we can tell what the user actually set."""
     group = parser.add_argument_group(title)
@@ -160,6 +210,8 @@ def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str) -> 
         help_text = meta.pop("help")
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for key in RANGE_KEYS:
+            meta.pop(key, None)
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -173,8 +225,9 @@ def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str) -> 
 
 
 def build_parser(description: str, sections: tuple[str, ...] = tuple(SECTIONS)) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON or YAML file with sections " + ", ".join(sections))
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for name in sections:
@@ -183,12 +236,24 @@ def build_parser(description: str, sections: tuple[str, ...] = tuple(SECTIONS)) 
 
 
 def _read_file(path: str) -> dict:
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    yaml_file = path.endswith((".yaml", ".yml"))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
+    try:
+        if yaml_file:
+            import yaml
 
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - json.JSONDecodeError or yaml.YAMLError
+        kind = "YAML" if yaml_file else "JSON"
+        raise UserError(f"--config {path}: not valid {kind} ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UserError(f'--config {path}: expected sections, like {{"optim": {{"lr": 0.0001}}}}')
+    return data
 
 
 def _apply(section_obj: Any, values: dict, where: str) -> None:
@@ -196,7 +261,7 @@ def _apply(section_obj: Any, values: dict, where: str) -> None:
     for key, value in values.items():
         key = key.replace("-", "_")
         if key not in names:
-            raise ValueError(f"{where}: unknown option {key!r} (known: {', '.join(sorted(names))})")
+            raise UsageError(f"{where}: unknown option {key!r} (known: {', '.join(sorted(names))})")
         setattr(section_obj, key, value)
 
 
@@ -207,13 +272,14 @@ def parse_config(argv: list[str] | None, description: str, sections: tuple[str, 
     if args.config:
         for section, values in _read_file(args.config).items():
             if section not in sections:
-                raise ValueError(f"{args.config}: unknown section {section!r} (known: {', '.join(sections)})")
+                raise UsageError(f"{args.config}: unknown section {section!r} (known: {', '.join(sections)})")
             _apply(getattr(cfg, section), values, f"{args.config} [{section}]")
-    given = {k: v for k, v in vars(args).items() if k not in ("config", "local_rank")}
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "local_rank", "debug")}
     for section in sections:
         obj = getattr(cfg, section)
         names = {f.name for f in dataclasses.fields(obj)}
         _apply(obj, {k: v for k, v in given.items() if k in names}, "command line")
+        check_values(obj)
     return cfg
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config, parse_config
+from blip2_dist.errors import UsageError
 
 
 def test_cli_overrides_file_overrides_defaults(tmp_path):
@@ -25,12 +26,12 @@ def test_yaml_and_unknown_keys(tmp_path):
     assert parse_config(["--config", str(y)], "t").data.micro_batch == 3
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"optim": {"learning_rate": 1}}))
-    with pytest.raises(ValueError, match="unknown option 'learning_rate'"):
+    with pytest.raises(UsageError, match="unknown option 'learning_rate'"):
         parse_config(["--config", str(bad)], "t")
     bad.write_text(json.dumps({"optimizer": {}}))
-    with pytest.raises(ValueError, match="unknown section 'optimizer'"):
+    with pytest.raises(UsageError, match="unknown section 'optimizer'"):
         parse_config(["--config", str(bad)], "t")
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="unrecognized arguments: --no-such-flag"):
         parse_config(["--no-such-flag"], "t")
 
 
