@@ -56,7 +56,8 @@ class DataArgs:
                    "manifest's path or URL (http(s)://, file:, pipe:CMD); or shard URLs with {a..b} patterns; "
                    "several joined by '::' (docs/data.md)")
     data_retries: int = _f(5, "remote shards and manifests: failed reads in a row (dropped connection, 5xx, "
-                           "pipe: command error, stall) retried with backoff before the run stops naming the URL")
+                           "pipe: command error, stall) retried with backoff before the run stops naming the URL",
+                           min=0)
     train_split: str = _f("train", "split to train on")
     eval_split: str = _f("val", "split to evaluate on during training")
     micro_batch: int = _f(16, "captions per micro-batch per rank", min=1)

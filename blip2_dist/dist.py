@@ -181,7 +181,8 @@ def get_world_size() -> int:
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
-    if get_rank() == 0:
+    """Print on rank 0 only; before the process group starts, the rank comes from the environment."""
+    if (get_rank() if is_initialized() else world_info_from_env().rank) == 0:
         print(*args, flush=True, **kwargs)
 
 

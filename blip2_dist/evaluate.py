@@ -36,6 +36,7 @@ from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
 from blip2_dist.data.transforms import IGNORE_INDEX
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
+from blip2_dist.errors import UserError
 from blip2_dist.gallery import (
     caption_card, gallery_markdown, save_gallery_images, write_eval_page, write_run_page,
 )
@@ -44,7 +45,7 @@ from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_
 from blip2_dist.model import caption_forward, generate_captions, unwrap_blip2
 
 
-class ExactlyOnceError(RuntimeError):
+class ExactlyOnceError(UserError):
     """Gathered predictions do not cover the split's images exactly once."""
 
 
@@ -184,7 +185,9 @@ def merge_exactly_once(gathered: list[tuple[dict, dict]], expected: list[str]) -
         if ids:
             problems.append(f"{len(ids)} {what}: {', '.join(map(repr, ids[:10]))}{' ...' if len(ids) > 10 else ''}")
     if problems:
-        raise ExactlyOnceError("evaluation did not see every image exactly once: " + "; ".join(problems))
+        hint = " (an image the loader could not read is missing: a warning above names its shard and key)"
+        raise ExactlyOnceError("evaluation did not see every image exactly once: " + "; ".join(problems)
+                               + (hint if missing else ""))
     return preds, refs
 
 

@@ -24,13 +24,13 @@ import torch
 from tqdm import tqdm
 
 from blip2_dist import dist
-from blip2_dist.checkpoint import Checkpointer, TrainState, find_resume_checkpoint
-from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config, precision_of
-from blip2_dist.data.reader import check_data
+from blip2_dist.checkpoint import Checkpointer, TrainState
+from blip2_dist.checks import TrainingPlan, check_training
+from blip2_dist.config import Config, fill_deepspeed_config, precision_of
 from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.data.urls import RetryPolicy
-from blip2_dist.errors import EXIT_PREEMPTED, UserError, write_exit_report
+from blip2_dist.errors import EXIT_PREEMPTED, AgreedError, UsageError, UserError, write_exit_report
 from blip2_dist.logging import ThroughputMeter, build_writer, memory_gib, split_group
 from blip2_dist.adapters import caption_format_record, save_adapter
 from blip2_dist.model import (
@@ -49,8 +49,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(AgreedError):
+    """The ranks agreed the loss is not finite (too often): every rank raises it at once."""
 
 
 class CaptionLossModule(torch.nn.Module):
@@ -128,36 +128,24 @@ def plan_steps(cfg: Config, loader_steps: int) -> Plan:
 EVAL_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "loss")
 
 
-def validate(cfg: Config, world_size: int) -> dict:
-    """Checks that need no other rank. Returns the DeepSpeed config, checked, "auto" values filled but the
-    schedule's length (known once the data stream is built)."""
-    if cfg.data.data_retries < 0:
-        raise ValueError(f"--data-retries must be >= 0, got {cfg.data.data_retries}")
-    splits = [cfg.data.train_split] + ([] if cfg.train.skip_eval else [cfg.data.eval_split])
-    check_data(cfg.data.data, splits, RetryPolicy(retries=cfg.data.data_retries))  # manifests read, splits there
-    ds = load_deepspeed_config(cfg.train.deepspeed)
-    for name, value in (("--micro-batch", cfg.data.micro_batch), ("--grad-accum", cfg.optim.grad_accum)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if cfg.train.dist_timeout <= 0:
-        raise ValueError(f"--dist-timeout must be > 0 seconds, got {cfg.train.dist_timeout}")
-    if cfg.train.heartbeat_timeout < 0:
-        raise ValueError(f"--heartbeat-timeout must be >= 0 seconds (0 = off), got {cfg.train.heartbeat_timeout}")
+def validate(cfg: Config, world_size: int, rank: int = 0) -> TrainingPlan:
+    """Checks that need no other rank (blip2_dist.checks: flags, data, DeepSpeed JSON, model, output,
+    resume), with the precisions this device has: a FLAN-T5 that would train in fp16 is refused here."""
     validate_eval_plan(cfg)
-    filled = fill_deepspeed_config(ds, cfg, world_size, None, *device_precisions())  # surfaces conflicts early
-    check_fp16_family(precision_of(filled), family_from_name(cfg.model.model), cfg)
-    return ds
+    checked = check_training(cfg, world_size, rank, device_precisions())
+    check_fp16_family(checked.precision, family_from_name(cfg.model.model), cfg)
+    return checked
 
 
 def validate_eval_plan(cfg: Config) -> None:
     """--best-metric names a metric; --early-stop-patience has evaluations to count."""
     if cfg.eval.best_metric not in EVAL_METRICS:
-        raise ValueError(f"--best-metric {cfg.eval.best_metric!r} is not one of {', '.join(EVAL_METRICS)}")
+        raise UsageError(f"--best-metric {cfg.eval.best_metric!r} is not one of {', '.join(EVAL_METRICS)}")
     patience = cfg.train.early_stop_patience
     if patience < 0:
-        raise ValueError(f"--early-stop-patience must be >= 0, got {patience}")
+        raise UsageError(f"--early-stop-patience must be >= 0, got {patience}")
     if patience and (cfg.train.skip_eval or not cfg.train.eval_steps):
-        raise ValueError("--early-stop-patience counts evaluations: it needs --eval-steps N and no --skip-eval")
+        raise UsageError("--early-stop-patience counts evaluations: it needs --eval-steps N and no --skip-eval")
 
 
 def improved(metric: str, value: float, best: float | None) -> bool:
@@ -340,7 +328,10 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         info = dist.world_info_from_env()
-        ds_raw = validate(cfg, info.world_size)
+        checked = validate(cfg, info.world_size, info.rank)  # before the process group: fail fast, once
+        for note in checked.resume.notes:
+            dist.print0(note)
+        ds_raw, self.resume_from = checked.deepspeed, checked.resume.path
         self.info = dist.init_distributed(cfg.train.dist_timeout)  # binds this rank's GPU first
         # Right after the process group: a rank that dies from here on (even while the others
         # load the model or wait in DeepSpeed's first broadcast) ends every rank in bounded time.
@@ -420,7 +411,7 @@ class Trainer:
         self.writer.text("config", "```\n" + _json(resolved) + "\n```")
 
     def resume(self) -> None:
-        path = find_resume_checkpoint(self.out, self.cfg.train.resume)
+        path = self.resume_from
         if path is not None:
             self.state = self.checkpointer.load(self.engine, path)
             self.saved_step = self.state.step

@@ -10,7 +10,8 @@ Arguments may be files, folders (their images, recursively) or glob patterns. Pr
 `path<TAB>caption` (one line per caption) or one JSON object per image with --json. The prompt
 and generation settings an adapter (or export) recorded at training are used unless a flag says
 otherwise (a warning names each value that differs from training's). Unreadable images are reported
-on stderr by name and skipped; the exit code is 1 if any image failed, 2 if none was captioned.
+on stderr by name and skipped; the exit code is 1 if any image failed, 2 if none was captioned (or
+none was found: a folder or pattern that matches no image is named on stderr).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import torch
 from PIL import Image
 
 from blip2_dist.adapters import load_for_inference, recorded_inference, resolve_inference
-from blip2_dist.config import DEFAULT_MODEL
+from blip2_dist.checks import check_adapter, check_model
+from blip2_dist.config import DEBUG_HELP, DEFAULT_MODEL, ArgumentParser
 from blip2_dist.data.stream import CaptionFormat, ImageTransform
+from blip2_dist.errors import EXIT_USAGE, UsageError, UserError, run_main
 from blip2_dist.model import generate_captions, input_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -38,11 +41,17 @@ def expand_paths(args: list[str]) -> list[Path]:
     for arg in args:
         p = Path(arg)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                print(f"warning: {arg}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                      file=sys.stderr)
         elif any(ch in arg for ch in "*?["):
-            paths += sorted(Path(m) for m in glob.glob(arg, recursive=True))
+            found = sorted(Path(m) for m in glob.glob(arg, recursive=True))
+            if not found:
+                print(f"warning: {arg}: the pattern matches no file", file=sys.stderr)
         else:
-            paths.append(p)
+            found = [p]
+        paths += found
     return paths
 
 
@@ -53,7 +62,7 @@ def load_image(path: Path) -> Image.Image:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--model", default=None, help="base BLIP-2 or merged export: hub id, local dir, tiny-t5, tiny-opt "
                    "(default: the adapter's base, else Salesforce/blip2-flan-t5-xl)")
@@ -82,6 +91,7 @@ def parse(argv):
     d.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
                    help="memory per device for --device-map, e.g. 0=20GiB,cpu=60GiB (sizes in bytes or with a unit)")
     d.add_argument("--offload-folder", default=None, help="where --device-map puts the layers that fit nowhere else")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p.parse_args(argv)
 
 
@@ -94,11 +104,11 @@ def given_generation(a: argparse.Namespace) -> dict:
 
 def sampling_options(a: argparse.Namespace, num_beams: int) -> dict:
     if a.top_p is not None and not a.do_sample:
-        raise SystemExit("error: --top-p applies to sampling: add --do-sample")
+        raise UsageError("--top-p applies to sampling: add --do-sample")
     if a.top_p is not None and not 0 < a.top_p <= 1:
-        raise SystemExit(f"error: --top-p must be in (0, 1], got {a.top_p}")
+        raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.num_return_sequences < 1 or (not a.do_sample and a.num_return_sequences > num_beams):
-        raise SystemExit(f"error: --num-return-sequences {a.num_return_sequences} needs --num-beams >= it "
+        raise UsageError(f"--num-return-sequences {a.num_return_sequences} needs --num-beams >= it "
                          f"(now {num_beams}) or --do-sample")
     options = {"num_return_sequences": a.num_return_sequences}
     if a.do_sample:
@@ -111,28 +121,44 @@ def sampling_options(a: argparse.Namespace, num_beams: int) -> dict:
 def dispatch_options(a: argparse.Namespace) -> dict | None:
     if a.device_map is None:
         if a.max_memory or a.offload_folder:
-            raise SystemExit("error: --max-memory and --offload-folder go with --device-map")
+            raise UsageError("--max-memory and --offload-folder go with --device-map")
         return None
     options: dict = {"device_map": a.device_map}
     if a.max_memory:
         pairs = [item.split("=", 1) for item in a.max_memory.split(",")]
         if any(len(pair) != 2 for pair in pairs):
-            raise SystemExit(f"error: --max-memory wants DEVICE=SIZE,... (0=20GiB,cpu=60GiB), got {a.max_memory!r}")
+            raise UsageError(f"--max-memory wants DEVICE=SIZE,... (0=20GiB,cpu=60GiB), got {a.max_memory!r}")
         options["max_memory"] = {(int(k) if k.isdigit() else k): (int(v) if v.isdigit() else v) for k, v in pairs}
     if a.offload_folder:
         options["offload_folder"] = a.offload_folder
     return options
 
 
+def check(a) -> list[Path]:
+    """Flags, model and adapter checked, images found, before any model is loaded."""
+    for flag, value, low in (("--batch-size", a.batch_size, 1), ("--num-beams", a.num_beams, 1),
+                             ("--max-new-tokens", a.max_new_tokens, 1), ("--min-length", a.min_length, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if a.adapter:
+        check_adapter(a.adapter, a.model)
+    if a.model or not a.adapter:
+        check_model(a.model or DEFAULT_MODEL)
+    paths = expand_paths(a.images)
+    if not paths:
+        raise UserError(f"no image to caption in {' '.join(a.images)}", exit_code=EXIT_USAGE)
+    return paths
+
+
 def main(argv=None) -> int:
     a = parse(argv)
+    paths = check(a)
     prompt, generation, notes = resolve_inference(recorded_inference(a.adapter or a.model), prompt=a.prompt,
                                                   given=given_generation(a))
     generation.update(sampling_options(a, generation["num_beams"]))
     dispatch = dispatch_options(a)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
-    paths = expand_paths(a.images)
     model, processor = load_for_inference(a.model or (None if a.adapter else DEFAULT_MODEL), a.adapter,
                                           dtype=getattr(torch, a.dtype), dispatch=dispatch)
     if dispatch is None:
@@ -179,4 +205,4 @@ def print_captions(path: Path, captions: list[str], as_json: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -9,17 +9,22 @@ With --adapter (or a merged export as --model) the prompt and generation setting
 are used; a flag overrides one, with a warning when it differs. Writes predictions.json, results.json
 (metrics and the validation loss), gallery.html and TensorBoard scalars and caption cards into
 --output-dir; inside a run folder it also refreshes the run's side-by-side page RUN/gallery.html.
+Exit codes as launch/train.py's: 0 done, 1 error (one line; --debug for the traceback), 2 bad
+command line, 76 another rank failed or was lost.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from blip2_dist import dist
 from blip2_dist.adapters import read_meta, recorded_inference, resolve_inference
-from blip2_dist.config import DEFAULT_MODEL, GENERATION_FIELDS, EvalArgs, add_section_args
+from blip2_dist.checks import check_adapter, check_model, check_output_dir, check_splits
+from blip2_dist.config import (
+    DEBUG_HELP, DEFAULT_MODEL, GENERATION_FIELDS, ArgumentParser, EvalArgs, add_section_args, check_values,
+)
+from blip2_dist.errors import UsageError, run_main
 from blip2_dist.evaluate import evaluate_model
 from blip2_dist.gallery import write_run_page
 from blip2_dist.logging import build_writer
@@ -28,7 +33,7 @@ from blip2_dist.data.urls import RetryPolicy
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="base BLIP-2: hub id, local dir, tiny-t5, tiny-opt "
                    "(default: the adapter's base, else Salesforce/blip2-flan-t5-xl)")
     p.add_argument("--adapter", default=None, help="adapter directory saved by training (omit for zero-shot)")
@@ -45,6 +50,7 @@ def parse(argv):
                    help="generation prompt (default: the one the adapter recorded, else none)")
     p.add_argument("--num-workers", type=int, default=1, help="loader workers per rank")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="inference dtype")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_section_args(p, EvalArgs, "generation and scoring (generation defaults: what the adapter recorded)")
     return p.parse_args(argv)
@@ -57,13 +63,29 @@ def eval_args(a: argparse.Namespace, generation: dict) -> EvalArgs:
     return EvalArgs(**given)
 
 
+def check(a, eval_args: EvalArgs, out) -> None:
+    """Everything checkable before the process group starts (blip2_dist.checks)."""
+    check_values(eval_args)
+    for flag, value in (("--num-workers", a.num_workers), ("--data-retries", a.data_retries)):
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    check_splits(a.data, {"--split": a.split}, RetryPolicy(retries=a.data_retries))
+    if a.adapter:
+        check_adapter(a.adapter, a.model)
+    if a.model or not a.adapter:
+        check_model(a.model or DEFAULT_MODEL)
+    check_output_dir(out, "--output-dir")
+
+
 def main(argv=None) -> int:
     a = parse(argv)
+    given = EvalArgs(**{k: v for k, v in vars(a).items() if k in EvalArgs.__dataclass_fields__})
+    out = Path(a.output_dir or (f"{a.adapter.rstrip('/')}/eval-{a.split}" if a.adapter else f"runs/eval-{a.split}"))
+    check(a, given, out)
     folder = a.adapter or a.model
     recorded = recorded_inference(folder)
     flags = {key: getattr(a, name) for name, key in GENERATION_FIELDS.items() if hasattr(a, name)}
     prompt, generation, notes = resolve_inference(recorded, prompt=a.prompt, given=flags)
-    out = Path(a.output_dir or (f"{a.adapter.rstrip('/')}/eval-{a.split}" if a.adapter else f"runs/eval-{a.split}"))
     info = dist.init_distributed()
     for note in notes:
         dist.print0(f"warning: {note}")
@@ -92,4 +114,4 @@ def _label(a: argparse.Namespace, meta: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

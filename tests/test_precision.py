@@ -51,12 +51,13 @@ def test_flan_t5_is_refused_in_fp16_unless_forced(hub_t5_dir, hub_opt_dir, monke
     write_synthetic(tmp_path, n_train=4, n_val=2, n_test=0, samples_per_shard=10)
     monkeypatch.setattr(T, "device_precisions", lambda: (False, True))  # a GPU without bf16 (V100, T4)
     assert family_from_name(str(hub_t5_dir)) == "t5" and family_from_name(str(hub_opt_dir)) == "opt"
-    base = ["--data", str(tmp_path)]
+    base = ["--data", str(tmp_path), "--micro-batch", "2", "--num-workers", "1", "--output-dir", str(tmp_path / "run")]
     with pytest.raises(UserError, match="FLAN-T5.*fp16.*23918.*--allow-fp16-t5"):
         T.validate(parse_config([*base, "--model", str(hub_t5_dir)], "t"), world_size=1)
     for flags in (["--model", str(hub_t5_dir), "--allow-fp16-t5"], ["--model", str(hub_opt_dir)]):
-        ds = T.validate(parse_config([*base, *flags], "t"), world_size=1)
-        assert ds["fp16"]["enabled"] == "auto"  # the raw config comes back; it fills to fp16 on this device
+        checked = T.validate(parse_config([*base, *flags], "t"), world_size=1)
+        assert checked.deepspeed["fp16"]["enabled"] == "auto"  # the raw config comes back
+        assert checked.precision == "fp16"  # which fills to fp16 on this device
     monkeypatch.setattr(T, "device_precisions", lambda: (True, True))
     T.validate(parse_config([*base, "--model", str(hub_t5_dir)], "t"), world_size=1)  # bf16: fine
 
@@ -96,7 +97,8 @@ def test_a_rejected_section_stops_train_before_start(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     proc = subprocess.run([sys.executable, "launch/train.py", "--deepspeed", str(tmp_path / "ds.json"),
                            "--model", "tiny-t5", "--data", str(tmp_path / "data"), "--output-dir",
-                           str(tmp_path / "run")], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                           str(tmp_path / "run"), "--micro-batch", "2", "--num-workers", "1"],
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
     assert "scheduler.type 'OneCycle' is not supported" in proc.stderr and "ds.json" in proc.stderr
