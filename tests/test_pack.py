@@ -122,18 +122,20 @@ def test_unknown_layout(tmp_path, capsys):
 # ---- bad input --------------------------------------------------------------------------------
 
 
-def test_truncated_image_fails_and_removes_old_pack(tmp_path, capsys):
+def test_truncated_image_fails_and_keeps_the_old_pack(tmp_path, capsys):
     fake = write_original(tmp_path / "src")
     out = tmp_path / "out"
     assert main(["flickr8k", str(tmp_path / "src"), "--out", str(out), "--workers", "1"]) == 0
     assert (out / MANIFEST).is_file()
+    before = shard_digests(out)
     bad = fake.files[fake.order["train"][3]]
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
     capsys.readouterr()
     assert main(["flickr8k", str(tmp_path / "src"), "--out", str(out), "--workers", "1"]) == 1
     err = capsys.readouterr().err
-    assert str(bad) in err and "truncated" in err
-    assert not (out / MANIFEST).exists() and not list(out.glob("*.tar"))
+    assert str(bad) in err and "truncated" in err and "is as it was" in err
+    assert shard_digests(out) == before and read_manifest(out)  # the failed run changed nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # and left no temporary folder
 
 
 def test_missing_image_fails_before_any_work(tmp_path):
@@ -277,7 +279,7 @@ def test_cli_subprocess(tmp_path):
     fake.files[fake.order["val"][1]].write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     bad = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and str(fake.files[fake.order["val"][1]]) in bad.stderr
-    assert not (tmp_path / "out" / MANIFEST).exists()
+    assert read_manifest(tmp_path / "out")  # the failed run left the previous pack in place
 
 
 def test_summarize_manifest(tmp_path):

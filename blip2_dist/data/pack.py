@@ -15,8 +15,14 @@ COCO captions; img2dataset.py for other tools' shards; or any Hugging Face `data
 set on disk), images are read, fully decoded (a truncated JPEG is an error) and, where needed,
 re-encoded by a pool of worker threads, in order, and written by one ShardWriter: the same
 input gives byte-identical shards whatever --workers is. Any bad input stops the run with an
-error naming the file (and line), and no manifest is left in --out; with --skip-bad the rest is
-packed and what was left out is listed in the manifest and printed.
+error naming the file (and line); with --skip-bad the rest is packed and what was left out is
+listed in the manifest and printed.
+
+--out is written atomically: the pack is written into a temporary folder beside it
+(`.NAME.packing-*`) and swapped in only when complete, so a failed run leaves --out as it was.
+--out may be missing, empty, or hold a pack this packer wrote (which is then replaced, its own
+files only); a folder holding anything else is refused unless --overwrite is given, and even then
+only files named like the new pack's are replaced: nothing the packer did not write is deleted.
 """
 
 from __future__ import annotations
@@ -26,20 +32,23 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NoReturn, Sequence
 
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from blip2_dist.data.flickr8k import LAYOUTS, PackError, Problem, Record, flickr8k_records, stem
-from blip2_dist.data.shards import MANIFEST, SPLITS, Sample, ShardWriter
-from blip2_dist.errors import UserError
+from blip2_dist.data.shards import MANIFEST, SPLITS, WRITER, Sample, ShardWriter, read_manifest
+from blip2_dist.errors import UserError, run_main
 
 DEFAULT_QUALITY = 95
 _SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
@@ -120,7 +129,18 @@ def _load_task(task: tuple[str | None, bytes | None, int | None, int]) -> tuple[
     except FileNotFoundError:
         return False, "missing image file"
     except Exception as e:  # noqa: BLE001 - any decoder failure means a bad image; say which
-        return False, f"unreadable image ({type(e).__name__}: {e})"
+        return False, _image_problem(e, data)
+
+
+def _image_problem(e: Exception, data: bytes | None) -> str:
+    """What is wrong with an image, without the in-memory buffer's repr PIL puts in its messages
+    (the caller names the file)."""
+    if data is not None and len(data) == 0:
+        return "empty image file (0 bytes)"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image file PIL can read"
+    detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
+    return f"unreadable image ({type(e).__name__}: {detail})"
 
 
 def ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int = 64) -> Iterator:
@@ -156,16 +176,83 @@ def default_workers() -> int:
 # ---- records → shards -----------------------------------------------------------------------
 
 
-def remove_pack(out_dir: str | os.PathLike) -> None:
-    """Delete a previous pack in `out_dir`: its manifest and `{split}-NNNNNN.tar` shards only."""
+# ---- --out: checked first, written last ------------------------------------------------------
+
+
+def own_pack_files(out_dir: str | os.PathLike) -> set[str] | None:
+    """The files of a pack this packer wrote in `out_dir` (its manifest and the shards it lists),
+    or None when the folder holds no such pack."""
+    try:
+        manifest = read_manifest(out_dir)
+    except (OSError, ValueError):
+        return None
+    if manifest.get("written_by") != WRITER:
+        return None
+    shards = {s["name"] for split in manifest.get("splits", {}).values() for s in split["shards"]}
+    return {MANIFEST, MANIFEST + ".tmp"} | shards
+
+
+def check_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Before any work: --out must be missing, empty, or a pack this packer wrote; anything else
+    only with `overwrite`."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PackError(f"--out {out} is a file, not a folder")
     if not out.is_dir():
         return
-    for name in (MANIFEST, MANIFEST + ".tmp"):
-        (out / name).unlink(missing_ok=True)
-    for entry in os.scandir(out):
-        if _SHARD_NAME.match(entry.name) and entry.is_file():
-            os.unlink(entry.path)
+    foreign = sorted(set(os.listdir(out)) - (own_pack_files(out) or set()))
+    if foreign and not overwrite:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PackError(f"--out {out} holds files this packer did not write ({listed}): choose an empty or new "
+                        "folder, or pass --overwrite to write the pack there (files not named like the pack's "
+                        "are kept)")
+
+
+@contextmanager
+def staged_out(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `out_dir` to write the pack into: swapped in when the block ends
+    without an error, deleted otherwise (it holds nothing but what the block wrote)."""
+    out = Path(out_dir).absolute()
+    check_out(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.packing-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a pack is shared like any folder
+    except OSError as e:
+        raise PackError(f"--out {out_dir}: cannot write in {out.parent} ({e.strerror or e})") from None
+    try:
+        yield tmp
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished pack in `tmp` at `out`. A missing or empty `out` is replaced in one rename;
+    otherwise the old manifest goes first (a folder without one is an unfinished pack), then the
+    new shards move in, the old pack's other shards are deleted, and the new manifest comes last."""
+    try:
+        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+            os.replace(tmp, out)
+            return
+        old = own_pack_files(out) or set()
+        new = set(os.listdir(tmp))
+        (out / MANIFEST).unlink(missing_ok=True)
+        for name in sorted(new - {MANIFEST}):
+            os.replace(tmp / name, out / name)
+        for name in sorted(old - new):
+            (out / name).unlink(missing_ok=True)
+        os.replace(tmp / MANIFEST, out / MANIFEST)
+        tmp.rmdir()
+    except OSError as e:
+        raise PackError(f"--out {out}: cannot move the finished pack there ({e.strerror or e})") from None
+    stray = sorted(n for n in os.listdir(out) if _SHARD_NAME.match(n) and n not in new)
+    if stray:
+        print(f"note: {out} also holds {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}, not written by "
+              "this packer: left in place, and not part of the new pack", file=sys.stderr)
 
 
 def _problem_report(problems: Sequence[Problem]) -> str:
@@ -194,30 +281,51 @@ def pack_records(
     workers: int | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Read, verify and (re-)encode the records' images in parallel and write them in order.
 
     Records of a split are written in the given order (splits may interleave). `problems` found
     while reading the source, and images that are missing or don't decode, stop the run with a
-    PackError unless `skip_bad`. Returns the manifest; on failure no manifest is left in out_dir.
+    PackError unless `skip_bad`. Returns the manifest. The pack is written beside out_dir and
+    swapped in when complete (see the module docstring); on failure out_dir is left as it was.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise PackError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated JPEGs would pass; unset it")
-    if max_side is not None and max_side < 1:
-        raise PackError(f"--max-side must be >= 1, got {max_side}")
-    remove_pack(out_dir)
+    check_options(samples_per_shard, max_side, quality, workers)
+    check_out(out_dir, overwrite)
     problems = list(problems)
     todo = []
-    for r in records:  # a cheap check first, so a missing file stops the run before any work
+    for r in records:  # a cheap check first, so a missing or empty file stops the run before any work
         if r.data is None and r.path is not None and not os.path.isfile(r.path):
             problems.append(Problem(r.image_id, r.path, "missing image file"))
+        elif r.data is None and r.path is not None and os.path.getsize(r.path) == 0:
+            problems.append(Problem(r.image_id, r.path, "empty image file (0 bytes)"))
         else:
             todo.append(r)
     if problems and not skip_bad:
         raise PackError(_problem_report(problems))
     source = dict(source or {}, max_side=max_side, samples_per_shard=samples_per_shard, jpeg_quality=quality)
     workers = default_workers() if workers is None else workers
-    writer = ShardWriter(out_dir, samples_per_shard, source=source)
+    with staged_out(out_dir, overwrite) as tmp:
+        return _write_pack(todo, problems, ShardWriter(tmp, samples_per_shard, source=source),
+                           max_side, quality, workers, skip_bad, progress)
+
+
+def check_options(samples_per_shard: int, max_side: int | None, quality: int, workers: int | None) -> None:
+    """The packing flags' ranges, before anything is read."""
+    if samples_per_shard < 1:
+        raise PackError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if max_side is not None and max_side < 1:
+        raise PackError(f"--max-side must be >= 1, got {max_side}")
+    if not 1 <= quality <= 100:
+        raise PackError(f"--quality must be in 1..100 (JPEG quality; above 95 only grows files), got {quality}")
+    if workers is not None and workers < 1:
+        raise PackError(f"--workers must be >= 1, got {workers}")
+
+
+def _write_pack(todo: list[Record], problems: list[Problem], writer: ShardWriter, max_side: int | None,
+                quality: int, workers: int, skip_bad: bool, progress: bool) -> dict:
     try:
         for p in problems:
             writer.skip(p.image_id, p.file, p.manifest_reason())
@@ -238,7 +346,6 @@ def pack_records(
         return writer.close()
     except BaseException:
         writer.abort()
-        remove_pack(out_dir)
         raise
 
 
@@ -253,7 +360,6 @@ def pack_flickr8k(
     **options,
 ) -> dict:
     """Pack a Flickr8k folder in any of the three layouts (see flickr8k.py). `options`: pack_records's."""
-    remove_pack(out_dir)  # even if the source turns out bad: no stale manifest survives a failed run
     layout, records, problems = flickr8k_records(source, format, images_dir, splits_dir)
     for note in layout.notes:
         log(note)
@@ -268,7 +374,6 @@ def pack_karpathy(
     """Pack Karpathy's dataset_{coco,flickr30k,flickr8k}.json and its images (see coco.py)."""
     from blip2_dist.data.coco import karpathy_records
 
-    remove_pack(out_dir)
     layout, records, problems = karpathy_records(source, images_dir)
     for note in layout.notes:
         log(note)
@@ -284,7 +389,6 @@ def pack_coco(
     """Pack the official COCO caption annotations and images (see coco.py for the splits)."""
     from blip2_dist.data.coco import coco_records
 
-    remove_pack(out_dir)
     info, records, problems = coco_records(source, year, images_dir)
     for note in info.pop("notes"):
         log(note)
@@ -299,7 +403,6 @@ def pack_img2dataset(
     from blip2_dist.data.img2dataset import img2dataset_records
     from blip2_dist.data.urls import RetryPolicy
 
-    remove_pack(out_dir)
     ratio = parse_split_ratio(split_ratio) if split_ratio else None
     info, records, problems = img2dataset_records(spec, group_by=group_by, split=split, split_ratio=ratio,
                                                   retry=RetryPolicy(retries=retries))
@@ -475,7 +578,6 @@ def pack_hf(
     **options,
 ) -> dict:
     """Pack a Hugging Face image-caption dataset on disk (see hf_records). `options`: pack_records's."""
-    remove_pack(out_dir)
     info, records, problems = hf_records(path, image_column, caption_column, split_column, split_ratio, cache_dir)
     if records and not any(r.split == "val" for r in records):
         log("note: no val split; pass --split-ratio 0.8,0.1,0.1 or --split-column to hold images out")
@@ -517,8 +619,17 @@ def summarize_manifest(manifest: dict, seconds: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _add_output(p: argparse.ArgumentParser) -> None:
+    """The flags of where a pack goes, shared by every subcommand."""
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards and manifest.json: "
+                   "missing, empty, or holding a pack written here before (replaced when the new one is complete)")
+    p.add_argument("--overwrite", action="store_true", help="write into a --out that holds other files: files "
+                   "named like the pack's are replaced, the rest kept")
+    p.add_argument("--debug", action="store_true", help="print tracebacks of errors (also: BLIP2_DEBUG=1)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards and manifest.json (a previous pack there is replaced)")
+    _add_output(p)
     p.add_argument("--samples-per-shard", "--images-per-shard", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
     p.add_argument("--max-side", type=int, default=None, metavar="N", help="re-encode images whose long side exceeds N to N (default: keep the original bytes)")
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, metavar="Q", help="JPEG quality when re-encoding (default 95)")
@@ -577,8 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--split", default="train", choices=SPLITS, help="the split these shards are (default train)")
     x.add_argument("--workers", type=int, default=None, help="shards read at once (default: CPU count, at most 4)")
     x.add_argument("--retries", type=int, default=5, help="failed remote reads in a row retried with backoff")
+    x.add_argument("--debug", action="store_true", help="print tracebacks of errors (also: BLIP2_DEBUG=1)")
     s = sub.add_parser("synthetic", help="write the procedural shapes set used by the demo and the tests")
-    s.add_argument("--out", required=True, help="output folder")
+    _add_output(s)
     s.add_argument("--n-train", type=int, default=2000, help="train images (default 2000)")
     s.add_argument("--n-val", type=int, default=100, help="val images (default 100)")
     s.add_argument("--n-test", type=int, default=100, help="test images (default 100)")
@@ -592,25 +704,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        if args.command == "index":
+        if args.command == "index":  # writes a manifest beside shards it did not write: that is its job
             from blip2_dist.data.index import index_shards
             from blip2_dist.data.urls import RetryPolicy
 
             index_shards(args.shards, args.out, split=args.split, workers=args.workers,
                          retry=RetryPolicy(retries=args.retries))
             return 0
+        check_out(args.out, args.overwrite)  # before the source is read: a refusal costs nothing
         if args.command == "synthetic":
             from blip2_dist.data.synthetic import write_synthetic
 
-            manifest = write_synthetic(
-                args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                image_size=args.image_size, seed=args.seed, samples_per_shard=args.samples_per_shard,
-            )
+            check_options(args.samples_per_shard, None, DEFAULT_QUALITY, None)
+            for flag, value, low in (("--n-train", args.n_train, 0), ("--n-val", args.n_val, 0),
+                                     ("--n-test", args.n_test, 0), ("--image-size", args.image_size, 16)):
+                if value < low:
+                    raise PackError(f"{flag} must be >= {low}, got {value}")
+            with staged_out(args.out, args.overwrite) as tmp:
+                manifest = write_synthetic(
+                    tmp, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                    image_size=args.image_size, seed=args.seed, samples_per_shard=args.samples_per_shard,
+                )
         else:
             options = dict(
                 samples_per_shard=args.samples_per_shard, max_side=args.max_side, quality=args.quality,
                 workers=args.workers, skip_bad=args.skip_bad, progress=not args.no_progress,
+                overwrite=args.overwrite,
             )
+            check_options(args.samples_per_shard, args.max_side, args.quality, args.workers)
             if args.command == "flickr8k":
                 manifest = pack_flickr8k(args.source, args.out, format=args.format, images_dir=args.images, splits_dir=args.splits, **options)
             elif args.command == "karpathy":
@@ -627,16 +748,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     except PackError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(f"error: nothing packed; {args.out} holds no manifest" if args.command != "index" else
+        print(f"error: nothing packed; {args.out} is as it was" if args.command != "index" else
               f"error: {args.out} not written", file=sys.stderr)
         return 1
     except UserError as e:  # a remote shard that could not be read, named
         print(f"error: {e}", file=sys.stderr)
+        if args.command != "index":
+            print(f"error: nothing packed; {args.out} is as it was", file=sys.stderr)
         return 1
     print(summarize_manifest(manifest, time.perf_counter() - start))
     print(f"wrote {Path(args.out) / MANIFEST}")
     return 0
 
 
+def cli() -> NoReturn:
+    """`blip2-pack` and `python -m blip2_dist.data.pack`: main, ended through errors.run_main."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -28,6 +28,7 @@ from urllib.request import url2pathname
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 FORMAT = "blip2-dist-wds-v1"
+WRITER = "blip2-dist ShardWriter"  # manifest["written_by"]: the packer replaces only packs it wrote
 
 
 @dataclass
@@ -160,7 +161,8 @@ class ShardWriter:
                     "captions": sum(s["captions"] for s in shards),
                     "shards": shards,
                 }
-        return {"format": FORMAT, "source": self.source, "splits": splits, "skipped": self.skipped}
+        return {"format": FORMAT, "written_by": WRITER, "source": self.source, "splits": splits,
+                "skipped": self.skipped}
 
     def close(self) -> dict:
         for split in list(self._open):

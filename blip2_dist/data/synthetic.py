@@ -219,5 +219,6 @@ def write_synthetic(
 
 if __name__ == "__main__":
     from blip2_dist.data.pack import main
+    from blip2_dist.errors import run_main
 
-    sys.exit(main(["synthetic", *sys.argv[1:]]))
+    run_main(main, ["synthetic", *sys.argv[1:]])
