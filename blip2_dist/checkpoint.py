@@ -167,10 +167,13 @@ class Checkpointer:
         self.keep_last = max(1, keep_last)
         self.export_adapter = export_adapter  # callable(out_dir), collective: every rank calls it, rank 0 writes
         self.is_main = dist.get_rank() == 0
+        self._loaded: tuple[Path, int] | None = None  # (checkpoint, step) this run resumed from
 
     def save(self, engine, state: TrainState) -> Path:
         tag = tag_for(state.step)
         path = self.root / tag
+        if self._loaded == (path.absolute(), state.step):
+            return path  # resumed from this very checkpoint and not a step further: it holds this state
         if self.is_main and path.exists():
             # An unusable save of this step from a crashed run, or a checkpoint of a run resumed
             # from an earlier step: never deleted, moved aside.
@@ -215,7 +218,9 @@ class Checkpointer:
                             "is damaged: resume from another one with --resume STEP") from e
         if load_path is None:
             raise UserError(f"DeepSpeed found no checkpoint to load in {path}")
-        return TrainState.from_state_dict(client["train_state"])
+        state = TrainState.from_state_dict(client["train_state"])
+        self._loaded = (path.absolute(), state.step)
+        return state
 
     def save_best(self, step: int, metrics: dict) -> None:
         """Export the current adapter as best/, atomically (tmp folder + rename). Every rank calls it."""
