@@ -156,6 +156,9 @@ def test_checkpoints_best_and_eval_outputs(reference_run):
     assert done == ["step_00000008", "step_00000016", "step_00000024"]
     assert (ckpts / "latest").read_text().strip() == "step_00000024"
     assert (ckpts / "step_00000024" / "adapter" / "adapter_config.json").exists()
+    listed = read_json(ckpts / "step_00000024" / COMPLETE)["files"]  # what resume checks before loading
+    assert {"mp_rank_00_model_states.pt", "train_state.json", "adapter/adapter_config.json"} <= set(listed)
+    assert listed["train_state.json"] == (ckpts / "step_00000024" / "train_state.json").stat().st_size
     best = reference_run / "best"
     assert (best / "adapter_config.json").exists() and "CIDEr" in read_json(best / "metrics.json")
     assert (reference_run / "gallery.html").read_text().count("<th><a href='eval/") == 3  # one column a step
@@ -199,6 +202,38 @@ def test_resume_from_explicit_path(shards, reference_run, tmp_path):
     assert resumed == read_json(reference_run / "final_state.json")["loss_history"]
 
 
+def test_resume_auto_passes_over_an_unusable_checkpoint_loudly(shards, reference_run, tmp_path):
+    # The newest checkpoint lost its COMPLETE marker (as after a crash mid-save) and `latest` names
+    # it: auto resumes from the one before and says so, and the unusable one is never deleted
+    # (its folder is moved aside when the run saves that step again).
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(reference_run / "checkpoints", ckpts)
+    (ckpts / "step_00000024" / COMPLETE).unlink()
+    proc = run("launch/train.py", train_args(shards, tmp_path, extra=["--resume", "auto", "--skip-eval"]), nproc=2)
+    assert proc.returncode == 0, explain(proc)
+    said = proc.stdout + proc.stderr
+    assert f"checkpoint {ckpts / 'step_00000024'} has no COMPLETE marker" in said
+    assert f"--resume auto: resuming from {ckpts / 'step_00000016'}" in said
+    assert f"moved to {ckpts / 'step_00000024.aside-1'} (not deleted)" in said
+    assert (ckpts / "step_00000024.aside-1" / "mp_rank_00_model_states.pt").is_file()
+    assert (ckpts / "step_00000024" / COMPLETE).is_file()
+    resumed = read_json(tmp_path / "final_state.json")["loss_history"]
+    assert resumed == read_json(reference_run / "final_state.json")["loss_history"]
+
+
+def test_resume_from_a_damaged_checkpoint_names_it(shards, reference_run, tmp_path):
+    ckpt = tmp_path / "from" / "step_00000016"
+    shutil.copytree(reference_run / "checkpoints" / "step_00000016", ckpt)
+    states = ckpt / "mp_rank_00_model_states.pt"
+    states.write_bytes(b"\0" * states.stat().st_size)  # same size: only loading it can tell
+    proc = run("launch/train.py", train_args(shards, tmp_path / "run", extra=["--resume", str(ckpt), "--skip-eval"]),
+               nproc=1, timeout=300)
+    assert proc.returncode == 1, explain(proc)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {ckpt} cannot be loaded ("), errors
+    assert "Traceback" not in proc.stderr and states.stat().st_size > 0  # reported, left as it was
+
+
 def test_resume_with_another_launch_shape(shards, reference_run, tmp_path):
     # 2 ranks -> 1 rank: the epoch is twice as long per rank; the run continues at the same fraction.
     shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
@@ -228,7 +263,7 @@ def test_standalone_evaluate_reproduces_training_eval(shards, reference_run, tmp
 def test_bad_arguments_fail_fast(shards, tmp_path):
     proc = run("launch/train.py", ["--model", "tiny-t5", "--data", str(tmp_path / "none"), "--output-dir",
                                    str(tmp_path / "o")], nproc=1, timeout=120)
-    assert proc.returncode != 0 and "no manifest" in proc.stderr
+    assert proc.returncode == 1 and "none does not exist: pass the folder that holds manifest.json" in proc.stderr
     proc = run("launch/train.py", train_args(shards, tmp_path / "o", extra=["--deepspeed", "nope.json"]),
                nproc=1, timeout=120)
     assert proc.returncode != 0 and "nope.json not found" in proc.stderr
