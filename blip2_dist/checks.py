@@ -94,7 +94,8 @@ def check_splits(data: str, splits: dict[str, str], retry: RetryPolicy = DEFAULT
             for shard in split_shards(manifest, split, spec):
                 path = local_path(shard["path"])
                 if path is not None and not path.is_file():
-                    raise UserError(f"--data {data}: shard {path} is listed in {manifest_location(spec)} but missing")
+                    raise UserError(f"--data {data}: shard {path} is listed in {manifest_location(spec)} "
+                                    "but missing")
                 if path is not None and path.stat().st_size == 0:
                     raise UserError(f"--data {data}: shard {path} is empty (0 bytes)")
 
@@ -185,7 +186,8 @@ def _check_hub_id(name: str, flag: str) -> None:
     try:
         huggingface_hub.utils.validate_repo_id(name)
     except errors.HFValidationError:
-        raise UserError(f"{flag} {name}: neither a folder nor a valid hub id (like Salesforce/blip2-opt-2.7b)") from None
+        raise UserError(f"{flag} {name}: neither a folder nor a valid hub id (like Salesforce/blip2-opt-2.7b)") \
+            from None
     if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
         return
     if constants.HF_HUB_OFFLINE:

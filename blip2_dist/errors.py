@@ -229,11 +229,14 @@ def exit_for(exc: BaseException) -> tuple[int, str | None]:
 
 
 def _printed_here(exc: BaseException) -> bool:
-    """Before the process group every rank meets the same error: the first rank of each node
-    prints it. Afterwards the rank that failed prints it, except errors all ranks agreed on."""
-    agreed = isinstance(exc, (AgreedError, KeyboardInterrupt))
-    if _process_group() is None or agreed:
+    """Before the process group every rank meets the same error: the first rank of each node prints
+    it (a node that sees other files than the first one still says why). Afterwards the rank that
+    failed prints it, except errors all ranks agreed on (and Ctrl-C, which every rank gets): rank 0."""
+    td = _process_group()
+    if td is None:
         return _env_int("LOCAL_RANK", "SLURM_LOCALID") == 0
+    if isinstance(exc, (AgreedError, KeyboardInterrupt)):
+        return td.get_rank() == 0
     return True
 
 

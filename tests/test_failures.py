@@ -178,7 +178,8 @@ def test_fake_hub_id_online_fails_in_one_request(monkeypatch):
 
 def test_resume_step_that_does_not_exist(shards, tmp_path):
     code, message = train_check(shards, tmp_path, "--resume", "99")
-    assert code == EXIT_ERROR and message.startswith("--resume 99: checkpoint ") and "step_00000099 does not exist" in message
+    assert code == EXIT_ERROR and message.startswith("--resume 99: checkpoint ")
+    assert "step_00000099 does not exist" in message
 
 
 # ---- the entry points, one process, as the user runs them ---------------------------------------
@@ -203,7 +204,8 @@ def test_read_only_output_dir(shards, tmp_path):
         "--model", "tiny-t5", "--data", str(shards), "--output-dir", str(locked / "run")], 1)],
         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_ERROR, explain(proc)
-    assert proc.stderr.strip().splitlines() == [f"error: --output-dir {locked / 'run'}: cannot create it (Permission denied)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --output-dir {locked / 'run'}: cannot create it (Permission denied)"]
 
 
 def plain_user() -> list[str]:
@@ -326,7 +328,8 @@ def test_out_is_a_file_or_read_only(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--quality", "-5", "--quality must be in 1..100"), ("--quality", "0", "--quality must be in 1..100"),
-    ("--samples-per-shard", "0", "--samples-per-shard must be >= 1, got 0"), ("--workers", "0", "--workers must be >= 1"),
+    ("--samples-per-shard", "0", "--samples-per-shard must be >= 1, got 0"),
+    ("--workers", "0", "--workers must be >= 1"),
     ("--max-side", "0", "--max-side must be >= 1, got 0"),
 ])
 def test_pack_flag_ranges(tmp_path, capsys, flag, value, message):
