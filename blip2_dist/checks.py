@@ -56,9 +56,11 @@ def check_training(cfg: Config, world_size: int, rank: int = 0,
     else:
         check_model(cfg.model.model)
     out = check_output_dir(cfg.train.output_dir, "--output-dir")
-    for name in ("checkpoints", "best", "eval", "tensorboard"):  # folders the run writes
+    for name in ("checkpoints", "best", "eval", "tensorboard"):  # folders the run writes into
         if (out / name).exists() and not (out / name).is_dir():
             raise UserError(f"--output-dir {out}: {out / name} is a file, where the run keeps a folder")
+        if (out / name).is_dir():
+            check_output_dir(out / name, "--output-dir")
     return TrainingPlan(ds, precision, plan_resume(cfg.train.output_dir, cfg.train.resume))
 
 
