@@ -485,6 +485,37 @@ def test_two_ranks_evaluation_error_ends_the_job(shards, tmp_path):
     assert_nothing_left(str(out))
 
 
+def small_disk(folder: Path, size: str) -> list[str]:
+    """A prefix that runs a command with a `size` tmpfs mounted on `folder`, in a mount namespace of
+    its own (nothing changes for the rest of the machine)."""
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            f"mount -t tmpfs -o size=64k tmpfs {folder}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {probe.stderr.decode()[:200]}")
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs -o size={size} tmpfs "$0" && exec "$@"', str(folder)]
+
+
+@pytest.mark.slow
+def test_two_ranks_disk_full_while_saving_ends_the_job(shards, tmp_path):
+    """The run folder fills up while rank 0 exports the adapter of the first checkpoint (the
+    tiny base alone is ~850 KB): rank 0 exits 1 naming the error, rank 1, waiting at the save's
+    barrier, exits 76, and no process is left."""
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = subprocess.run([*small_disk(out, "600k"), *command("launch/train.py", [
+        *RUN, "--data", str(shards), "--output-dir", str(out), "--max-steps", "4", "--save-steps", "2",
+        "--skip-eval"], 2)], cwd=REPO, env=cpu_env(BLIP2_EXIT_DIR=str(tmp_path / "exits")), capture_output=True,
+        text=True, timeout=400)
+    assert proc.returncode == EXIT_ERROR, explain(proc)
+    got = reports(tmp_path / "exits")
+    assert got[0]["exit_code"] == EXIT_ERROR and "No space left on device" in got[0]["message"], got
+    assert got[1]["exit_code"] == EXIT_PEER_LOST, got
+    both = proc.stdout + proc.stderr
+    assert both.count("rank 0: error: ") == 1 and "Traceback" not in both
+    assert_nothing_left(str(out))
+
+
 @pytest.mark.slow
 def test_two_ranks_ctrl_c_ends_every_process(shards, tmp_path):
     """Ctrl-C in a terminal sends SIGINT to the launcher, both ranks and their loader workers."""
