@@ -6,11 +6,13 @@
         run_main(main)                                    # every entry point ends through this
 
 `run_main` turns whatever ends `main` (a return code, any exception, Ctrl-C) into one line on
-stderr and an exit through `hard_exit`, so no process of a job outlives an error: a rank that
-raised exits 1 with its message; a rank whose collective failed because another rank died exits 76
-with a short line; tracebacks only with --debug or BLIP2_DEBUG=1. Before the process group starts
-every rank runs the same checks and meets the same error, so only the first rank of each node
-prints it; afterwards the rank that failed prints it, prefixed with its rank.
+stderr, `error: [rank N: ]MESSAGE`, and an exit through `hard_exit`, so no process of a job
+outlives an error: a rank that raised exits 1 with its message; a rank whose collective failed
+because another rank died exits 76 with a short line. A UserError (a message written for the user)
+comes without traceback; an unexpected exception (a bug, a library failing) is printed with its
+traceback, as a bug report needs it; --debug or BLIP2_DEBUG=1 shows every traceback. Before the
+process group starts every rank runs the same checks and meets the same error, so only the first
+rank of each node prints it; afterwards the rank that failed prints it.
 
 Exit codes (launch/slurm/train.sbatch requeues on some of them):
   0   done
@@ -35,6 +37,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Callable, NoReturn
@@ -49,7 +52,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 DEBUG_ENV = "BLIP2_DEBUG"
 # A rank that lost a peer waits this long before exiting, so that the rank with the real error is
 # the first to exit: the deepspeed launcher polls every second and exits with the first non-zero
-# code it sees, which should be that rank's 1 rather than this rank's 76.
+# code it sees, which should be that rank's 1 rather than this rank's 76. (Under srun the exit
+# reports decide, see launch/slurm/train.sbatch.)
 PEER_LOST_GRACE_S = 3.0
 
 
@@ -183,20 +187,14 @@ def _process_group():
         return None
 
 
-_PEER_LOST_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
-                    "timed out", "NCCL communicator was aborted")
-
-
 def is_peer_lost(exc: BaseException) -> bool:
-    """A collective failed because another rank is gone (or stuck past the timeout)."""
-    td = _process_group()
-    if td is None:
+    """A collective or the job's store failed (another rank gone, or stuck past --dist-timeout),
+    as opposed to an error of this rank's own (blip2_dist.dist.is_comm_failure)."""
+    if "torch.distributed" not in sys.modules:  # no collective can have run
         return False
-    if isinstance(exc, getattr(td, "DistError", ())):  # DistBackendError (NCCL), DistNetworkError, ...
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text) and any(
-        word in text for word in _PEER_LOST_WORDS)
+    from blip2_dist.dist import is_comm_failure
+
+    return is_comm_failure(exc)
 
 
 def one_line(exc: BaseException) -> str:
@@ -204,8 +202,7 @@ def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
-        prefix = f"{type(exc).__name__}: "
-        text = last[len(prefix):] if last.startswith(prefix) else last
+        text = re.sub(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ", "", last)  # "pkg.mod.Type: msg"
     return text
 
 
@@ -222,20 +219,26 @@ def exit_for(exc: BaseException) -> tuple[int, str | None]:
         return exc.exit_code, one_line(exc)
     text = one_line(exc)
     if is_peer_lost(exc):
-        first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(exc).__name__)
-        return EXIT_PEER_LOST, f"another rank exited or was lost ({first.split('. ')[0][:160]})"
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")  # gloo's source path
+        cause = f"{type(exc).__name__}: {first.split('. ')[0][:160]}"
+        if _process_group() is None:  # the rendezvous itself failed (a port taken, the store unreachable)
+            return EXIT_PEER_LOST, f"the process group could not start ({cause})"
+        return EXIT_PEER_LOST, f"a collective failed ({cause}): another rank or its node is lost"
     first = text.splitlines()[0] if text else "(no message)"
     return EXIT_ERROR, f"{type(exc).__name__}: {first}"
 
 
-def _printed_here(exc: BaseException) -> bool:
+def _printed_here(exc: BaseException, code: int) -> bool:
     """Before the process group every rank meets the same error: the first rank of each node prints
     it (a node that sees other files than the first one still says why). Afterwards the rank that
-    failed prints it, except errors all ranks agreed on (and Ctrl-C, which every rank gets): rank 0."""
+    failed prints it, except errors all ranks agreed on (and Ctrl-C, which every rank gets): rank 0.
+    A rank that lost its peers always says so."""
     td = _process_group()
+    if code == EXIT_PEER_LOST:
+        return True
     if td is None:
         return _env_int("LOCAL_RANK", "SLURM_LOCALID") == 0
-    if isinstance(exc, (AgreedError, KeyboardInterrupt)):
+    if isinstance(exc, AgreedError) or code == EXIT_INTERRUPTED:
         return td.get_rank() == 0
     return True
 
@@ -259,31 +262,50 @@ def _close_progress_bars() -> None:
 
 
 def report(exc: BaseException, code: int, message: str | None, debug: bool) -> None:
-    """Print what ended the process: one line, or the traceback too with --debug."""
-    if message is None or not _printed_here(exc):
+    """Print what ended the process: `error: [rank N: ]MESSAGE`, after the traceback for an
+    unexpected exception (or for any with --debug)."""
+    if message is None or not _printed_here(exc, code):
         return
     _close_progress_bars()
-    if debug and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+    unexpected = code == EXIT_ERROR and not isinstance(exc, UserError)
+    if (debug or unexpected) and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
         traceback.print_exception(exc, file=sys.stderr)
-    hint = ""
-    if not debug and code == EXIT_ERROR and not isinstance(exc, UserError):
-        hint = f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
-    kind = "stopped" if code in (EXIT_PEER_LOST, EXIT_INTERRUPTED) else "error"
-    print(f"{_rank_prefix()}{kind}: {message}{hint}", file=sys.stderr, flush=True)
+    tail = f"; exiting with {code}" if code in (EXIT_PEER_LOST, EXIT_INTERRUPTED) else ""
+    print(f"error: {_rank_prefix()}{message}{tail}", file=sys.stderr, flush=True)
+
+
+class _CtrlC:
+    """Remembers that SIGINT came (then raises KeyboardInterrupt as Python does): a rank blocked in
+    a collective may first see the collective fail because its peer already left on the same Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
 
 
 def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> NoReturn:
     """Run an entry point's `main(argv)` and end the process through `hard_exit`, whatever happens
     (see the module docstring). `main` returns the exit code (None = 0)."""
     argv = sys.argv[1:] if argv is None else argv
+    ctrl_c = _CtrlC()
     try:
         code = main(argv)
     except BaseException as exc:  # noqa: BLE001 - everything ends here, Ctrl-C included
         code, message = exit_for(exc)
         try:
-            report(exc, code, message, debug_requested(argv))
             if code == EXIT_PEER_LOST:
                 time.sleep(PEER_LOST_GRACE_S)
+        except BaseException:  # noqa: BLE001 - Ctrl-C meanwhile: noted by ctrl_c
+            pass
+        if ctrl_c.seen:
+            code, message = exit_for(KeyboardInterrupt())
+        try:
+            report(exc, code, message, debug_requested(argv))
         except BaseException:  # noqa: BLE001 - a second Ctrl-C or a broken stream: exit anyway
             pass
         hard_exit(code, message)

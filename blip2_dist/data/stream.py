@@ -119,7 +119,7 @@ from blip2_dist.data.reader import (
 )
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
-from blip2_dist.errors import die_with_parent
+from blip2_dist.errors import UserError, die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +460,7 @@ def _passes(one_pass: Callable[[int], Iterable[Record]], where: str) -> Iterator
             got += 1
             yield rec
         if got == 0:
-            raise RuntimeError(f"{where}: no readable sample in this slot's shards; cannot fill its batches")
+            raise UserError(f"{where}: no readable sample in this slot's shards; cannot fill its batches")
 
 
 def _can_pin(pin_memory: bool) -> bool:
@@ -561,7 +561,7 @@ def _collate_train(
         slog.add("repeated_examples", len(caps) if rec.repeat else 0)
     if not images:
         if previous is None:
-            raise RuntimeError(f"{slog.where}: no image of a micro-batch could be decoded: {[r.key for r, _ in raw]}")
+            raise UserError(f"{slog.where}: no image of a micro-batch could be decoded: {[r.key for r, _ in raw]}")
         slog.add("repeated_batches")
         return dict(previous)
     enc, truncated = fmt.encode_train_counted(captions)
