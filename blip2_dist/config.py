@@ -128,8 +128,8 @@ class TrainArgs:
     skip_eval: bool = _f(False, "no evaluation during or after training")
     dist_timeout: float = _f(600.0, "seconds a collective waits for the other ranks before this rank fails (exit 76)",
                              gt=0.0)
-    heartbeat_timeout: float = _f(60.0, "seconds a dead or cut-off rank is waited for before all ranks exit 76 (0 = off)",
-                                  min=0.0)
+    heartbeat_timeout: float = _f(
+        60.0, "seconds a dead or cut-off rank is waited for before all ranks exit 76 (0 = off)", min=0.0)
     sample_log: bool = _f(False, "log every trained example (image id, caption) to OUTPUT_DIR/samples/rank-N.jsonl")
     early_stop_patience: int = _f(
         0, "stop after N evaluations in a row without a better --best-metric (0 = never); best/ keeps the best adapter")
