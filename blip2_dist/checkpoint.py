@@ -148,9 +148,20 @@ def plan_resume(output_dir: str | Path, resume: str) -> ResumePlan:
     for path in candidates:
         reason = unusable_reason(path)
         if reason is None:
-            return ResumePlan(path, notes + [f"--resume auto: resuming from {path}"])
+            return ResumePlan(path, notes + _newer_than(path, candidates) + [f"--resume auto: resuming from {path}"])
         notes.append(f"warning: checkpoint {path} {reason}: skipped, left in place")
     return ResumePlan(None, notes + [f"--resume auto: starting fresh: no usable checkpoint in {root}"])
+
+
+def _newer_than(chosen: Path, candidates: list[Path]) -> list[str]:
+    """Notes on the checkpoint folders newer than the one `latest` chose (they were not looked at)."""
+    notes = []
+    for path in sorted(c for c in candidates if c.name > chosen.name):
+        reason = unusable_reason(path)
+        notes.append(f"warning: checkpoint {path} {reason}: skipped, left in place" if reason else
+                     f"note: checkpoint {path} is newer than the one {LATEST} names, not used (from before a resume "
+                     f"at an earlier step, or a crash before {LATEST} was updated)")
+    return notes
 
 
 def find_resume_checkpoint(output_dir: str | Path, resume: str) -> Path | None:

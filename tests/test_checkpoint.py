@@ -44,8 +44,15 @@ def test_crash_after_shards_before_complete(tmp_path):
     # The crashed save of step 20 wrote its files but neither COMPLETE nor the new `latest`.
     done = _ckpt(tmp_path, 10)
     _latest(tmp_path, done)
-    _ckpt(tmp_path, 20, complete=False)
-    assert find_resume_checkpoint(tmp_path, "auto") == done
+    partial = _ckpt(tmp_path, 20, complete=False)
+    plan = plan_resume(tmp_path, "auto")
+    assert plan.path == done
+    assert plan.notes[0] == f"warning: checkpoint {partial} has no COMPLETE marker (its save did not finish): " \
+        "skipped, left in place"
+    newer = _ckpt(tmp_path, 30)  # complete, but `latest` was not updated (or a resume went back to 10)
+    assert plan_resume(tmp_path, "auto").path == done
+    assert any(n.startswith(f"note: checkpoint {newer} is newer than the one latest names") for n in
+               plan_resume(tmp_path, "auto").notes)
 
 
 def test_latest_naming_an_incomplete_folder_falls_back_loudly(tmp_path):
