@@ -1,9 +1,8 @@
 """Everything that can be checked before the process group starts, in one place.
 
-    plan = check_training(cfg, world)       # the trainer, before init_distributed
-    check_evaluation(...)                    # launch/evaluate.py
-    check_model(name) · check_adapter(path) · check_output_dir(path, "--output-dir")
-    check_splits(data, {"--train-split": "train"})
+    plan = check_training(cfg, world_size, rank)   # the trainer, before init_distributed
+    check_splits(data, {"--split": "val"})          # launch/evaluate.py and launch/caption.py use
+    check_model(name) · check_adapter(path, model) · check_output_dir(path, "--output-dir")
 
 A mistake found here costs a second and prints one line; found after the process group started it
 costs a model load per rank, and on one rank only it used to leave the others waiting. Every check
