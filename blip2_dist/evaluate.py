@@ -51,8 +51,11 @@ class ExactlyOnceError(UserError):
 
 class EvaluationInterrupted(Exception):
     """A stop signal (preemption) reached some rank during generation; raised on every rank."""
-class EvaluationError(RuntimeError):
-    """Rank 0's scoring (or writing its results) failed; raised on every rank with rank 0's message."""
+
+
+class EvaluationError(UserError):
+    """Rank 0's scoring (or writing its results) failed; raised on the other ranks with rank 0's
+    message, one line each (rank 0 raises the original error): each rank's log says why it stopped."""
 
 
 def generation_kwargs(args: EvalArgs) -> dict:

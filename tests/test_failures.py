@@ -469,7 +469,7 @@ def test_two_ranks_loader_error_on_one_rank_ends_the_job(shards, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_evaluation_error_ends_the_job(shards, tmp_path):
     """A val image with a good header and truncated pixels: rank 0's exactly-once check names it
-    after the gather; rank 1, waiting for the metrics, exits 76."""
+    after the gather, and tells rank 1, waiting for the metrics: both exit 1, one line each."""
     data = variant(shards, tmp_path / "data")
     rewrite_member(data / "val-000000.tar", lambda name, data: data[: len(data) // 3]
                    if name == "syn-val-000005.jpg" else data)
@@ -479,9 +479,11 @@ def test_two_ranks_evaluation_error_ends_the_job(shards, tmp_path):
     assert proc.returncode == EXIT_ERROR, explain(proc)
     got = reports(tmp_path / "exits")
     assert got[0]["exit_code"] == EXIT_ERROR and "1 missing: 'syn-val-000005'" in got[0]["message"]
-    assert got[1]["exit_code"] == EXIT_PEER_LOST
+    assert got[1]["exit_code"] == EXIT_ERROR and "evaluation at step 1 failed on rank 0" in got[1]["message"]
     both = proc.stdout + proc.stderr
-    assert both.count("1 missing: 'syn-val-000005'") == 1 and "Traceback" not in both
+    assert both.count("error: rank 0: evaluation did not see every image exactly once: 1 missing: "
+                      "'syn-val-000005'") == 1 and "Traceback" not in both
+    assert both.count("error: rank 1: evaluation at step 1 failed on rank 0") == 1
     assert_nothing_left(str(out))
 
 
