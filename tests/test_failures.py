@@ -118,8 +118,7 @@ def test_missing_eval_split_fails_before_training(tmp_path):
     write_synthetic(no_val, n_train=32, n_val=0, n_test=4, seed=0, samples_per_shard=16)
     code, message = train_check(no_val, tmp_path)
     assert code == EXIT_ERROR
-    assert message == (f"--eval-split val: {no_val / MANIFEST} has no split 'val' (it has test, train); "
-                       "or pass --skip-eval")
+    assert message == f"--eval-split val: {no_val / MANIFEST}: no split 'val' (has ['test', 'train']); or pass --skip-eval"
     assert train_check(no_val, tmp_path, "--skip-eval") == (0, "")
     assert train_check(no_val, tmp_path, "--train-split", "tr")[1].startswith("--train-split tr: ")
 
@@ -128,14 +127,14 @@ def test_deleted_or_empty_shard_is_named(shards, tmp_path):
     data = variant(shards, tmp_path / "data")
     (data / "train-000002.tar").unlink()
     assert train_check(data, tmp_path) == (
-        EXIT_ERROR, f"--data {data}: shard {data / 'train-000002.tar'} is listed in {MANIFEST} but missing")
+        EXIT_ERROR, f"--data {data}: shard {data / 'train-000002.tar'} is listed in {data / MANIFEST} but missing")
     (data / "train-000002.tar").write_bytes(b"")
     assert train_check(data, tmp_path)[1].endswith("train-000002.tar is empty (0 bytes)")
 
 
 def test_data_folder_problems(tmp_path):
     code, message = train_check(tmp_path / "nowhere", tmp_path)
-    assert code == EXIT_ERROR and message.startswith(f"--data {tmp_path / 'nowhere'} does not exist")
+    assert code == EXIT_ERROR and message.startswith(f"--data: {tmp_path / 'nowhere'}: not found")
     (tmp_path / "empty").mkdir()
     assert "no manifest" in train_check(tmp_path / "empty", tmp_path)[1]
 

@@ -263,7 +263,7 @@ def test_standalone_evaluate_reproduces_training_eval(shards, reference_run, tmp
 def test_bad_arguments_fail_fast(shards, tmp_path):
     proc = run("launch/train.py", ["--model", "tiny-t5", "--data", str(tmp_path / "none"), "--output-dir",
                                    str(tmp_path / "o")], nproc=1, timeout=120)
-    assert proc.returncode == 1 and "none does not exist: pass the folder that holds manifest.json" in proc.stderr
+    assert proc.returncode == 1 and f"error: --data: {tmp_path / 'none'}: not found (no manifest" in proc.stderr
     proc = run("launch/train.py", train_args(shards, tmp_path / "o", extra=["--deepspeed", "nope.json"]),
                nproc=1, timeout=120)
     assert proc.returncode != 0 and "nope.json not found" in proc.stderr
