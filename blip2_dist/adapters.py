@@ -36,6 +36,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from blip2_dist.cards import render_card
 from blip2_dist.config import EvalArgs
+from blip2_dist.errors import UserError
 from blip2_dist.model import (
     TINY_MODELS,
     _strip_engine,
@@ -227,10 +228,10 @@ def load_for_inference(
     adapter = Path(adapter_dir)
     meta = json.loads((adapter / ADAPTER_META).read_text()) if (adapter / ADAPTER_META).exists() else {}
     if meta.get("random_init"):
-        raise ValueError(f"{adapter} was trained on a random-init base (benchmarks only): it can't be reloaded")
+        raise UserError(f"{adapter} was trained on a random-init base (benchmarks only): it can't be reloaded")
     recorded = meta.get("base_model")
     if base is None and recorded is None:
-        raise ValueError(f"{adapter} records no base model ({ADAPTER_META} missing): pass base")
+        raise UserError(f"{adapter} records no base model ({ADAPTER_META} missing): pass base")
     if base is not None and recorded is not None and base != recorded:
         logger.warning("adapter %s was trained on %s; loading it on %s", adapter, recorded, base)
     base = base if base is not None else recorded
@@ -238,7 +239,7 @@ def load_for_inference(
         base = str(adapter / meta["base_dir"])
     model, processor = load_model(base, dtype=dtype, seed=meta.get("seed", 0), device=device, dispatch=dispatch)
     if "disk" in getattr(model, "hf_device_map", {}).values():
-        raise ValueError(
+        raise UserError(
             f"the device map put part of {base} on disk; peft cannot load the adapter {adapter} into "
             "disk-offloaded layers. Give it more GPU/CPU memory (max_memory), or merge first "
             "(python launch/export.py --adapter ADAPTER --out DIR) and load DIR with the device map"

@@ -57,9 +57,10 @@ DEBUG_ENV = "BLIP2_DEBUG"
 PEER_LOST_GRACE_S = 3.0
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem the user can fix, stated in one line that names the flag, file or sample.
-    `exit_code` is what the process exits with (EXIT_ERROR unless given)."""
+    `exit_code` is what the process exits with (EXIT_ERROR unless given). A ValueError, so library
+    callers that catch bad values keep working."""
 
     def __init__(self, message: str, exit_code: int = EXIT_ERROR):
         super().__init__(message)

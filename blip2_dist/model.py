@@ -36,9 +36,12 @@ from transformers import (
     T5Config,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+from transformers.models.blip_2.modeling_blip_2 import (
+    BaseModelOutputWithVisionQformerOutputs,
+)
 
 from blip2_dist.data.transforms import end_of_caption_id
+from blip2_dist.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +241,7 @@ def random_init_config(name: str) -> Blip2Config:
         config = Blip2Config.from_pretrained(os.path.expanduser(name))
         family = family_of(config)
     else:
-        raise ValueError(
+        raise UserError(
             f"random_init: no built-in architecture for {name!r}; known: {sorted(REAL_TEXT)}"
             " (or pass a local directory holding a BLIP-2 config.json)"
         )
@@ -348,10 +351,10 @@ def load_model(
     """
     if dispatch:
         if name in TINY_MODELS or random_init:
-            raise ValueError(f"a device map needs a saved model directory or hub id, not {name!r}"
+            raise UserError(f"a device map needs a saved model directory or hub id, not {name!r}"
                              f"{' with random_init' if random_init else ''}")
         if device is not None:
-            raise ValueError("pass either device or a device map (dispatch), not both")
+            raise UserError("pass either device or a device map (dispatch), not both")
     if name in TINY_MODELS:
         model, processor = build_tiny(name.split("-")[1], seed=seed)
         model.to(dtype=dtype, device=device)
@@ -378,12 +381,12 @@ def _from_pretrained(
     except OSError as err:
         raise ModelNotAvailableError(_unavailable_message(name, err)) from err
     if config.model_type != "blip-2":
-        raise ValueError(f"{name!r} is a {config.model_type!r} model, not BLIP-2 (model_type 'blip-2')")
+        raise UserError(f"{name!r} is a {config.model_type!r} model, not BLIP-2 (model_type 'blip-2')")
     try:
         placement = dispatch or ({"device_map": {"": device}} if device is not None else {})
         model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype, **placement)
         if model.query_tokens.device.type == "meta":
-            raise ValueError(
+            raise UserError(
                 f"the device map offloaded {name}'s query_tokens; BLIP-2's generate() reads them outside any "
                 "layer, so they must stay in memory: give the first device more room (max_memory)"
             )
@@ -420,7 +423,7 @@ def reconcile_processor(model: Blip2ForConditionalGeneration, processor: Blip2Pr
     if processor.num_query_tokens is None:
         processor.num_query_tokens = config.num_query_tokens
     elif processor.num_query_tokens != config.num_query_tokens:
-        raise ValueError(
+        raise UserError(
             f"processor num_query_tokens={processor.num_query_tokens} but the model has {config.num_query_tokens}"
         )
     tokenizer = processor.tokenizer
@@ -436,7 +439,7 @@ def reconcile_processor(model: Blip2ForConditionalGeneration, processor: Blip2Pr
         config.image_token_index = token_id
         logger.warning("checkpoint has no image_token_index: using %s = %d", image_token, token_id)
     elif token_id != config.image_token_index:
-        raise ValueError(
+        raise UserError(
             f"tokenizer maps {image_token} to {token_id} but config.image_token_index is "
             f"{config.image_token_index}: images would be ignored"
         )
@@ -483,11 +486,11 @@ class LoraSettings:
             elif value is not None:
                 setattr(self, field, list(value))
         if self.r <= 0 or self.alpha <= 0:
-            raise ValueError(f"LoRA r and alpha must be positive, got r={self.r} alpha={self.alpha}")
+            raise UserError(f"LoRA r and alpha must be positive, got r={self.r} alpha={self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.train_qformer and self.qformer_targets:
-            raise ValueError("train_qformer trains the whole Q-Former: drop qformer_targets (LoRA on it)")
+            raise UserError("train_qformer trains the whole Q-Former: drop qformer_targets (LoRA on it)")
 
     def extras(self) -> list[str]:
         """Name prefixes (in Blip2ForConditionalGeneration) of the non-LoRA parameters trained."""
@@ -552,13 +555,13 @@ def lora_target_regex(model: Blip2ForConditionalGeneration, settings: LoraSettin
             names = valid
         unknown = [n for n in names if n not in valid]
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"LoRA {field} {unknown} match no linear layer in the {part} of this {family.upper()} "
                 f"BLIP-2 model; valid names there: {valid} (or ['all-linear'])"
             )
         alternatives.append(rf"{part}\..*\.(?:{'|'.join(re.escape(n) for n in names)})")
     if not alternatives:
-        raise ValueError("LoRA settings target nothing: give targets, qformer_targets or vision_targets")
+        raise UserError("LoRA settings target nothing: give targets, qformer_targets or vision_targets")
     return rf"^(?:{'|'.join(alternatives)})$"
 
 

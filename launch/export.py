@@ -15,7 +15,7 @@ import argparse
 import shlex
 import sys
 
-from blip2_dist.errors import EXIT_ERROR, UserError
+from blip2_dist.errors import UserError, run_main
 from blip2_dist.export import DTYPES, export_merged
 from blip2_dist.model import ModelNotAvailableError
 
@@ -37,13 +37,12 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "launch/export.py", *argv])
     try:
         out = export_merged(a.adapter, a.out, dtype=DTYPES[a.dtype], overwrite=a.overwrite, command=command)
-    except (UserError, ModelNotAvailableError) as e:  # a bad folder, or a base that is not on this machine
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    except ModelNotAvailableError as e:  # a base that is not on this machine: one line, not a traceback
+        raise UserError(str(e)) from e
     print(f"merged model in {out}: Blip2ForConditionalGeneration.from_pretrained({str(out)!r}); "
           f"model card {out}/README.md")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
