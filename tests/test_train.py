@@ -343,9 +343,10 @@ def test_best_adapter_records_settings_and_has_a_model_card(reference_run):
 
 
 def test_early_stop_all_ranks_together_best_kept(shards, tmp_path):
-    # lr 0: nothing changes, so the evaluation at step 2 is no better than the one at step 1 (the loss,
-    # lower is better, is equal); patience 1 stops both ranks at step 2 of 20, best/ from step 1.
-    extra = ["--lr", "0", "--eval-steps", "1", "--early-stop-patience", "1", "--best-metric", "loss",
+    # lr 1e-30 (0 is refused by the range check): every update is far below the weights' and activations'
+    # rounding, so the evaluation at step 2 is no better than the one at step 1 (the loss, lower is better,
+    # is equal); patience 1 stops both ranks at step 2 of 20, best/ from step 1.
+    extra = ["--lr", "1e-30", "--eval-steps", "1", "--early-stop-patience", "1", "--best-metric", "loss",
              "--max-eval-images", "2", "--max-steps", "20", "--save-steps", "100", "--num-workers", "0"]
     proc = run("launch/train.py", train_args(shards, tmp_path, micro=4, extra=extra), nproc=2, timeout=600)
     assert proc.returncode == 0, explain(proc)
