@@ -52,7 +52,7 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    data: str = _f("shards/flickr8k", "a shard folder with manifest.json (python -m blip2_dist.data.pack); a "
+    data: str = _f("shards/flickr8k", "a shard folder with manifest.json (python -m blip2_dist.data.pack_cli); a "
                    "manifest's path or URL (http(s)://, file:, pipe:CMD); or shard URLs with {a..b} patterns; "
                    "several joined by '::' (docs/data.md)")
     data_retries: int = _f(5, "remote shards and manifests: failed reads in a row (dropped connection, 5xx, "

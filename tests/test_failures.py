@@ -28,7 +28,7 @@ import pytest
 
 from blip2_dist.checks import check_model, check_training
 from blip2_dist.config import parse_config
-from blip2_dist.data.pack import main as pack_main
+from blip2_dist.data.pack_cli import main as pack_main
 from blip2_dist.data.shards import MANIFEST, read_manifest
 from blip2_dist.data.synthetic import write_synthetic
 from blip2_dist.errors import EXIT_ERROR, EXIT_PEER_LOST, EXIT_USAGE, UserError, exit_for
@@ -317,7 +317,7 @@ def test_out_is_a_file_or_read_only(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    proc = subprocess.run([*plain_user(), sys.executable, "-m", "blip2_dist.data.pack", "synthetic", "--out",
+    proc = subprocess.run([*plain_user(), sys.executable, "-m", "blip2_dist.data.pack_cli", "synthetic", "--out",
                            str(locked / "p"), "--n-train", "4"], cwd=REPO, env=cpu_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == EXIT_ERROR, explain(proc)

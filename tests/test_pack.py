@@ -13,8 +13,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from blip2_dist.data.pack import (
-    PackError, hf_records, main, pack_flickr8k, pack_hf, prepare_image, ratio_split, summarize_manifest,
+    PackError, hf_records, pack_flickr8k, pack_hf, prepare_image, ratio_split, summarize_manifest,
 )
+from blip2_dist.data.pack_cli import main
 from blip2_dist.data.shards import MANIFEST, read_manifest
 from fake_flickr8k import (
     fake_name, small_jpeg, write_kaggle, write_karpathy, write_original, write_split_files,
@@ -272,7 +273,7 @@ def test_stale_shards_are_removed(tmp_path):
 def test_cli_subprocess(tmp_path):
     fake = write_original(tmp_path / "src")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "blip2_dist.data.pack", "flickr8k", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "blip2_dist.data.pack_cli", "flickr8k", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
     ok = subprocess.run(cmd + ["--workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "images/s" in ok.stdout and "train" in ok.stdout
