@@ -39,7 +39,8 @@ def option(default: Any, help: str, **meta: Any) -> Any:
 
 @dataclass
 class ModelArgs:
-    model: str = option(DEFAULT_MODEL, "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt")
+    model: str = option(DEFAULT_MODEL, "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt "
+                        "(evaluate, caption: the adapter's base when --adapter is given without --model)")
     random_init: bool = option(False, "build the named architecture with random weights, no download (benchmarks only)")
     lora_r: int = option(16, "LoRA rank", min=1)
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", min=1)
@@ -68,7 +69,8 @@ class DataArgs:
     micro_batch: int = option(16, "captions per micro-batch per rank", min=1)
     num_workers: int = option(2, "loader worker processes per rank (0 = in the main process)", min=0)
     caption_mode: str = option("all", "all: every caption once per epoch; random: one random caption per image per epoch", choices=["all", "random"])
-    prompt: str = option("", 'text prompt before the caption (LAVIS uses "a photo of")')
+    prompt: str = option("", 'text prompt before the caption (LAVIS uses "a photo of"; evaluate, caption: the '
+                         "adapter's recorded prompt when not given)")
     max_caption_tokens: int = option(64, "captions longer than this many tokens are truncated (counted)", min=1)
     shuffle_buffer: int = option(1000, "images in each worker's shuffle buffer", min=1)
     augment: bool = option(False, "training-time image augmentation (off by default: flips contradict left/right captions)")
@@ -367,17 +369,16 @@ def save_config(path: str | Path, sections: dict[str, Any], **extra: Any) -> Pat
     return Path(path)
 
 
-def markdown_reference(commands: dict[str, dict[str, type]], intro: str = "") -> str:
-    """The configuration reference: per command, per section, a table of flag, type, default and help,
-    read from the dataclasses (docs/configuration.md is this text; its test keeps it current)."""
+def markdown_reference(commands: dict[str, dict[str, tuple[type, Sequence[str] | None]]], intro: str = "") -> str:
+    """The configuration reference: per command, per section (title: (dataclass, the fields the command
+    takes, None for all)), a table of flag, type, default and help read from the dataclasses."""
     lines = [intro.strip(), ""] if intro else []
     for command, sections in commands.items():
         lines += [f"## {command}", ""]
-        for title, cls in sections.items():
+        for title, (cls, only) in sections.items():
             lines += [f"### {title} (`{cls.__name__}`)", "", "| flag | type | default | help |", "|---|---|---|---|"]
             hints = get_type_hints(cls)
-            for f in dataclasses.fields(cls):
-                lines.append(_reference_row(f, hints[f.name]))
+            lines += [_reference_row(f, hints[f.name]) for f in _fields(cls, only)]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -385,12 +386,12 @@ def markdown_reference(commands: dict[str, dict[str, type]], intro: str = "") ->
 def _reference_row(f: dataclasses.Field, kind: Any) -> str:
     meta, default = f.metadata, _default(f)
     name = f.name if meta.get("positional") else " ".join(f"`{flag}`" for flag in [_flag(f.name), *meta.get("aliases", ())])
-    kind_text = str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__
+    kind_text = (str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__).replace("|", "or")
     if meta.get("choices"):
         kind_text += " (" + ", ".join(map(str, meta["choices"])) + ")"
     ranges = ", ".join(f"{op} {meta[key]}" for key, op in RANGE_KEYS.items() if key in meta)
     default_text = "required" if default is dataclasses.MISSING else f"`{default!r}`"
-    help_text = (meta["help"] + (f" ({ranges})" if ranges else "")).replace("|", "\\|")
+    help_text = (meta["help"] + (f" ({ranges})" if ranges else "")).replace("|", "\\|").replace("<", "&lt;")
     return f"| {name} | {kind_text} | {default_text} | {help_text} |"
 
 
