@@ -33,6 +33,15 @@ class InferenceArgs:
                         choices=["auto", *DTYPE_NAMES])
 
 
+def inference_dtype(name: str):
+    """The torch dtype of --dtype; auto: bfloat16 on a GPU, float32 on CPU (where bfloat16 matmuls are slow)."""
+    import torch  # here, not at import: the reference generator and --help need no torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
 @dataclass
 class EvaluateArgs:
     split: str = option("val", "split to evaluate")

@@ -317,7 +317,8 @@ def parse_sections(argv: Sequence[str] | None, description: str, sections: dict[
         values = {k.replace("-", "_"): v for k, v in file.get(name, {}).items()}
         for key in values:
             if key not in allowed:
-                raise UsageError(f"{args.config} [{name}]: unknown option {key!r} (known: {', '.join(sorted(allowed))})")
+                known = ", ".join(sorted(allowed))
+                raise UsageError(f"{args.config} [{name}]: unknown option {key!r} (known: {known})")
         objs[name] = section_from(cls, args, values)
         given |= set(values) | set(given_options(args, cls))
     return Parsed(objs, given, args)
@@ -385,7 +386,8 @@ def markdown_reference(commands: dict[str, dict[str, tuple[type, Sequence[str] |
 
 def _reference_row(f: dataclasses.Field, kind: Any) -> str:
     meta, default = f.metadata, _default(f)
-    name = f.name if meta.get("positional") else " ".join(f"`{flag}`" for flag in [_flag(f.name), *meta.get("aliases", ())])
+    flags = [_flag(f.name), *meta.get("aliases", ())]
+    name = f.name if meta.get("positional") else " ".join(f"`{flag}`" for flag in flags)
     kind_text = (str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__).replace("|", "or")
     if meta.get("choices"):
         kind_text += " (" + ", ".join(map(str, meta["choices"])) + ")"

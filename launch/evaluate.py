@@ -21,7 +21,7 @@ import torch
 from blip2_dist import dist
 from blip2_dist.adapters import load_for_inference, read_meta, recorded_inference, resolve_inference
 from blip2_dist.checks import check_adapter, check_model, check_output_dir, check_splits
-from blip2_dist.commands import sections_of
+from blip2_dist.commands import inference_dtype, sections_of
 from blip2_dist.config import DEFAULT_MODEL, GENERATION_FIELDS, DataArgs, EvalArgs, Parsed, parse_sections, save_config
 from blip2_dist.errors import run_main
 from blip2_dist.evaluate import evaluate_model
@@ -35,13 +35,6 @@ EVAL_CONFIG = "eval_config.json"  # not config.json: that name marks a training 
 
 def parse(argv) -> Parsed:
     return parse_sections(argv, __doc__, *sections_of("evaluate"))
-
-
-def inference_dtype(name: str) -> torch.dtype:
-    """--dtype auto: bfloat16 on a GPU, float32 on CPU (where bfloat16 matmuls are slow)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
 
 
 def output_dir(p: Parsed) -> Path:

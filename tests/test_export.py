@@ -108,6 +108,8 @@ def exported(hub_opt_dir, hub_t5_dir, tmp_path_factory):
         adapter = fine_tuned_adapter(base, root / f"{family}-adapter", seed)
         out = root / f"{family}-merged"
         assert load_launch("export").main(["--adapter", str(adapter), "--out", str(out), "--dtype", "float32"]) == 0
+        saved = json.loads((out / "export_config.json").read_text())  # the resolved options, beside the model
+        assert saved["export"] == {"adapter": str(adapter), "out": str(out), "dtype": "float32", "overwrite": False}
         made[family] = {"adapter": adapter, "out": out, "images": images, "base": base}
     return made
 
