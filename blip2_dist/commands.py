@@ -239,6 +239,8 @@ Generated from the dataclasses in `blip2_dist/config.py` and `blip2_dist/command
 Every option is a field of a typed section; its flag is the field name with dashes. Options are
 resolved as defaults <- `--config FILE` (JSON or YAML, nested by section, e.g.
 `{"optim": {"lr": 0.0001}}`; unknown keys are errors) <- flags. A boolean `--flag` has a `--no-flag`.
+Every command also takes `--debug` (tracebacks of errors; also: BLIP2_DEBUG=1); all but the packer take
+`--config FILE`.
 Each command writes what it resolved beside its outputs: training `OUTPUT_DIR/config.json`,
 evaluation `OUTPUT_DIR/eval_config.json`, export `OUT/export_config.json`, the packer
 `OUT/pack_config.json`.
