@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass
 
 from blip2_dist.config import SECTIONS, DataArgs, EvalArgs, GENERATION_FIELDS, ModelArgs, markdown_reference, option
 from blip2_dist.data.flickr8k import LAYOUTS
+from blip2_dist.data.pack import CAPTION_COLUMNS, DEFAULT_QUALITY
 from blip2_dist.data.shards import SPLITS
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -104,7 +105,7 @@ class PackArgs:
     samples_per_shard: int = option(1000, "images per shard", metavar="N", aliases=["--images-per-shard"])
     max_side: int | None = option(None, "re-encode images whose long side exceeds N to N (none: keep the original "
                                   "bytes)", metavar="N")
-    quality: int = option(95, "JPEG quality when re-encoding", metavar="Q")
+    quality: int = option(DEFAULT_QUALITY, "JPEG quality when re-encoding", metavar="Q")
     workers: int | None = option(None, "image reading/decoding/re-encoding threads (none: CPU count, at most 8; "
                                  "1 = no pool)", metavar="N")
     skip_bad: bool = option(False, "pack the rest when input is bad; list what was left out in the manifest")
@@ -125,7 +126,7 @@ class HfSource:
     path: str = option(MISSING, "an imagefolder (images + metadata.jsonl) or a save_to_disk folder", positional=True)
     image_column: str = option("image", "image column")
     caption_column: list[str] | None = option(None, "caption column(s), each a string or a list of strings (none: "
-                                              "first of caption, captions, text, sentences, sentence)", nargs="+")
+                                              f"first of {', '.join(CAPTION_COLUMNS)})", nargs="+")
     split_column: str | None = option(None, "column naming each row's split (train/validation|val|dev/test)")
     split_ratio: str | None = option(None, "re-split by a hash of the image id, e.g. 0.8,0.1,0.1 (none: the "
                                      "dataset's own splits)", metavar="A,B,C")
@@ -243,7 +244,7 @@ Every command also takes `--debug` (tracebacks of errors; also: BLIP2_DEBUG=1); 
 `--config FILE`.
 Each command writes what it resolved beside its outputs: training `OUTPUT_DIR/config.json`,
 evaluation `OUTPUT_DIR/eval_config.json`, export `OUT/export_config.json`, the packer
-`OUT/pack_config.json`.
+`OUT/pack_config.json` (but `index`, which writes only a manifest).
 Where a command takes only some fields of a section, only those are listed under it. Evaluate and
 caption: `--prompt` and the generation settings (`--num-beams` ...) default to what the adapter (or
 merged export) recorded at training; the defaults listed apply when nothing was recorded."""

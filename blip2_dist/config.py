@@ -243,7 +243,7 @@ def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str,
         positional, aliases = meta.pop("positional", False), meta.pop("aliases", ())
         for key in RANGE_KEYS:
             meta.pop(key, None)
-        shown = "" if default is dataclasses.MISSING or positional else f" (default: {default})"
+        shown = "" if default in (dataclasses.MISSING, None) or positional else f" (default: {default})"
         kw: dict[str, Any] = dict(help=help_text + shown)
         if not positional:
             kw["default"] = argparse.SUPPRESS

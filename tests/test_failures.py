@@ -28,6 +28,7 @@ import pytest
 
 from blip2_dist.checks import check_model, check_training
 from blip2_dist.config import parse_config
+from blip2_dist.data.pack import PACK_CONFIG
 from blip2_dist.data.pack_cli import main as pack_main
 from blip2_dist.data.shards import MANIFEST, read_manifest
 from blip2_dist.data.synthetic import write_synthetic
@@ -286,8 +287,9 @@ def test_mistyped_source_leaves_a_good_pack_alone(packed, tmp_path, capsys):
 
 def test_repack_replaces_only_its_own_pack(packed, capsys):
     assert pack_main(["synthetic", "--out", str(packed), "--n-train", "4", "--n-val", "2", "--n-test", "2"]) == 0
-    assert sorted(p.name for p in packed.iterdir()) == [MANIFEST, "test-000000.tar", "train-000000.tar",
+    assert sorted(p.name for p in packed.iterdir()) == [MANIFEST, PACK_CONFIG, "test-000000.tar", "train-000000.tar",
                                                         "val-000000.tar"]
+    assert json.loads((packed / PACK_CONFIG).read_text())["synthetic"]["n_train"] == 4  # this pack's options
     assert read_manifest(packed)["splits"]["train"]["images"] == 4
 
 

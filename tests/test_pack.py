@@ -128,6 +128,9 @@ def test_truncated_image_fails_and_keeps_the_old_pack(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["flickr8k", str(tmp_path / "src"), "--out", str(out), "--workers", "1"]) == 0
     assert (out / MANIFEST).is_file()
+    saved = json.loads((out / "pack_config.json").read_text())  # the resolved options, beside the manifest
+    assert saved["command"] == "flickr8k" and saved["pack"]["workers"] == 1 and saved["pack"]["quality"] == 95
+    assert saved["source"]["source"] == str(tmp_path / "src") and saved["output"]["out"] == str(out)
     before = shard_digests(out)
     bad = fake.files[fake.order["train"][3]]
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])

@@ -40,6 +40,7 @@ from blip2_dist.data.flickr8k import PackError, Problem, Record, flickr8k_record
 from blip2_dist.data.shards import MANIFEST, SPLITS, WRITER, Sample, ShardWriter, read_manifest
 
 DEFAULT_QUALITY = 95
+PACK_CONFIG = "pack_config.json"  # the packer command's resolved options, written beside the manifest (pack_cli)
 _SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 _MAX_LISTED = 20  # problems shown in an error message or the summary; the manifest has them all
 _HINT = "(--skip-bad packs the rest and lists what was left out in the manifest)"
@@ -169,7 +170,7 @@ def default_workers() -> int:
 
 
 def own_pack_files(out_dir: str | os.PathLike) -> set[str] | None:
-    """The files of a pack this packer wrote in `out_dir` (its manifest and the shards it lists),
+    """The files of a pack this packer wrote in `out_dir` (its manifest, the shards it lists, its options),
     or None when the folder holds no such pack."""
     try:
         manifest = read_manifest(out_dir)
@@ -178,7 +179,7 @@ def own_pack_files(out_dir: str | os.PathLike) -> set[str] | None:
     if manifest.get("written_by") != WRITER:
         return None
     shards = {s["name"] for split in manifest.get("splits", {}).values() for s in split["shards"]}
-    return {MANIFEST, MANIFEST + ".tmp"} | shards
+    return {MANIFEST, MANIFEST + ".tmp", PACK_CONFIG} | shards
 
 
 def check_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
