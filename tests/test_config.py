@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config, parse_config
+from blip2_dist.config import Config, parse_config
+from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config
 from blip2_dist.errors import UsageError
 
 
