@@ -30,17 +30,8 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 class InferenceArgs:
     adapter: str | None = option(None, "adapter directory saved by training (omit for zero-shot); without --model "
                                  "its base model is loaded")
-    dtype: str = option("auto", "inference dtype (auto: bfloat16 on a GPU, float32 on CPU, where bfloat16 is slow)",
-                        choices=["auto", *DTYPE_NAMES])
-
-
-def inference_dtype(name: str):
-    """The torch dtype of --dtype; auto: bfloat16 on a GPU, float32 on CPU (where bfloat16 matmuls are slow)."""
-    import torch  # here, not at import: the reference generator and --help need no torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
+    dtype: str = option("bfloat16", "inference dtype (bfloat16: the precision training runs and evaluates in, on "
+                        "GPUs and DeepSpeed's CPU accelerator alike)", choices=list(DTYPE_NAMES))
 
 
 @dataclass

@@ -27,7 +27,7 @@ from PIL import Image
 
 from blip2_dist.adapters import load_for_inference, recorded_inference, resolve_inference
 from blip2_dist.checks import check_adapter, check_model
-from blip2_dist.commands import PlacementArgs, SamplingArgs, inference_dtype, sections_of
+from blip2_dist.commands import PlacementArgs, SamplingArgs, sections_of
 from blip2_dist.config import GENERATION_FIELDS, Parsed, parse_sections
 from blip2_dist.data.stream import CaptionFormat, ImageTransform
 from blip2_dist.errors import EXIT_USAGE, UsageError, UserError, run_main
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     dispatch = dispatch_options(p.sections["placement"])
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
-    model, processor = load_for_inference(base_model(p), inf.adapter, dtype=inference_dtype(inf.dtype),
+    model, processor = load_for_inference(base_model(p), inf.adapter, dtype=getattr(torch, inf.dtype),
                                           dispatch=dispatch)
     if dispatch is None:
         model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -21,7 +21,7 @@ import torch
 from blip2_dist import dist
 from blip2_dist.adapters import load_for_inference, read_meta, recorded_inference, resolve_inference
 from blip2_dist.checks import check_adapter, check_model, check_output_dir, check_splits
-from blip2_dist.commands import inference_dtype, sections_of
+from blip2_dist.commands import sections_of
 from blip2_dist.config import DEFAULT_MODEL, GENERATION_FIELDS, DataArgs, EvalArgs, Parsed, parse_sections, save_config
 from blip2_dist.errors import run_main
 from blip2_dist.evaluate import evaluate_model
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     info = dist.init_distributed()
     for note in notes:
         dist.print0(f"warning: {note}")
-    model, processor = load_for_inference(base_model(p), inf.adapter, dtype=inference_dtype(inf.dtype))
+    model, processor = load_for_inference(base_model(p), inf.adapter, dtype=getattr(torch, inf.dtype))
     model.to(dist.device_for(info))
     meta = read_meta(folder) if folder and Path(folder).is_dir() else {}
     in_run = (out.parent / "config.json").is_file()  # a training run's folder: join its comparison page
