@@ -237,7 +237,9 @@ def test_device_map_auto_with_disk_offload_captions_the_same(exported, tmp_path,
     e = exported["opt"]
     tensors = load_file(e["out"] / "model.safetensors")
     budget = int(1.5 * sum(t.numel() * 4 for k, t in tensors.items() if not k.startswith("language_model")))
-    placed = ["--device-map", "auto", "--offload-folder", str(tmp_path / "offload"), "--max-memory"]
+    # float32 throughout (--dtype): the memory budgets below count 4 bytes per parameter.
+    placed = ["--dtype", "float32", "--device-map", "auto", "--offload-folder", str(tmp_path / "offload"),
+              "--max-memory"]
     plain = our_captions(capsys, ["--model", str(e["out"])], e["images"])
     assert our_captions(capsys, ["--model", str(e["out"]), *placed, f"cpu={budget}"], e["images"]) == plain
     dispatch = {"device_map": "auto", "max_memory": {"cpu": budget}, "offload_folder": str(tmp_path / "offload")}
