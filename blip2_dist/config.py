@@ -307,6 +307,7 @@ class Parsed:
     sections: dict[str, Any]
     given: set[str]
     args: argparse.Namespace
+    only: dict[str, Sequence[str]]  # per section title: the fields the command takes (absent: all)
 
 
 def parse_sections(argv: Sequence[str] | None, description: str, sections: dict[str, type],
@@ -328,7 +329,7 @@ def parse_sections(argv: Sequence[str] | None, description: str, sections: dict[
                 raise UsageError(f"{args.config} [{name}]: unknown option {key!r} (known: {known})")
         objs[name] = section_from(cls, args, values)
         given |= set(values) | set(given_options(args, cls))
-    return Parsed(objs, given, args)
+    return Parsed(objs, given, args, dict(only or {}))
 
 
 def _read_file(path: str) -> dict:
@@ -367,12 +368,17 @@ def parse_config(argv: list[str] | None, description: str, sections: tuple[str, 
     return Config(**parsed.sections)
 
 
-def save_config(path: str | Path, sections: dict[str, Any], **extra: Any) -> Path:
-    """A command's resolved options as JSON, nested by section like a --config file (plus `extra`:
-    what the command resolved beyond its flags), written atomically beside its outputs."""
+def save_config(path: str | Path, sections: dict[str, Any], only: dict[str, Sequence[str]] | None = None,
+                **extra: Any) -> Path:
+    """A command's resolved options as JSON, nested by section like a --config file (`only`: the fields
+    the command takes, per section; `extra`: what it resolved beyond its flags), written atomically."""
     from blip2_dist.data.shards import write_json_atomic
 
-    resolved = {name: dataclasses.asdict(obj) for name, obj in sections.items()}
+    resolved = {}
+    for name, obj in sections.items():
+        values = dataclasses.asdict(obj)
+        keep = (only or {}).get(name)
+        resolved[name] = {k: v for k, v in values.items() if keep is None or k in keep}
     write_json_atomic(Path(path), {**resolved, **extra})
     return Path(path)
 

@@ -22,7 +22,9 @@ from blip2_dist import dist
 from blip2_dist.adapters import load_for_inference, read_meta, recorded_inference, resolve_inference
 from blip2_dist.checks import check_adapter, check_model, check_output_dir, check_splits
 from blip2_dist.commands import sections_of
-from blip2_dist.config import DEFAULT_MODEL, GENERATION_FIELDS, DataArgs, EvalArgs, Parsed, parse_sections, save_config
+from blip2_dist.config import (
+    DEFAULT_MODEL, GENERATION_FIELDS, DataArgs, EvalArgs, Parsed, parse_sections, save_config,
+)
 from blip2_dist.errors import run_main
 from blip2_dist.evaluate import evaluate_model
 from blip2_dist.gallery import write_run_page
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     max_caption_tokens = (meta.get("caption_format") or {}).get("max_caption_tokens", DataArgs().max_caption_tokens)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(out / EVAL_CONFIG, {**p.sections, "eval": eval_args},
+        save_config(out / EVAL_CONFIG, {**p.sections, "eval": eval_args}, p.only,
                     resolved={"prompt": prompt, "model": source["model"], "max_caption_tokens": max_caption_tokens})
     evaluate_model(model, processor, data.data, ev.split, eval_args, out, step=meta.get("step") or 0,
                    writer=writer, num_workers=data.num_workers, prompt=prompt,

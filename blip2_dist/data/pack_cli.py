@@ -28,8 +28,8 @@ from blip2_dist.commands import PACK_SOURCES, sections_of
 from blip2_dist.config import DEBUG_HELP, add_section_args, save_config, section_from
 from blip2_dist.data.flickr8k import PackError
 from blip2_dist.data.pack import (
-    DEFAULT_QUALITY, PACK_CONFIG, check_options, check_out, pack_coco, pack_flickr8k, pack_hf, pack_img2dataset, pack_karpathy,
-    staged_out, summarize_manifest,
+    DEFAULT_QUALITY, PACK_CONFIG, check_options, check_out, pack_coco, pack_flickr8k, pack_hf, pack_img2dataset,
+    pack_karpathy, staged_out, summarize_manifest,
 )
 from blip2_dist.data.shards import MANIFEST
 from blip2_dist.errors import UserError, run_main
@@ -70,7 +70,8 @@ def pack_source(command: str, s: dict) -> dict:
                    workers=opt.workers, skip_bad=opt.skip_bad, progress=opt.progress, overwrite=s["output"].overwrite)
     check_options(opt.samples_per_shard, opt.max_side, opt.quality, opt.workers)
     if command == "flickr8k":
-        return pack_flickr8k(src.source, out, format=src.format, images_dir=src.images, splits_dir=src.splits, **options)
+        return pack_flickr8k(src.source, out, format=src.format, images_dir=src.images, splits_dir=src.splits,
+                             **options)
     if command == "karpathy":
         return pack_karpathy(src.source, out, images_dir=src.images, **options)
     if command == "coco":
