@@ -15,7 +15,9 @@ from __future__ import annotations
 import sys
 from dataclasses import MISSING, dataclass
 
-from blip2_dist.config import SECTIONS, DataArgs, EvalArgs, GENERATION_FIELDS, ModelArgs, markdown_reference, option
+from blip2_dist.config import (
+    GENERATION_FIELDS, SECTIONS, DataArgs, EvalArgs, ModelArgs, Parsed, markdown_reference, option,
+)
 from blip2_dist.data.flickr8k import LAYOUTS
 from blip2_dist.data.pack import CAPTION_COLUMNS, DEFAULT_QUALITY
 from blip2_dist.data.shards import SPLITS
@@ -32,6 +34,13 @@ class InferenceArgs:
                                  "its base model is loaded")
     dtype: str = option("bfloat16", "inference dtype (bfloat16: the precision training runs and evaluates in, on "
                         "GPUs and DeepSpeed's CPU accelerator alike)", choices=list(DTYPE_NAMES))
+
+
+def base_model(parsed: Parsed) -> str | None:
+    """evaluate, caption: --model as given; not given, the adapter's base (None here), else the default base."""
+    if "model" in parsed.given or not parsed.sections["inference"].adapter:
+        return parsed.sections["model"].model
+    return None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from PIL import Image
 
 from blip2_dist.adapters import load_for_inference, recorded_inference, resolve_inference
 from blip2_dist.checks import check_adapter, check_model
-from blip2_dist.commands import PlacementArgs, SamplingArgs, sections_of
+from blip2_dist.commands import PlacementArgs, SamplingArgs, base_model, sections_of
 from blip2_dist.config import GENERATION_FIELDS, Parsed, parse_sections
 from blip2_dist.data.stream import CaptionFormat, ImageTransform
 from blip2_dist.errors import EXIT_USAGE, UsageError, UserError, run_main
@@ -99,13 +99,6 @@ def dispatch_options(d: PlacementArgs) -> dict | None:
     if d.offload_folder:
         options["offload_folder"] = d.offload_folder
     return options
-
-
-def base_model(p: Parsed) -> str | None:
-    """--model as given; not given: the adapter's base (None), else the default base."""
-    if "model" in p.given or not p.sections["inference"].adapter:
-        return p.sections["model"].model
-    return None
 
 
 def check(p: Parsed) -> list[Path]:

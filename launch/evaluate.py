@@ -21,7 +21,7 @@ import torch
 from blip2_dist import dist
 from blip2_dist.adapters import load_for_inference, read_meta, recorded_inference, resolve_inference
 from blip2_dist.checks import check_adapter, check_model, check_output_dir, check_splits
-from blip2_dist.commands import sections_of
+from blip2_dist.commands import base_model, sections_of
 from blip2_dist.config import (
     DEFAULT_MODEL, GENERATION_FIELDS, DataArgs, EvalArgs, Parsed, parse_sections, save_config,
 )
@@ -44,13 +44,6 @@ def output_dir(p: Parsed) -> Path:
     if ev.output_dir:
         return Path(ev.output_dir)
     return Path(f"{inf.adapter.rstrip('/')}/eval-{ev.split}" if inf.adapter else f"runs/eval-{ev.split}")
-
-
-def base_model(p: Parsed) -> str | None:
-    """--model as given; not given: the adapter's base (None), else the default base."""
-    if "model" in p.given or not p.sections["inference"].adapter:
-        return p.sections["model"].model
-    return None
 
 
 def check(p: Parsed, out: Path) -> None:
