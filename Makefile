@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test clean gpu-check
+.PHONY: venv demo test clean gpu-check docs
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ test: $(STAMP)
 # (docs/models.md). Uses the machine's python unless PYTHON is given; .whl/ wheels are installed first.
 gpu-check:
 	bash launch/gpu_check.sh runs/gpu_check
+
+# The configuration reference, generated from the option dataclasses (tests/test_configuration_doc.py
+# fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m blip2_dist.commands --markdown > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

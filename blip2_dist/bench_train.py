@@ -408,7 +408,8 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
 
     os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
     from blip2_dist.checkpoint import TrainState
-    from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config
+    from blip2_dist.config import Config
+    from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config
     from blip2_dist.model import image_sharing, unwrap_blip2
     from blip2_dist.train import build_engine, build_model, seed_step, train_step
 

@@ -8,8 +8,15 @@ config is written into the run directory by the trainer.
 A field's allowed range sits in its metadata (`min`, `gt`, `max`, `lt`); `check_values` checks
 every field's type and range, for flags and config-file values alike, before anything is loaded.
 
-DeepSpeed JSON files may hold "auto" values; `fill_deepspeed_config` replaces them from these
-settings the way the Hugging Face Trainer does.
+The generator, for every command (training's sections are below; the others' in commands.py):
+    option(default, help, **meta)            a section field (MISSING default: required; positional=True)
+    parse_sections(argv, doc, sections, only) -> Parsed(sections, given, args): --config, --debug, flags
+    add_section_args(parser, cls, title, only) + section_from(cls, args)   the same on a parser of your
+                                             own (subcommands: blip2_dist/data/pack_cli.py)
+    save_config(path, sections, **extra)     the resolved options as JSON beside a command's outputs
+    markdown_reference(commands)             docs/configuration.md (python -m blip2_dist.commands --markdown)
+
+The DeepSpeed JSON's "auto" values are filled from these settings in deepspeed_config.py.
 """
 
 from __future__ import annotations
@@ -19,80 +26,87 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Sequence, get_args, get_type_hints
 
 from blip2_dist.errors import UsageError, UserError
 
 DEFAULT_MODEL = "Salesforce/blip2-flan-t5-xl"  # the project default base
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **meta: Any) -> Any:
+    """A section field with its help text. `default` dataclasses.MISSING: a required option. meta: the
+    allowed range (`min`, `gt`, `max`, `lt`), argparse's `choices`, `nargs`, `metavar`, `positional=True`
+    (an argument without a flag), `aliases` (more flags for the same option)."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help, **meta})
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class ModelArgs:
-    model: str = _f(DEFAULT_MODEL, "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt")
-    random_init: bool = _f(False, "build the named architecture with random weights, no download (benchmarks only)")
-    lora_r: int = _f(16, "LoRA rank", min=1)
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", min=1)
-    lora_dropout: float = _f(0.05, "dropout on the LoRA path", min=0.0, lt=1.0)
-    lora_targets: list[str] | None = _f(None, "language-model modules to adapt (default T5: q v; OPT: q_proj v_proj)", nargs="+")
-    qformer_lora_targets: list[str] | None = _f(None, "Q-Former modules to adapt with LoRA too (e.g. query value)", nargs="+")
-    vision_lora_targets: list[str] | None = _f(None, "vision-encoder modules to adapt with LoRA too (e.g. qkv)", nargs="+")
-    train_qformer: bool = _f(False, "train the Q-Former, query tokens and projection fully")
-    train_query_tokens: bool = _f(False, "train the query tokens (saved beside the adapter)")
-    train_language_projection: bool = _f(False, "train the Q-Former -> language-model projection "
+    model: str = option(DEFAULT_MODEL, "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt "
+                        "(evaluate, caption: the adapter's base when --adapter is given without --model)")
+    random_init: bool = option(False, "build the named architecture with random weights, no download (benchmarks only)")
+    lora_r: int = option(16, "LoRA rank", min=1)
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", min=1)
+    lora_dropout: float = option(0.05, "dropout on the LoRA path", min=0.0, lt=1.0)
+    lora_targets: list[str] | None = option(None, "language-model modules to adapt (default T5: q v; OPT: q_proj v_proj)", nargs="+")
+    qformer_lora_targets: list[str] | None = option(None, "Q-Former modules to adapt with LoRA too (e.g. query value)", nargs="+")
+    vision_lora_targets: list[str] | None = option(None, "vision-encoder modules to adapt with LoRA too (e.g. qkv)", nargs="+")
+    train_qformer: bool = option(False, "train the Q-Former, query tokens and projection fully")
+    train_query_tokens: bool = option(False, "train the query tokens (saved beside the adapter)")
+    train_language_projection: bool = option(False, "train the Q-Former -> language-model projection "
                                          "(saved beside the adapter)")
-    group_images: bool = _f(True, "run the vision encoder (and a frozen Q-Former) once per image, not once per caption")
-    grad_checkpointing: bool = _f(False, "activation checkpointing (non-reentrant) in every BLIP-2 part: less memory, more compute")
+    group_images: bool = option(True, "run the vision encoder (and a frozen Q-Former) once per image, not once per caption")
+    grad_checkpointing: bool = option(False, "activation checkpointing (non-reentrant) in every BLIP-2 part: less memory, more compute")
 
 
 @dataclass
 class DataArgs:
-    data: str = _f("shards/flickr8k", "a shard folder with manifest.json (python -m blip2_dist.data.pack); a "
+    data: str = option("shards/flickr8k", "a shard folder with manifest.json (python -m blip2_dist.data.pack_cli); a "
                    "manifest's path or URL (http(s)://, file:, pipe:CMD); or shard URLs with {a..b} patterns; "
                    "several joined by '::' (docs/data.md)")
-    data_retries: int = _f(5, "remote shards and manifests: failed reads in a row (dropped connection, 5xx, "
+    data_retries: int = option(5, "remote shards and manifests: failed reads in a row (dropped connection, 5xx, "
                            "pipe: command error, stall) retried with backoff before the run stops naming the URL",
                            min=0)
-    train_split: str = _f("train", "split to train on")
-    eval_split: str = _f("val", "split to evaluate on during training")
-    micro_batch: int = _f(16, "captions per micro-batch per rank", min=1)
-    num_workers: int = _f(2, "loader worker processes per rank (0 = in the main process)", min=0)
-    caption_mode: str = _f("all", "all: every caption once per epoch; random: one random caption per image per epoch", choices=["all", "random"])
-    prompt: str = _f("", 'text prompt before the caption (LAVIS uses "a photo of")')
-    max_caption_tokens: int = _f(64, "captions longer than this many tokens are truncated (counted)", min=1)
-    shuffle_buffer: int = _f(1000, "images in each worker's shuffle buffer", min=1)
-    augment: bool = _f(False, "training-time image augmentation (off by default: flips contradict left/right captions)")
+    train_split: str = option("train", "split to train on")
+    eval_split: str = option("val", "split to evaluate on during training")
+    micro_batch: int = option(16, "captions per micro-batch per rank", min=1)
+    num_workers: int = option(2, "loader worker processes per rank (0 = in the main process)", min=0)
+    caption_mode: str = option("all", "all: every caption once per epoch; random: one random caption per image per epoch", choices=["all", "random"])
+    prompt: str = option("", 'text prompt before the caption (LAVIS uses "a photo of"; evaluate, caption: the '
+                         "adapter's recorded prompt when not given)")
+    max_caption_tokens: int = option(64, "captions longer than this many tokens are truncated (counted)", min=1)
+    shuffle_buffer: int = option(1000, "images in each worker's shuffle buffer", min=1)
+    augment: bool = option(False, "training-time image augmentation (off by default: flips contradict left/right captions)")
 
 
 @dataclass
 class OptimArgs:
-    lr: float = _f(1e-4, "peak learning rate (fills DeepSpeed's \"auto\")", gt=0.0)
-    weight_decay: float = _f(0.05, "AdamW weight decay; never applied to biases and norms", min=0.0)
-    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas", nargs=2, min=0.0, lt=1.0)
-    adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
-    warmup_steps: int = _f(100, "linear warm-up steps (optimizer steps)", min=0)
-    min_lr_ratio: float = _f(0.0, "cosine decays to lr * min_lr_ratio", min=0.0, max=1.0)
-    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", min=0.0)
-    fused_adamw: str = _f("auto", "torch's fused AdamW kernel: auto (on CUDA), on, off", choices=["auto", "on", "off"])
+    lr: float = option(1e-4, "peak learning rate (fills DeepSpeed's \"auto\")", gt=0.0)
+    weight_decay: float = option(0.05, "AdamW weight decay; never applied to biases and norms", min=0.0)
+    adam_betas: list[float] = option([0.9, 0.999], "AdamW betas", nargs=2, min=0.0, lt=1.0)
+    adam_eps: float = option(1e-8, "AdamW epsilon", gt=0.0)
+    warmup_steps: int = option(100, "linear warm-up steps (optimizer steps)", min=0)
+    min_lr_ratio: float = option(0.0, "cosine decays to lr * min_lr_ratio", min=0.0, max=1.0)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", min=0.0)
+    fused_adamw: str = option("auto", "torch's fused AdamW kernel: auto (on CUDA), on, off", choices=["auto", "on", "off"])
 
 
 @dataclass
 class EvalArgs:
-    num_beams: int = _f(5, "beam search width", min=1)
-    max_new_tokens: int = _f(30, "longest caption generated", min=1)
-    min_length: int = _f(8, "shortest caption generated, in tokens", min=0)
-    repetition_penalty: float = _f(1.0, "generation repetition penalty", gt=0.0)
-    length_penalty: float = _f(1.0, "beam search length penalty (> 1 favours longer captions, < 1 shorter)")
-    eval_batch: int = _f(16, "images per generation batch per rank", min=1)
-    max_eval_images: int = _f(0, "evaluate only the first N images of the split (0 = all)", min=0)
-    best_metric: str = _f("CIDEr", "metric that picks the best checkpoint (loss: the validation loss, lower is better)")
-    gallery_images: int = _f(24, "images shown in the HTML gallery and TensorBoard", min=0)
+    num_beams: int = option(5, "beam search width", min=1)
+    max_new_tokens: int = option(30, "longest caption generated", min=1)
+    min_length: int = option(8, "shortest caption generated, in tokens", min=0)
+    repetition_penalty: float = option(1.0, "generation repetition penalty", gt=0.0)
+    length_penalty: float = option(1.0, "beam search length penalty (> 1 favours longer captions, < 1 shorter)")
+    eval_batch: int = option(16, "images per generation batch per rank", min=1)
+    max_eval_images: int = option(0, "evaluate only the first N images of the split (0 = all)", min=0)
+    best_metric: str = option("CIDEr", "metric that picks the best checkpoint (loss: the validation loss, lower is better)")
+    gallery_images: int = option(24, "images shown in the HTML gallery and TensorBoard", min=0)
 
     def generation(self) -> dict[str, Any]:
         """The settings as `generate` keyword arguments (min_length counts caption tokens: min_new_tokens)."""
@@ -111,27 +125,27 @@ GENERATION_FIELDS = {
 
 @dataclass
 class TrainArgs:
-    output_dir: str = _f("runs/blip2", "run directory: checkpoints, adapters, TensorBoard, eval results")
-    deepspeed: str = _f("ds_configs/zero2.json", "DeepSpeed JSON config (\"auto\" values are filled from these flags)")
-    allow_fp16_t5: bool = _f(False, "train a FLAN-T5 model in fp16 although its activations overflow fp16 "
+    output_dir: str = option("runs/blip2", "run directory: checkpoints, adapters, TensorBoard, eval results")
+    deepspeed: str = option("ds_configs/zero2.json", "DeepSpeed JSON config (\"auto\" values are filled from these flags)")
+    allow_fp16_t5: bool = option(False, "train a FLAN-T5 model in fp16 although its activations overflow fp16 "
                              "(transformers issue 23918); without it fp16 + T5 is refused")
-    epochs: int = _f(1, "epochs to train (ignored when --max-steps is set)", min=1)
-    max_steps: int = _f(0, "optimizer steps to train (0 = use --epochs)", min=0)
-    save_steps: int = _f(500, "checkpoint every N optimizer steps (and at the end)", min=1)
-    eval_steps: int = _f(0, "evaluate every N optimizer steps (0 = only at the end)", min=0)
-    keep_last: int = _f(2, "checkpoints kept (the best adapter is kept apart)", min=1)
-    resume: str = _f("", "auto (the newest usable checkpoint in --output-dir, else a fresh start, said "
+    epochs: int = option(1, "epochs to train (ignored when --max-steps is set)", min=1)
+    max_steps: int = option(0, "optimizer steps to train (0 = use --epochs)", min=0)
+    save_steps: int = option(500, "checkpoint every N optimizer steps (and at the end)", min=1)
+    eval_steps: int = option(0, "evaluate every N optimizer steps (0 = only at the end)", min=0)
+    keep_last: int = option(2, "checkpoints kept (the best adapter is kept apart)", min=1)
+    resume: str = option("", "auto (the newest usable checkpoint in --output-dir, else a fresh start, said "
                      "loudly), a step number (its checkpoint in --output-dir), or a checkpoint path")
-    seed: int = _f(42, "seed for data order, LoRA init and dropout")
-    log_steps: int = _f(10, "TensorBoard scalars every N optimizer steps", min=1)
-    max_nonfinite: int = _f(0, "micro-batches with a NaN/inf loss skipped before the run stops", min=0)
-    skip_eval: bool = _f(False, "no evaluation during or after training")
-    dist_timeout: float = _f(600.0, "seconds a collective waits for the other ranks before this rank fails (exit 76)",
+    seed: int = option(42, "seed for data order, LoRA init and dropout")
+    log_steps: int = option(10, "TensorBoard scalars every N optimizer steps", min=1)
+    max_nonfinite: int = option(0, "micro-batches with a NaN/inf loss skipped before the run stops", min=0)
+    skip_eval: bool = option(False, "no evaluation during or after training")
+    dist_timeout: float = option(600.0, "seconds a collective waits for the other ranks before this rank fails (exit 76)",
                              gt=0.0)
-    heartbeat_timeout: float = _f(
+    heartbeat_timeout: float = option(
         60.0, "seconds a dead or cut-off rank is waited for before all ranks exit 76 (0 = off)", min=0.0)
-    sample_log: bool = _f(False, "log every trained example (image id, caption) to OUTPUT_DIR/samples/rank-N.jsonl")
-    early_stop_patience: int = _f(
+    sample_log: bool = option(False, "log every trained example (image id, caption) to OUTPUT_DIR/samples/rank-N.jsonl")
+    early_stop_patience: int = option(
         0, "stop after N evaluations in a row without a better --best-metric (0 = never); best/ keeps the best adapter")
 
 
@@ -204,38 +218,118 @@ def check_values(section_obj: Any) -> None:
                     raise UsageError(f"{flag} must be {op} {bound}, got {item}")
 
 
-def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One flag per field, defaults suppressed so we can tell what the user actually set."""
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _base_type(kind: Any) -> Any:
+    """int for `int | None`, float for `list[float]`: what argparse converts each value to."""
+    args = [a for a in get_args(kind) if a is not type(None)]
+    return _base_type(args[0]) if args else kind
+
+
+def _fields(cls: type, only: Sequence[str] | None) -> list[dataclasses.Field]:
+    fields = dataclasses.fields(cls)
+    if only is None:
+        return list(fields)
+    by_name = {f.name: f for f in fields}
+    return [by_name[name] for name in only]
+
+
+def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str,
+                     only: Sequence[str] | None = None) -> None:
+    """One flag per field of `cls` (or of the fields named in `only`), defaults suppressed so that what
+    the user set is told apart from the defaults (section_from, given_options)."""
     group = parser.add_argument_group(title)
     hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _fields(cls, only):
         meta = dict(f.metadata)
-        help_text = meta.pop("help")
-        kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text, kind, default = meta.pop("help"), hints[f.name], _default(f)
+        positional, aliases = meta.pop("positional", False), meta.pop("aliases", ())
         for key in RANGE_KEYS:
             meta.pop(key, None)
-        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        shown = "" if default in (dataclasses.MISSING, None) or positional else f" (default: {default})"
+        kw: dict[str, Any] = dict(help=help_text + shown)
+        if not positional:
+            kw["default"] = argparse.SUPPRESS
+            kw["required"] = default is dataclasses.MISSING
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif "nargs" in meta:
-            kw["nargs"] = meta.pop("nargs")
-            kw["type"] = float if "float" in str(kind) else str
         else:
-            kw["type"] = kind if kind in (int, float, str) else str
+            kw["type"] = _base_type(kind) if _base_type(kind) in (int, float) else str
         kw.update(meta)
-        group.add_argument(_flag(f.name), **kw)
+        names = [f.name] if positional else [_flag(f.name), *aliases]
+        group.add_argument(*names, **kw)
 
 
-def build_parser(description: str, sections: tuple[str, ...] = tuple(SECTIONS)) -> argparse.ArgumentParser:
+def given_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` set on the command line (parsed with add_section_args)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def section_from(cls: type, args: argparse.Namespace, file_values: dict | None = None) -> Any:
+    """A section: its defaults <- `file_values` (a config file's section) <- the flags given, checked
+    (check_values)."""
+    values = {**(file_values or {}), **given_options(args, cls)}
+    required = [f.name for f in dataclasses.fields(cls) if _default(f) is dataclasses.MISSING]
+    obj = cls(**{name: values.pop(name) for name in required if name in values})
+    _apply(obj, values, "command line")
+    check_values(obj)
+    return obj
+
+
+def build_parser(description: str, sections: tuple[str, ...] | dict[str, type] = tuple(SECTIONS),
+                 only: dict[str, Sequence[str]] | None = None) -> argparse.ArgumentParser:
+    """--config, --debug and the flags of every section: training's (names in SECTIONS) or a command's
+    own `{title: dataclass}`; `only`: {title: the fields of that section this command takes}."""
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sections = _section_types(sections)
     parser.add_argument("--config", help="JSON or YAML file with sections " + ", ".join(sections))
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    for name in sections:
-        add_section_args(parser, SECTIONS[name], name)
+    for name, cls in sections.items():
+        add_section_args(parser, cls, name, (only or {}).get(name))
     return parser
+
+
+def _section_types(sections: tuple[str, ...] | dict[str, type]) -> dict[str, type]:
+    return dict(sections) if isinstance(sections, dict) else {name: SECTIONS[name] for name in sections}
+
+
+@dataclass
+class Parsed:
+    """What parse_sections returns: one object per section, and the names the user set (flags or file)."""
+
+    sections: dict[str, Any]
+    given: set[str]
+    args: argparse.Namespace
+    only: dict[str, Sequence[str]]  # per section title: the fields the command takes (absent: all)
+
+
+def parse_sections(argv: Sequence[str] | None, description: str, sections: dict[str, type],
+                   only: dict[str, Sequence[str]] | None = None) -> Parsed:
+    """A command's options: defaults <- --config file <- command-line flags, each section checked."""
+    args = build_parser(description, sections, only).parse_args(argv)
+    file = _read_file(args.config) if args.config else {}
+    for name in file:
+        if name not in sections:
+            raise UsageError(f"{args.config}: unknown section {name!r} (known: {', '.join(sections)})")
+    given: set[str] = set()
+    objs = {}
+    for name, cls in sections.items():
+        allowed = set((only or {}).get(name) or [f.name for f in dataclasses.fields(cls)])
+        values = {k.replace("-", "_"): v for k, v in file.get(name, {}).items()}
+        for key in values:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise UsageError(f"{args.config} [{name}]: unknown option {key!r} (known: {known})")
+        objs[name] = section_from(cls, args, values)
+        given |= set(values) | set(given_options(args, cls))
+    return Parsed(objs, given, args, dict(only or {}))
 
 
 def _read_file(path: str) -> dict:
@@ -269,167 +363,48 @@ def _apply(section_obj: Any, values: dict, where: str) -> None:
 
 
 def parse_config(argv: list[str] | None, description: str, sections: tuple[str, ...] = tuple(SECTIONS)) -> Config:
-    """defaults <- --config file <- command-line flags; unknown keys in the file are errors."""
-    args = build_parser(description, sections).parse_args(argv)
-    cfg = Config()
-    if args.config:
-        for section, values in _read_file(args.config).items():
-            if section not in sections:
-                raise UsageError(f"{args.config}: unknown section {section!r} (known: {', '.join(sections)})")
-            _apply(getattr(cfg, section), values, f"{args.config} [{section}]")
-    given = {k: v for k, v in vars(args).items() if k not in ("config", "local_rank", "debug")}
-    for section in sections:
-        obj = getattr(cfg, section)
-        names = {f.name for f in dataclasses.fields(obj)}
-        _apply(obj, {k: v for k, v in given.items() if k in names}, "command line")
-        check_values(obj)
-    return cfg
+    """Training's options: defaults <- --config file <- command-line flags; unknown keys in the file are errors."""
+    parsed = parse_sections(argv, description, _section_types(sections))
+    return Config(**parsed.sections)
 
 
-# ---------------------------------------------------------------- DeepSpeed "auto" filling
+def save_config(path: str | Path, sections: dict[str, Any], only: dict[str, Sequence[str]] | None = None,
+                **extra: Any) -> Path:
+    """A command's resolved options as JSON, nested by section like a --config file (`only`: the fields
+    the command takes, per section; `extra`: what it resolved beyond its flags), written atomically."""
+    from blip2_dist.data.shards import write_json_atomic
 
-def _fill(section: dict, key: str, value: Any, path: str) -> None:
-    """Replace "auto" with our value; a concrete value that disagrees is an error, not a surprise."""
-    current = section.get(key, "auto")
-    if current == "auto":
-        section[key] = value
-    elif current != value and not (isinstance(value, float) and isinstance(current, (int, float)) and abs(current - value) < 1e-12):
-        raise ValueError(
-            f"DeepSpeed config sets {path}.{key}={current!r} but the run's settings give {value!r}: "
-            f'set it to "auto" or make the flags agree'
-        )
-
-
-def load_deepspeed_config(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found (the shipped ones are in ds_configs/)")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: line {e.lineno}: {e.msg}") from None
+    resolved = {}
+    for name, obj in sections.items():
+        values = dataclasses.asdict(obj)
+        keep = (only or {}).get(name)
+        resolved[name] = {k: v for k, v in values.items() if keep is None or k in keep}
+    write_json_atomic(Path(path), {**resolved, **extra})
+    return Path(path)
 
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+def markdown_reference(commands: dict[str, dict[str, tuple[type, Sequence[str] | None]]], intro: str = "") -> str:
+    """The configuration reference: per command, per section (title: (dataclass, the fields the command
+    takes, None for all)), a table of flag, type, default and help read from the dataclasses."""
+    lines = [intro.strip(), ""] if intro else []
+    for command, sections in commands.items():
+        lines += [f"## {command}", ""]
+        for title, (cls, only) in sections.items():
+            lines += [f"### {title} (`{cls.__name__}`)", "", "| flag | type | default | help |", "|---|---|---|---|"]
+            hints = get_type_hints(cls)
+            lines += [_reference_row(f, hints[f.name]) for f in _fields(cls, only)]
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
 
 
-def choose_precision(ds: dict, bf16_ok: bool, fp16_ok: bool) -> str:
-    """"bf16", "fp16" or "fp32" from the JSON's `bf16` / `fp16` sections and what the device can do.
-
-    "auto" picks bf16 where the device has it, else fp16 (V100, T4: no bf16) where the JSON's fp16
-    section says "auto", else fp32. An explicit true is taken as is, and is an error on a device
-    without that precision."""
-    wanted = {p: ds.get(p, {}).get("enabled", False) for p in ("bf16", "fp16")}
-    able = {"bf16": bf16_ok, "fp16": fp16_ok}
-    forced = [p for p, v in wanted.items() if v is True]
-    if len(forced) == 2:
-        raise ValueError('DeepSpeed config enables both bf16 and fp16: enable one (or set both to "auto")')
-    if forced:
-        if not able[forced[0]]:
-            raise ValueError(f"DeepSpeed config enables {forced[0]} but this device has no {forced[0]} support: "
-                             f'set {forced[0]}.enabled to "auto"')
-        return forced[0]
-    for p in ("bf16", "fp16"):
-        if wanted[p] == "auto" and able[p]:
-            return p
-    return "fp32"
-
-
-# What the trainer realises from the optimizer and scheduler sections (see check_optimizer_sections).
-_ADAM_TYPES = ("adam", "adamw")
-_ADAM_PARAMS = {"lr", "betas", "eps", "weight_decay"}
-_COSINE_PARAMS = {"total_num_steps", "warmup_num_steps", "cos_min_ratio"}
-
-
-def check_optimizer_sections(ds: dict, path: str = "DeepSpeed config") -> None:
-    """Reject what the trainer would otherwise ignore in the `optimizer` and `scheduler` sections.
-
-    The optimizer section becomes torch.optim.AdamW over the trainable parameters (its lr, betas, eps,
-    weight_decay); with the optimizer offloaded DeepSpeed builds its CPU Adam from the section, which
-    honours every Adam parameter. The scheduler section becomes the trainer's linear warm-up + cosine
-    (WarmupCosineLR's total_num_steps, warmup_num_steps, cos_min_ratio). Anything else would be
-    dropped without a word, so it is an error naming the key."""
-    offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
-    opt = ds.get("optimizer")
-    if opt is not None:
-        kind = str(opt.get("type", ""))
-        if kind.lower() not in _ADAM_TYPES:
-            raise ValueError(f'{path}: optimizer.type {kind!r} is not supported: the trainer runs AdamW; set '
-                             '"type": "AdamW" or remove the optimizer section (AdamW from the flags)')
-        params = dict(opt.get("params", {}))
-        if params.get("adam_w_mode", True) is not True:
-            raise ValueError(f"{path}: optimizer.params.adam_w_mode=false (Adam with L2 regularisation) is not "
-                             "supported: the trainer runs AdamW (decoupled weight decay)")
-        params.pop("adam_w_mode", None)
-        params.pop("torch_adam", None)  # the trainer's AdamW is torch's anyway
-        unknown = sorted(set(params) - _ADAM_PARAMS)
-        if unknown and not offloaded:
-            raise ValueError(f"{path}: optimizer.params {unknown} would be ignored: the trainer builds "
-                             f"torch.optim.AdamW from {sorted(_ADAM_PARAMS)} only; remove them")
-    sched = ds.get("scheduler")
-    if sched is not None:
-        kind = str(sched.get("type", ""))
-        if kind != "WarmupCosineLR":
-            raise ValueError(f"{path}: scheduler.type {kind!r} is not supported: the trainer's schedule is a "
-                             "linear warm-up then cosine (WarmupCosineLR); use that type or remove the "
-                             "scheduler section (then --warmup-steps and --min-lr-ratio shape it)")
-        params = dict(sched.get("params", {}))
-        for key, same in (("warmup_type", "linear"), ("warmup_min_ratio", 0)):
-            if key in params and params.pop(key) != same:
-                raise ValueError(f"{path}: scheduler.params.{key} other than {same!r} is not supported: the "
-                                 "trainer warms up linearly from 0 to the peak LR")
-        unknown = sorted(set(params) - _COSINE_PARAMS)
-        if unknown:
-            raise ValueError(f"{path}: scheduler.params {unknown} would be ignored: the trainer reads "
-                             f"{sorted(_COSINE_PARAMS)} only; remove them")
-
-
-def fill_deepspeed_config(ds: dict, cfg: Config, world_size: int, total_steps: int | None, bf16_ok: bool,
-                          fp16_ok: bool = False) -> dict:
-    """Resolve every "auto" the way the HF Trainer does (batch sizes, lr, warm-up, steps, clipping,
-    precision: see choose_precision). total_steps None: not known yet (checks only)."""
-    ds = json.loads(json.dumps(ds))  # deep copy
-    check_optimizer_sections(ds, cfg.train.deepspeed)
-    o = cfg.optim
-    _fill(ds, "train_micro_batch_size_per_gpu", cfg.data.micro_batch, "")
-    _fill(ds, "gradient_accumulation_steps", o.grad_accum, "")
-    _fill(ds, "train_batch_size", cfg.data.micro_batch * o.grad_accum * world_size, "")
-    _fill(ds, "gradient_clipping", float(o.max_grad_norm), "")
-    precision = choose_precision(ds, bf16_ok, fp16_ok)
-    for name in ("bf16", "fp16"):
-        if name in ds:
-            ds[name]["enabled"] = precision == name
-    if "fp16" in ds and ds["fp16"].get("loss_scale") == "auto":
-        ds["fp16"]["loss_scale"] = 0  # dynamic loss scaling
-    if "optimizer" in ds:
-        params = ds["optimizer"].setdefault("params", {})
-        _fill(params, "lr", o.lr, "optimizer.params")
-        _fill(params, "betas", list(o.adam_betas), "optimizer.params")
-        _fill(params, "eps", o.adam_eps, "optimizer.params")
-        _fill(params, "weight_decay", o.weight_decay, "optimizer.params")
-    if "scheduler" in ds:
-        params = ds["scheduler"].setdefault("params", {})
-        if total_steps is not None:
-            _fill(params, "total_num_steps", total_steps, "scheduler.params")
-            _fill(params, "warmup_num_steps", min(o.warmup_steps, total_steps), "scheduler.params")
-        _fill(params, "cos_min_ratio", o.min_lr_ratio, "scheduler.params")
-    leftover = [k for k, v in _walk(ds) if v == "auto" and not (total_steps is None and k.startswith("scheduler."))]
-    if leftover:
-        raise ValueError(f"DeepSpeed config: no value for \"auto\" at {', '.join(leftover)}")
-    return ds
-
-
-def precision_of(ds: dict) -> str:
-    """The precision a filled DeepSpeed config runs in."""
-    for name in ("bf16", "fp16"):
-        if ds.get(name, {}).get("enabled") is True:
-            return name
-    return "fp32"
-
-
-def _walk(obj: Any, prefix: str = ""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _walk(v, f"{prefix}.{k}" if prefix else k)
-    else:
-        yield prefix, obj
+def _reference_row(f: dataclasses.Field, kind: Any) -> str:
+    meta, default = f.metadata, _default(f)
+    flags = [_flag(f.name), *meta.get("aliases", ())]
+    name = f.name if meta.get("positional") else " ".join(f"`{flag}`" for flag in flags)
+    kind_text = (str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__).replace("|", "or")
+    if meta.get("choices"):
+        kind_text += " (" + ", ".join(map(str, meta["choices"])) + ")"
+    ranges = ", ".join(f"{op} {meta[key]}" for key, op in RANGE_KEYS.items() if key in meta)
+    default_text = "required" if default is dataclasses.MISSING else f"`{default!r}`"
+    help_text = (meta["help"] + (f" ({ranges})" if ranges else "")).replace("|", "\\|").replace("<", "&lt;")
+    return f"| {name} | {kind_text} | {default_text} | {help_text} |"

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from blip2_dist import dist
 from blip2_dist.checkpoint import Checkpointer, TrainState
 from blip2_dist.checks import TrainingPlan, check_training
-from blip2_dist.config import Config, fill_deepspeed_config, precision_of
+from blip2_dist.config import Config
+from blip2_dist.deepspeed_config import fill_deepspeed_config, precision_of
 from blip2_dist.data.shards import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.data.urls import RetryPolicy

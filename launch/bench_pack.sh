@@ -23,7 +23,7 @@ echo "machine: $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc
 cat "$TREE"/Flicker8k_Dataset/*.jpg > /dev/null   # warm the page cache
 
 echo "== default: original bytes, every image fully decoded (--workers $WORKERS)"
-time "$PY" -m blip2_dist.data.pack flickr8k "$TREE" --out "$OUT/default" --workers "$WORKERS" --no-progress
+time "$PY" -m blip2_dist.data.pack_cli flickr8k "$TREE" --out "$OUT/default" --workers "$WORKERS" --no-progress
 echo "== --max-side 364 (BLIP-2's image size; --workers $WORKERS)"
-time "$PY" -m blip2_dist.data.pack flickr8k "$TREE" --out "$OUT/max364" --workers "$WORKERS" --max-side 364 --no-progress
+time "$PY" -m blip2_dist.data.pack_cli flickr8k "$TREE" --out "$OUT/max364" --workers "$WORKERS" --max-side 364 --no-progress
 du -sh "$OUT/default" "$OUT/max364"

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from blip2_dist.config import Config, fill_deepspeed_config, load_deepspeed_config, parse_config
+from blip2_dist.config import Config, parse_config
+from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config
 from blip2_dist.errors import UsageError
 
 
@@ -60,3 +61,40 @@ def test_conflicting_explicit_value_is_an_error(tmp_path):
     (tmp_path / "broken.json").write_text("{\n  'x': 1\n}")
     with pytest.raises(ValueError, match="line 2"):
         load_deepspeed_config(str(tmp_path / "broken.json"))
+
+
+# ---- the generator, for every command --------------------------------------------------------------
+
+
+def test_a_command_takes_only_its_fields_of_a_shared_section_and_knows_what_was_given(tmp_path):
+    from blip2_dist.commands import sections_of
+    from blip2_dist.config import DataArgs, parse_sections
+
+    f = tmp_path / "eval.yaml"
+    f.write_text("eval:\n  num_beams: 3\n")
+    p = parse_sections(["--config", str(f), "--num-workers", "0", "--data", "d"], "t", *sections_of("evaluate"))
+    assert p.sections["data"].num_workers == 0 and p.sections["eval"].num_beams == 3
+    assert p.given == {"num_workers", "data", "num_beams"}  # the file's values count as given
+    assert p.sections["data"].prompt == DataArgs().prompt and p.sections["model"].model == Config().model.model
+    with pytest.raises(UsageError, match="unrecognized arguments: --lr"):  # a training flag evaluate does not take
+        parse_sections(["--lr", "1"], "t", *sections_of("evaluate"))
+    f.write_text("data:\n  micro_batch: 3\n")
+    with pytest.raises(UsageError, match=r"\[data\]: unknown option 'micro_batch'"):
+        parse_sections(["--config", str(f)], "t", *sections_of("evaluate"))
+    with pytest.raises(UsageError, match="--num-workers must be >= 0, got -1"):  # the one range, from DataArgs
+        parse_sections(["--num-workers", "-1"], "t", *sections_of("evaluate"))
+
+
+def test_required_and_positional_options_and_the_saved_configuration(tmp_path):
+    from blip2_dist.commands import sections_of
+    from blip2_dist.config import parse_sections, save_config
+
+    with pytest.raises(UsageError, match="required: --adapter, --out"):
+        parse_sections([], "t", *sections_of("export"))
+    p = parse_sections(["a.jpg", "b/", "--batch-size", "2", "--top-p", "0.5", "--do-sample"], "t",
+                       *sections_of("caption"))
+    assert p.sections["caption"].images == ["a.jpg", "b/"] and p.sections["sampling"].top_p == 0.5
+    saved = json.loads(save_config(tmp_path / "c.json", p.sections, p.only, extra={"x": 1}).read_text())
+    assert saved["caption"] == {"images": ["a.jpg", "b/"], "batch_size": 2, "json": False}
+    assert saved["sampling"]["do_sample"] is True and saved["extra"] == {"x": 1}
+    assert saved["data"] == {"prompt": ""} and "gallery_images" not in saved["eval"]  # only what caption takes

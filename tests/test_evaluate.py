@@ -81,6 +81,9 @@ def test_two_ranks_seven_images_exactly_once_and_toolkit_equal(seven, tmp_path):
     proc = run("launch/evaluate.py", ["--model", "tiny-t5", "--data", str(seven), "--split", "val",
                                       "--output-dir", str(tmp_path), "--dtype", "float32", *GEN], nproc=2)
     assert proc.returncode == 0, explain(proc)
+    saved = read_json(tmp_path / "eval_config.json")  # the resolved options, beside the results
+    assert saved["data"]["num_workers"] == 2 and saved["inference"]["dtype"] == "float32"
+    assert saved["eval"]["num_beams"] == 2 and saved["model"]["model"] == "tiny-t5"
     ids = expected_image_ids(str(seven), "val")
     preds = read_json(tmp_path / "predictions.json")
     results = read_json(tmp_path / "results.json")

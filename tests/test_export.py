@@ -108,6 +108,8 @@ def exported(hub_opt_dir, hub_t5_dir, tmp_path_factory):
         adapter = fine_tuned_adapter(base, root / f"{family}-adapter", seed)
         out = root / f"{family}-merged"
         assert load_launch("export").main(["--adapter", str(adapter), "--out", str(out), "--dtype", "float32"]) == 0
+        saved = json.loads((out / "export_config.json").read_text())  # the resolved options, beside the model
+        assert saved["export"] == {"adapter": str(adapter), "out": str(out), "dtype": "float32", "overwrite": False}
         made[family] = {"adapter": adapter, "out": out, "images": images, "base": base}
     return made
 
@@ -235,7 +237,9 @@ def test_device_map_auto_with_disk_offload_captions_the_same(exported, tmp_path,
     e = exported["opt"]
     tensors = load_file(e["out"] / "model.safetensors")
     budget = int(1.5 * sum(t.numel() * 4 for k, t in tensors.items() if not k.startswith("language_model")))
-    placed = ["--device-map", "auto", "--offload-folder", str(tmp_path / "offload"), "--max-memory"]
+    # float32 throughout (--dtype): the memory budgets below count 4 bytes per parameter.
+    placed = ["--dtype", "float32", "--device-map", "auto", "--offload-folder", str(tmp_path / "offload"),
+              "--max-memory"]
     plain = our_captions(capsys, ["--model", str(e["out"])], e["images"])
     assert our_captions(capsys, ["--model", str(e["out"]), *placed, f"cpu={budget}"], e["images"]) == plain
     dispatch = {"device_map": "auto", "max_memory": {"cpu": budget}, "offload_folder": str(tmp_path / "offload")}

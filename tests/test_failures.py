@@ -28,7 +28,8 @@ import pytest
 
 from blip2_dist.checks import check_model, check_training
 from blip2_dist.config import parse_config
-from blip2_dist.data.pack import main as pack_main
+from blip2_dist.data.pack import PACK_CONFIG
+from blip2_dist.data.pack_cli import main as pack_main
 from blip2_dist.data.shards import MANIFEST, read_manifest
 from blip2_dist.data.synthetic import write_synthetic
 from blip2_dist.errors import EXIT_ERROR, EXIT_PEER_LOST, EXIT_USAGE, UserError, exit_for
@@ -286,8 +287,9 @@ def test_mistyped_source_leaves_a_good_pack_alone(packed, tmp_path, capsys):
 
 def test_repack_replaces_only_its_own_pack(packed, capsys):
     assert pack_main(["synthetic", "--out", str(packed), "--n-train", "4", "--n-val", "2", "--n-test", "2"]) == 0
-    assert sorted(p.name for p in packed.iterdir()) == [MANIFEST, "test-000000.tar", "train-000000.tar",
+    assert sorted(p.name for p in packed.iterdir()) == [MANIFEST, PACK_CONFIG, "test-000000.tar", "train-000000.tar",
                                                         "val-000000.tar"]
+    assert json.loads((packed / PACK_CONFIG).read_text())["synthetic"]["n_train"] == 4  # this pack's options
     assert read_manifest(packed)["splits"]["train"]["images"] == 4
 
 
@@ -317,7 +319,7 @@ def test_out_is_a_file_or_read_only(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    proc = subprocess.run([*plain_user(), sys.executable, "-m", "blip2_dist.data.pack", "synthetic", "--out",
+    proc = subprocess.run([*plain_user(), sys.executable, "-m", "blip2_dist.data.pack_cli", "synthetic", "--out",
                            str(locked / "p"), "--n-train", "4"], cwd=REPO, env=cpu_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == EXIT_ERROR, explain(proc)

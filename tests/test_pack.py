@@ -13,8 +13,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from blip2_dist.data.pack import (
-    PackError, hf_records, main, pack_flickr8k, pack_hf, prepare_image, ratio_split, summarize_manifest,
+    PackError, hf_records, pack_flickr8k, pack_hf, prepare_image, ratio_split, summarize_manifest,
 )
+from blip2_dist.data.pack_cli import main
 from blip2_dist.data.shards import MANIFEST, read_manifest
 from fake_flickr8k import (
     fake_name, small_jpeg, write_kaggle, write_karpathy, write_original, write_split_files,
@@ -127,6 +128,9 @@ def test_truncated_image_fails_and_keeps_the_old_pack(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["flickr8k", str(tmp_path / "src"), "--out", str(out), "--workers", "1"]) == 0
     assert (out / MANIFEST).is_file()
+    saved = json.loads((out / "pack_config.json").read_text())  # the resolved options, beside the manifest
+    assert saved["command"] == "flickr8k" and saved["pack"]["workers"] == 1 and saved["pack"]["quality"] == 95
+    assert saved["source"]["source"] == str(tmp_path / "src") and saved["output"]["out"] == str(out)
     before = shard_digests(out)
     bad = fake.files[fake.order["train"][3]]
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
@@ -272,7 +276,7 @@ def test_stale_shards_are_removed(tmp_path):
 def test_cli_subprocess(tmp_path):
     fake = write_original(tmp_path / "src")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "blip2_dist.data.pack", "flickr8k", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "blip2_dist.data.pack_cli", "flickr8k", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
     ok = subprocess.run(cmd + ["--workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "images/s" in ok.stdout and "train" in ok.stdout

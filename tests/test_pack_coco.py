@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from blip2_dist.data.pack import PackError, main, pack_coco, pack_karpathy
+from blip2_dist.data.pack import PackError, pack_coco, pack_karpathy
+from blip2_dist.data.pack_cli import main
 from blip2_dist.data.reader import parse_sample
 from blip2_dist.data.shards import read_manifest
 from fake_coco import write_coco, write_karpathy_coco, write_karpathy_flickr30k

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from blip2_dist import train as T
-from blip2_dist.config import choose_precision, fill_deepspeed_config, load_deepspeed_config, parse_config
+from blip2_dist.config import parse_config
+from blip2_dist.deepspeed_config import choose_precision, fill_deepspeed_config, load_deepspeed_config
 from blip2_dist.errors import UserError
 from blip2_dist.model import family_from_name
 from launch_helpers import REPO, cpu_env

@@ -19,7 +19,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from blip2_dist.data.pack import main as pack_main
+from blip2_dist.data.pack_cli import main as pack_main
 from blip2_dist.data.reader import SampleLog, check_data, read_shard, resolve_shards
 from blip2_dist.data.urls import RetryPolicy, ShardReadError
 from blip2_dist.data.shards import read_manifest
@@ -149,7 +149,7 @@ def test_counting_pass_for_shards_without_a_manifest(packed, reference, fmt_tf, 
         shutil.copy(p, bare / p.name)
     with serve(bare) as srv:
         pattern = srv.url + "/train-{000000..000002}.tar"
-        with pytest.raises(UserError, match=r"no per-shard sample counts .*blip2_dist.data.pack index"):
+        with pytest.raises(UserError, match=r"no per-shard sample counts .*blip2_dist.data.pack_cli index"):
             resolve_shards(pattern, "train")
         with pytest.raises(UserError, match=r"no per-shard sample counts"):  # before any process group
             check_data(f"{packed}::{pattern}", ["train"])

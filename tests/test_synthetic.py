@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip2_dist.data.pack import main
+from blip2_dist.data.pack_cli import main
 from blip2_dist.data.shards import read_manifest
 from blip2_dist.data.synthetic import (
     COLOURS, POSITIONS, SHAPES, Scene, caption_matches, make_scene, scene_captions, scene_for_id, write_synthetic,

@@ -1,8 +1,8 @@
 """img2dataset-style shards (KEY.jpg, KEY.txt = the caption, KEY.json = metadata) -> records with
 every caption of an image together, so that the vision encoder runs once per image.
 
-    python -m blip2_dist.data.pack img2dataset 'cc/{00000..00009}.tar' --out shards/cc
-    python -m blip2_dist.data.pack img2dataset 'https://host/coco/{00000..00099}.tar' --group-by image_id \
+    python -m blip2_dist.data.pack_cli img2dataset 'cc/{00000..00009}.tar' --out shards/cc
+    python -m blip2_dist.data.pack_cli img2dataset 'https://host/coco/{00000..00099}.tar' --group-by image_id \
         --split-ratio 0.98,0.01,0.01 --out shards/coco_i2d
 
 Training reads such shards directly too (`--data 'cc/{00000..00009}.tar'`: one caption per sample,

@@ -1,7 +1,7 @@
 """The counting pass: a manifest for shards that have none (another tool's, or remote ones).
 
-    python -m blip2_dist.data.pack index 'https://host/cc/{00000..00099}.tar' --out cc/manifest.json
-    python -m blip2_dist.data.pack index 'pipe:aws s3 cp s3://b/cc/{00000..00099}.tar -' --split val --out cc
+    python -m blip2_dist.data.pack_cli index 'https://host/cc/{00000..00099}.tar' --out cc/manifest.json
+    python -m blip2_dist.data.pack_cli index 'pipe:aws s3 cp s3://b/cc/{00000..00099}.tar -' --split val --out cc
 
 Every shard is read once (through the same reader as training, retries included), and the manifest
 records per shard its per-sample caption counts, sample and caption totals, size and sha256: what

@@ -160,7 +160,7 @@ def _pattern_shards(urls: list[str], spec: str, retry: RetryPolicy) -> list[Shar
             known[url] = count_shard(url, retry).caption_counts
         log.warning(
             "%s: no manifest.json lists %d of the shards; scanned them for counts in %.1f s (write one "
-            "beside them with `python -m blip2_dist.data.pack index` to skip this)", spec, len(missing),
+            "beside them with `python -m blip2_dist.data.pack_cli index` to skip this)", spec, len(missing),
             time.time() - t0,
         )
     return [ShardInfo(u, _display_name(u), known[u]) for u in urls]
@@ -170,7 +170,7 @@ def _no_counts(spec: str, remote: list[str]) -> UserError:
     return UserError(
         f"{spec}: no per-shard sample counts for {len(remote)} remote shard(s), e.g. {remote[0]}. Give the "
         f"URL of their {MANIFEST} if they have one, or count them once (reads every shard): python -m "
-        f"blip2_dist.data.pack index '{spec}' --out DIR, then pass --data DIR/{MANIFEST}"
+        f"blip2_dist.data.pack_cli index '{spec}' --out DIR, then pass --data DIR/{MANIFEST}"
     )
 
 

@@ -239,7 +239,7 @@ def read_manifest(source: str | os.PathLike, retry=None) -> dict:
         if not path.is_file():
             what = "no manifest" if path.name == MANIFEST else "no such manifest"
             raise FileNotFoundError(
-                f"{path}: {what}. Pack data first (python -m blip2_dist.data.pack ...); "
+                f"{path}: {what}. Pack data first (python -m blip2_dist.data.pack_cli ...); "
                 "a folder without a manifest is an unfinished pack."
             )
         text = path.read_text(encoding="utf-8")

@@ -15,7 +15,7 @@ Source: any `--data` form (reader.resolve_shards): a packed folder, a manifest's
 (http(s)://, file:, pipe:CMD), or shard URLs with brace patterns, several joined by '::'. Counts
 come from the manifest; for a pattern from a manifest.json beside local tars that lists them, or
 img2dataset's NAME_stats.json; otherwise local tars are scanned once per rank (logged) and remote
-ones need `python -m blip2_dist.data.pack index` first. Shards are read through webdataset's I/O,
+ones need `python -m blip2_dist.data.pack_cli index` first. Shards are read through webdataset's I/O,
 remote ones with retries that resume at the right sample (reader.py).
 
 How an epoch is split (sample-level contiguous slots, no communication between ranks):

@@ -8,7 +8,7 @@ be right without looking at the image: 6 × 4 × 3 × 5 = 360 scenes. Every word
 model.TINY_CORPUS_WORDS, so the tiny tokenizer keeps it whole.
 
     python -m blip2_dist.data.synthetic --out shards/synthetic        # 2000/100/100 at 64 px
-    python -m blip2_dist.data.pack synthetic --out shards/synthetic   # the same command
+    python -m blip2_dist.data.pack_cli synthetic --out shards/synthetic   # the same command
 
     manifest = write_synthetic("shards/synthetic", n_train=2000, n_val=100, n_test=100)
     scene = scene_for_id("syn-val-000007")   # the ground truth of a written sample
@@ -218,7 +218,7 @@ def write_synthetic(
 
 
 if __name__ == "__main__":
-    from blip2_dist.data.pack import main
+    from blip2_dist.data.pack_cli import main
     from blip2_dist.errors import run_main
 
     run_main(main, ["synthetic", *sys.argv[1:]])
