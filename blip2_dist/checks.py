@@ -22,8 +22,8 @@ from pathlib import Path
 from blip2_dist.checkpoint import ResumePlan, plan_resume
 from blip2_dist.config import Config, check_values, fill_deepspeed_config, load_deepspeed_config, precision_of
 from blip2_dist.data.reader import check_data, is_manifest, split_sources
-from blip2_dist.data.shards import local_path, manifest_location, read_manifest, split_shards
-from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
+from blip2_dist.data.shards import manifest_location, read_manifest, split_shards
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, local_path
 from blip2_dist.errors import UserError
 from blip2_dist.model import REAL_TEXT, TINY_MODELS
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from blip2_dist import dist
 from blip2_dist.config import EvalArgs
 from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
-from blip2_dist.data.shards import write_json_atomic
+from blip2_dist.io import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
 from blip2_dist.data.transforms import IGNORE_INDEX
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy

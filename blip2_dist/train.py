@@ -27,7 +27,7 @@ from blip2_dist import dist
 from blip2_dist.checkpoint import Checkpointer, TrainState
 from blip2_dist.checks import TrainingPlan, check_training
 from blip2_dist.config import Config, fill_deepspeed_config, precision_of
-from blip2_dist.data.shards import write_json_atomic
+from blip2_dist.io import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.data.urls import RetryPolicy
 from blip2_dist.errors import EXIT_PREEMPTED, AgreedError, UsageError, UserError, write_exit_report

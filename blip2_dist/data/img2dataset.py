@@ -27,8 +27,8 @@ from webdataset.shardlists import expand_urls
 
 from blip2_dist.data.flickr8k import PackError, Problem, Record
 from blip2_dist.data.reader import SampleLog, image_part, read_shard, split_sources
-from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, is_remote
-from blip2_dist.data.shards import SPLITS, local_path
+from blip2_dist.data.shards import SPLITS
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, is_remote, local_path
 
 DEFAULT_GROUP_FIELDS = ("image_id", "url")
 
