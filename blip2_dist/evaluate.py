@@ -40,7 +40,7 @@ from blip2_dist.errors import UserError
 from blip2_dist.gallery import (
     caption_card, gallery_markdown, save_gallery_images, write_eval_page, write_run_page,
 )
-from blip2_dist.logging import NullWriter, split_group
+from blip2_dist.tensorboard import NullWriter, split_group
 from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
 from blip2_dist.model import caption_forward, generate_captions, unwrap_blip2
 

@@ -31,7 +31,7 @@ from blip2_dist.io import write_json_atomic
 from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
 from blip2_dist.data.urls import RetryPolicy
 from blip2_dist.errors import EXIT_PREEMPTED, AgreedError, UsageError, UserError, write_exit_report
-from blip2_dist.logging import ThroughputMeter, build_writer, memory_gib, split_group
+from blip2_dist.tensorboard import ThroughputMeter, build_writer, memory_gib, split_group
 from blip2_dist.adapters import caption_format_record, save_adapter
 from blip2_dist.model import (
     LoraSettings,
