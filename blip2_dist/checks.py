@@ -41,7 +41,7 @@ class TrainingPlan:
 def check_training(cfg: Config, world_size: int, rank: int = 0,
                    precisions: tuple[bool, bool] = (True, False)) -> TrainingPlan:
     """Every check of a training run; see the module docstring. precisions: (bf16, fp16) the device
-    has (blip2_dist.train.device_precisions)."""
+    has (blip2_dist.engine.device_precisions)."""
     for section in (cfg.model, cfg.data, cfg.optim, cfg.eval, cfg.train):
         check_values(section)
     splits = {"--train-split": cfg.data.train_split}
