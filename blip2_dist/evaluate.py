@@ -33,8 +33,8 @@ from blip2_dist import dist
 from blip2_dist.config import Config, EvalArgs
 from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
 from blip2_dist.io import write_json_atomic
-from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
-from blip2_dist.data.transforms import IGNORE_INDEX
+from blip2_dist.data.eval_stream import EvalStream
+from blip2_dist.data.transforms import IGNORE_INDEX, CaptionFormat, ImageTransform
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.errors import UserError
 from blip2_dist.gallery import (

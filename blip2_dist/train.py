@@ -28,7 +28,8 @@ from blip2_dist.adapters import caption_format_record, save_adapter
 from blip2_dist.checkpoint import Checkpointer, TrainState
 from blip2_dist.checks import TrainingPlan, check_training
 from blip2_dist.config import Config, fill_deepspeed_config, precision_of
-from blip2_dist.data.stream import CaptionFormat, ImageTransform, TrainStream
+from blip2_dist.data.stream import TrainStream
+from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 from blip2_dist.data.urls import RetryPolicy
 from blip2_dist.engine import (
     DTYPES, build_engine, build_model, check_fp16_family, device_precisions, seed_step, to_device, train_step,

@@ -351,7 +351,7 @@ def test_zero_byte_image_is_named(tmp_path, capsys):
 WORKERS_OF_A_KILLED_RANK = r"""
 import os, signal, sys, time
 from torch.utils.data import IterableDataset
-from blip2_dist.data.stream import _loader
+from blip2_dist.data.stages import worker_loader
 
 class Slow(IterableDataset):
     def __iter__(self):
@@ -360,7 +360,7 @@ class Slow(IterableDataset):
             yield {"pid": os.getpid()}
 
 pids = set()
-for item in _loader(Slow(), num_workers=2):
+for item in worker_loader(Slow(), num_workers=2):
     pids.add(item["pid"])
     if len(pids) == 2:
         break_here = True
