@@ -41,7 +41,9 @@ from blip2_dist.gallery import (
     caption_card, gallery_markdown, save_gallery_images, write_eval_page, write_run_page,
 )
 from blip2_dist.tensorboard import NullWriter, split_group
-from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
+from blip2_dist.caption_tokens import normalize_caption
+from blip2_dist.meteor import warm_up_meteor
+from blip2_dist.metrics import score_captions_detailed
 from blip2_dist.model import caption_forward, generate_captions, unwrap_blip2
 
 
