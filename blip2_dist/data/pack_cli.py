@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from blip2_dist.data.flickr8k import LAYOUTS, PackError
+from blip2_dist.data.hf_datasets import CAPTION_COLUMNS
 from blip2_dist.data.pack import (
-    CAPTION_COLUMNS, DEFAULT_QUALITY, check_options, check_out, pack_coco, pack_flickr8k, pack_hf,
-    pack_img2dataset, pack_karpathy, staged_out, summarize_manifest,
+    DEFAULT_QUALITY, check_options, pack_coco, pack_flickr8k, pack_hf, pack_img2dataset, pack_karpathy,
+    summarize_manifest,
 )
 from blip2_dist.data.shards import MANIFEST, SPLITS
+from blip2_dist.data.staging import check_out, staged_out
 from blip2_dist.errors import UserError, run_main
 
 
