@@ -21,8 +21,8 @@ What this module adds around the toolkit, without changing its numbers:
   (measured over every code point): one such character silently shifts every later caption onto the
   wrong image. METEOR's protocol is line based too (a \\n in a candidate hangs it). str.split() splits
   on all of these (and on tabs, \\x85, \\x1c-\\x1f, NBSP, ...). Lone surrogates become "?".
-- The tokenizer's (caption_tokens.py) output line count is checked (the toolkit zips silently), its temp file goes to the
-  system temp dir rather than site-packages, and it runs under a timeout.
+- The tokenizer's output line count is checked (the toolkit zips silently), its temp file goes to the
+  system temp dir rather than site-packages, and it runs under a timeout (caption_tokens.py).
 - Images are scored in sorted-id order, so the result does not depend on the order ranks gathered
   them in (the toolkit's means are order-sensitive in the last bits).
 - METEOR's JVM (meteor.py; ~8-11 s to start, ~1.3 GB) is started once per process, lazily (or early with

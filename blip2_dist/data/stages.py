@@ -163,7 +163,9 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def worker_loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 2, mp_context: Any = None) -> Iterable:
+def worker_loader(
+    dataset: IterableDataset, num_workers: int, prefetch_factor: int = 2, mp_context: Any = None
+) -> Iterable:
     """Workers send numpy arrays (pickled through the pipe): for ~1 MB batches that is several times
     cheaper than torch's shared-memory tensors (a new shm segment + fd passing per tensor)."""
     if num_workers == 0:
