@@ -8,9 +8,9 @@
 Both sides train the same model (tiny built-ins, or the real architectures built with random weights,
 no download), in the same dtype, on the same micro-batches (`--micro-batch` captions, 5 per image as in
 Flickr8k, whole caption groups, a group may straddle two batches as the shard stream makes them):
-  * ours: the real trainer step. `train.build_model` (LoRA from the trainer's defaults), DeepSpeed
-    ZeRO-2 from ds_configs/zero2.json via `train.build_engine` (one rank; gloo on CPU), and
-    `train.train_step` per micro-batch: `caption_loss` with the vision encoder once per image
+  * ours: the real trainer step. `engine.build_model` (LoRA from the trainer's defaults), DeepSpeed
+    ZeRO-2 from ds_configs/zero2.json via `engine.build_engine` (one rank; gloo on CPU), and
+    `engine.train_step` per micro-batch: `caption_loss` with the vision encoder once per image
     (`--no-group-images` turns it off), captions padded to the batch's longest.
   * baseline: the HF PEFT notebook (peft/Fine_tune_BLIP2_on_an_image_captioning_dataset_PEFT.ipynb): a
     plain PyTorch loop, `peft.get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
@@ -411,7 +411,7 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     from blip2_dist.config import Config
     from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config
     from blip2_dist.model import image_sharing, unwrap_blip2
-    from blip2_dist.train import build_engine, build_model, seed_step, train_step
+    from blip2_dist.engine import build_engine, build_model, seed_step, train_step
 
     dist.init_distributed()
     config = Config()

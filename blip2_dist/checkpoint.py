@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from blip2_dist import dist
-from blip2_dist.data.shards import write_json_atomic, write_text_atomic
+from blip2_dist.io import write_json_atomic, write_text_atomic
 from blip2_dist.errors import UserError
 
 COMPLETE = "COMPLETE"

@@ -23,8 +23,8 @@ from blip2_dist.checkpoint import ResumePlan, plan_resume
 from blip2_dist.config import Config, check_values
 from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config, precision_of
 from blip2_dist.data.reader import check_data, is_manifest, split_sources
-from blip2_dist.data.shards import local_path, manifest_location, read_manifest, split_shards
-from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
+from blip2_dist.data.shards import manifest_location, read_manifest, split_shards
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, local_path
 from blip2_dist.errors import UserError
 from blip2_dist.model import REAL_TEXT, TINY_MODELS
 
@@ -42,7 +42,7 @@ class TrainingPlan:
 def check_training(cfg: Config, world_size: int, rank: int = 0,
                    precisions: tuple[bool, bool] = (True, False)) -> TrainingPlan:
     """Every check of a training run; see the module docstring. precisions: (bf16, fp16) the device
-    has (blip2_dist.train.device_precisions)."""
+    has (blip2_dist.engine.device_precisions)."""
     for section in (cfg.model, cfg.data, cfg.optim, cfg.eval, cfg.train):
         check_values(section)
     splits = {"--train-split": cfg.data.train_split}

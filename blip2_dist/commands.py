@@ -19,7 +19,8 @@ from blip2_dist.config import (
     GENERATION_FIELDS, SECTIONS, DataArgs, EvalArgs, ModelArgs, Parsed, markdown_reference, option,
 )
 from blip2_dist.data.flickr8k import LAYOUTS
-from blip2_dist.data.pack import CAPTION_COLUMNS, DEFAULT_QUALITY
+from blip2_dist.data.hf_datasets import CAPTION_COLUMNS
+from blip2_dist.data.pack import DEFAULT_QUALITY
 from blip2_dist.data.shards import SPLITS
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")

@@ -372,7 +372,7 @@ def save_config(path: str | Path, sections: dict[str, Any], only: dict[str, Sequ
                 **extra: Any) -> Path:
     """A command's resolved options as JSON, nested by section like a --config file (`only`: the fields
     the command takes, per section; `extra`: what it resolved beyond its flags), written atomically."""
-    from blip2_dist.data.shards import write_json_atomic
+    from blip2_dist.io import write_json_atomic
 
     resolved = {}
     for name, obj in sections.items():

@@ -30,18 +30,20 @@ import torch
 import torch.nn.functional as F
 
 from blip2_dist import dist
-from blip2_dist.config import EvalArgs
+from blip2_dist.config import Config, EvalArgs
 from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
-from blip2_dist.data.shards import write_json_atomic
-from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
-from blip2_dist.data.transforms import IGNORE_INDEX
+from blip2_dist.io import write_json_atomic
+from blip2_dist.data.eval_stream import EvalStream
+from blip2_dist.data.transforms import IGNORE_INDEX, CaptionFormat, ImageTransform
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.errors import UserError
 from blip2_dist.gallery import (
     caption_card, gallery_markdown, save_gallery_images, write_eval_page, write_run_page,
 )
-from blip2_dist.logging import NullWriter, split_group
-from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
+from blip2_dist.tensorboard import NullWriter, split_group
+from blip2_dist.caption_tokens import normalize_caption
+from blip2_dist.meteor import warm_up_meteor
+from blip2_dist.metrics import score_captions_detailed
 from blip2_dist.model import caption_forward, generate_captions, unwrap_blip2
 
 
@@ -315,20 +317,21 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def evaluate_in_training(trainer, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """Called by the trainer on every rank at --eval-steps and at the end; rank 0 then refreshes the
-    run's comparison page (RUN/gallery.html)."""
-    cfg, step = trainer.cfg, trainer.state.step
-    lockstep = trainer.engine.zero_optimization_stage() == 3
+def evaluate_in_training(
+    model, processor, cfg: Config, run_dir: Path, step: int, writer: NullWriter, *, lockstep: bool,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """Called by the trainer on every rank at --eval-steps and at the end: the run's --eval-split into
+    `run_dir/eval/<step>`; rank 0 then refreshes the run's comparison page (run_dir/gallery.html).
+    `lockstep`: every rank runs every batch together (ZeRO-3, whose forwards are collective)."""
     metrics = evaluate_model(
-        trainer.model, trainer.processor, cfg.data.data, cfg.data.eval_split, cfg.eval,
-        trainer.out / "eval" / f"{step:08d}", step=step,
-        writer=trainer.writer, lockstep=lockstep, num_workers=min(cfg.data.num_workers, 1),
+        model, processor, cfg.data.data, cfg.data.eval_split, cfg.eval, run_dir / "eval" / f"{step:08d}", step=step,
+        writer=writer, lockstep=lockstep, num_workers=min(cfg.data.num_workers, 1),
         prompt=cfg.data.prompt, should_stop=should_stop, retry=RetryPolicy(retries=cfg.data.data_retries),
         max_caption_tokens=cfg.data.max_caption_tokens,
         source={"label": f"step {step}", "model": cfg.model.model, "adapter": "(training)"},
         run_page="../../gallery.html",
     )
     if dist.get_rank() == 0:
-        write_run_page(trainer.out)
+        write_run_page(run_dir)
     return metrics

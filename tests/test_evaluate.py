@@ -59,7 +59,8 @@ def single_process_reference_loss(data_dir, split):
     """The validation loss computed here in one process over every image of the split at once."""
     import torch
 
-    from blip2_dist.data.stream import CaptionFormat, EvalStream, ImageTransform
+    from blip2_dist.data.eval_stream import EvalStream
+    from blip2_dist.data.transforms import CaptionFormat, ImageTransform
     from blip2_dist.evaluate import reference_loss
     from blip2_dist.model import load_model
 

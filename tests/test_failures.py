@@ -28,7 +28,7 @@ import pytest
 
 from blip2_dist.checks import check_model, check_training
 from blip2_dist.config import parse_config
-from blip2_dist.data.pack import PACK_CONFIG
+from blip2_dist.data.staging import PACK_CONFIG
 from blip2_dist.data.pack_cli import main as pack_main
 from blip2_dist.data.shards import MANIFEST, read_manifest
 from blip2_dist.data.synthetic import write_synthetic
@@ -353,7 +353,7 @@ def test_zero_byte_image_is_named(tmp_path, capsys):
 WORKERS_OF_A_KILLED_RANK = r"""
 import os, signal, sys, time
 from torch.utils.data import IterableDataset
-from blip2_dist.data.stream import _loader
+from blip2_dist.data.stages import worker_loader
 
 class Slow(IterableDataset):
     def __iter__(self):
@@ -362,7 +362,7 @@ class Slow(IterableDataset):
             yield {"pid": os.getpid()}
 
 pids = set()
-for item in _loader(Slow(), num_workers=2):
+for item in worker_loader(Slow(), num_workers=2):
     pids.add(item["pid"])
     if len(pids) == 2:
         break_here = True

@@ -13,7 +13,7 @@ import torch
 from blip2_dist import model as M
 from engine_wrapper import FakeEngine
 from blip2_dist.bench_train import synthetic_batches
-from blip2_dist.train import CaptionLossModule
+from blip2_dist.engine import CaptionLossModule
 
 FAMILIES = ["t5", "opt"]
 SETTINGS = {

@@ -22,19 +22,12 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from blip2_dist import metrics
-from blip2_dist.metrics import (
-    METRIC_KEYS,
-    MeteorError,
-    MeteorScorer,
-    normalize_caption,
-    python_tokenize,
-    score_captions,
-    score_captions_detailed,
-    spice_models_present,
-)
+from blip2_dist import caption_tokens, meteor
+from blip2_dist.caption_tokens import normalize_caption, python_tokenize
+from blip2_dist.meteor import MeteorError, MeteorScorer
+from blip2_dist.metrics import METRIC_KEYS, score_captions, score_captions_detailed, spice_models_present
 
-pytestmark = pytest.mark.skipif(not metrics.java_available(), reason="needs `java` (openjdk) on PATH")
+pytestmark = pytest.mark.skipif(not caption_tokens.java_available(), reason="needs `java` (openjdk) on PATH")
 
 REFS = {
     "1000268201": ["A child in a pink dress is climbing up a set of stairs in an entry way .",
@@ -88,8 +81,8 @@ def toolkit_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def direct_toolkit():
     """Score the standard COCOEvalCap way, independently of blip2_dist.metrics."""
-    metrics.warm_up_meteor()  # the library's JVM loads while the toolkit's own one does
-    meteor = Meteor()
+    meteor.warm_up_meteor()  # the library's JVM loads while the toolkit's own one does
+    toolkit_meteor = Meteor()
 
     def score(preds: dict[str, str], refs: dict[str, list[str]]):
         gts = toolkit_tokenize(refs)
@@ -98,12 +91,12 @@ def direct_toolkit():
         bleu, bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
         out.update(zip(METRIC_KEYS[:4], bleu))
         per.update(zip(METRIC_KEYS[:4], bleu_per))
-        for name, scorer in (("METEOR", meteor), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
+        for name, scorer in (("METEOR", toolkit_meteor), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
             out[name], per[name] = scorer.compute_score(gts, res)
         return out, {k: {m: per[m][i] for m in per} for i, k in enumerate(gts)}
 
     yield score
-    meteor.meteor_p.kill()  # not Meteor.__del__: it can hang on its lock
+    toolkit_meteor.meteor_p.kill()  # not Meteor.__del__: it can hang on its lock
 
 
 def ordered(d: dict) -> dict:
@@ -153,9 +146,9 @@ def test_normalize_caption_removes_every_java_line_break():
     assert normalize_caption("bad \udc80 surrogate") == "bad ? surrogate"
     # every char Python calls whitespace, through the real tokenizer: one line per caption
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
-    assert metrics.ptb_tokenize([normalize_caption(f"a{c}Dog.") for c in spaces]) == ["a dog"] * len(spaces)
+    assert caption_tokens.ptb_tokenize([normalize_caption(f"a{c}Dog.") for c in spaces]) == ["a dog"] * len(spaces)
     with pytest.raises(RuntimeError, match="returned 9 lines for 7 captions"):  # the check the toolkit lacks
-        metrics.ptb_tokenize(["a", "b\rc", "d", "e\u2028f", "g", "h", "i"])
+        caption_tokens.ptb_tokenize(["a", "b\rc", "d", "e\u2028f", "g", "h", "i"])
     with pytest.raises(TypeError):
         normalize_caption(None)  # type: ignore[arg-type]
 
@@ -206,7 +199,7 @@ def test_key_and_type_errors_name_the_images():
 
 def test_java_missing_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no java
-    assert not metrics.java_available()
+    assert not caption_tokens.java_available()
     scores, info = score_captions_detailed(PREDS, REFS)
     assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
     assert "java" in info["unavailable"]["METEOR"]
@@ -226,7 +219,7 @@ def test_fallback_tokenizer_matches_ptb_on_everyday_captions():
         "ROCK 'n' ROLL band [live] {encore}", "Someone's cat: sleeping on a keyboard & a mouse",
         "Two people in '90s clothes, holding a $5 bill and a 50% off sign.", "Dogs' toys... everywhere",
         "a 'single quoted' phrase", "The car is red.The house is blue.", "What a day!!!", "e-mail the U.S. office", ""]
-    assert [python_tokenize(c) for c in caps] == metrics.ptb_tokenize([normalize_caption(c) for c in caps])
+    assert [python_tokenize(c) for c in caps] == caption_tokens.ptb_tokenize([normalize_caption(c) for c in caps])
 
 
 def test_spice_detection(tmp_path, monkeypatch):
@@ -241,7 +234,7 @@ def test_spice_detection(tmp_path, monkeypatch):
 
 def _child_scores(queue):
     try:
-        scorer = metrics.get_meteor()
+        scorer = meteor.get_meteor()
         scores = score_captions(PREDS, REFS)
         queue.put((scores, scorer.pid, scorer.starts, os.getpid()))
     except BaseException as e:  # noqa: BLE001
@@ -251,7 +244,7 @@ def _child_scores(queue):
 def test_meteor_in_forked_child_gets_its_own_jvm():
     gts = toolkit_tokenize(ordered(REFS))
     res = toolkit_tokenize({k: [v] for k, v in ordered(PREDS).items()})
-    shared = metrics.get_meteor()
+    shared = meteor.get_meteor()
     parent_meteor = shared.compute_score(gts, res)  # the parent's JVM is up and used
     parent_jvm, parent_starts = shared.pid, shared.starts
     ctx = mp.get_context("fork")
@@ -345,7 +338,7 @@ def test_meteor_dead_process_is_replaced_before_the_next_call(tmp_path):
 
 
 def test_meteor_failure_is_reported_not_fatal(monkeypatch, tmp_path):
-    monkeypatch.setattr(metrics, "_SHARED", MeteorScorer(timeout=0.5, retries=0, cmd=_fake_cmd(tmp_path, "hang")))
+    monkeypatch.setattr(meteor, "_SHARED", MeteorScorer(timeout=0.5, retries=0, cmd=_fake_cmd(tmp_path, "hang")))
     with pytest.warns(UserWarning, match="METEOR failed"):
         scores, info = score_captions_detailed(PREDS, REFS)
     assert "METEOR" not in scores and "timed out" in info["unavailable"]["METEOR"]
@@ -355,7 +348,7 @@ def test_meteor_failure_is_reported_not_fatal(monkeypatch, tmp_path):
 def test_exit_does_not_hang_after_a_failed_call(tmp_path):
     """The toolkit's Meteor.__del__ waits on a lock a failed call left held; ours must not."""
     code = textwrap.dedent(f"""
-        from blip2_dist.metrics import MeteorScorer, MeteorError
+        from blip2_dist.meteor import MeteorScorer, MeteorError
         s = MeteorScorer(timeout=0.5, retries=0, cmd={_fake_cmd(tmp_path, 'hang')!r})
         try:
             s.compute_score({{"a": ["x"]}}, {{"a": ["x"]}})

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from blip2_dist.data.pack import (
-    PackError, hf_records, pack_flickr8k, pack_hf, prepare_image, ratio_split, summarize_manifest,
-)
+from blip2_dist.data.flickr8k import PackError, ratio_split
+from blip2_dist.data.hf_datasets import hf_records
+from blip2_dist.data.pack import pack_flickr8k, pack_hf, prepare_image, summarize_manifest
 from blip2_dist.data.pack_cli import main
 from blip2_dist.data.shards import MANIFEST, read_manifest
 from fake_flickr8k import (

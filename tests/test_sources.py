@@ -23,7 +23,8 @@ from blip2_dist.data.pack_cli import main as pack_main
 from blip2_dist.data.reader import SampleLog, check_data, read_shard, resolve_shards
 from blip2_dist.data.urls import RetryPolicy, ShardReadError
 from blip2_dist.data.shards import read_manifest
-from blip2_dist.data.stream import EvalStream, TrainStream
+from blip2_dist.data.eval_stream import EvalStream
+from blip2_dist.data.stream import TrainStream
 from blip2_dist.errors import UserError
 from http_server import serve
 from test_stream import _jpeg, _pack, fmt_tf, tiny  # noqa: F401 - fixtures used by name

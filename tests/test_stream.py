@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 from blip2_dist.data.bench_loader import natural_image
+from blip2_dist.data.eval_stream import EvalStream
+from blip2_dist.data.reader import resolve_shards
 from blip2_dist.data.shards import Sample, ShardWriter
-from blip2_dist.data.stream import EvalStream, TrainStream, resolve_shards
+from blip2_dist.data.stream import TrainStream
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 from blip2_dist.model import build_tiny
 

@@ -256,6 +256,23 @@ def hash_split(name: str) -> str:
     return "train" if bucket < 6 else ("val" if bucket == 6 else "test")
 
 
+def parse_split_ratio(text: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise PackError(f"--split-ratio {text!r}: expected three non-negative numbers like 0.8,0.1,0.1")
+    total = sum(parts)
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def ratio_split(key: str, ratio: tuple[float, float, float]) -> str:
+    """train/val/test by sha1(key) as a number in [0, 1): stable whatever the row order."""
+    u = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "train" if u < ratio[0] else ("val" if u < ratio[0] + ratio[1] else "test")
+
+
 def _read_split_files(layout: Layout, problems: list[Problem]) -> list[tuple[str, str, str]]:
     """(split, image name, "file:line") in split-file order, train then val then test."""
     listed: dict[str, str] = {}

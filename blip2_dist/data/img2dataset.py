@@ -25,10 +25,10 @@ from typing import Iterator
 
 from webdataset.shardlists import expand_urls
 
-from blip2_dist.data.flickr8k import PackError, Problem, Record
+from blip2_dist.data.flickr8k import PackError, Problem, Record, ratio_split
 from blip2_dist.data.reader import SampleLog, image_part, read_shard, split_sources
-from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, is_remote
-from blip2_dist.data.shards import SPLITS, local_path
+from blip2_dist.data.shards import SPLITS
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, is_remote, local_path
 
 DEFAULT_GROUP_FIELDS = ("image_id", "url")
 
@@ -74,8 +74,6 @@ def img2dataset_records(
     spec: str, *, group_by: str | None = None, split: str = "train", split_ratio: tuple | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> tuple[dict, list[Record], list[Problem]]:
-    from blip2_dist.data.pack import ratio_split
-
     if split not in SPLITS:
         raise PackError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     urls = [u for part in split_sources(spec) for u in expand_urls(part)]

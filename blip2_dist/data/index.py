@@ -23,8 +23,9 @@ from webdataset.shardlists import expand_urls
 
 from blip2_dist.data.pack import PackError, default_workers, ordered_map
 from blip2_dist.data.reader import count_shard, split_sources
-from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, is_remote
-from blip2_dist.data.shards import FORMAT, MANIFEST, SPLITS, local_path, read_manifest, run_length, write_json_atomic
+from blip2_dist.data.shards import FORMAT, MANIFEST, SPLITS, read_manifest, run_length
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, is_remote, local_path
+from blip2_dist.io import write_json_atomic
 
 
 def manifest_path(out: str | os.PathLike) -> Path:

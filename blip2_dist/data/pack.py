@@ -3,45 +3,37 @@
 The command line (`blip2-pack`, `python -m blip2_dist.data.pack_cli`) is in pack_cli.py.
 
 Records come from a source layout (flickr8k.py; coco.py for Karpathy's split files and the official
-COCO captions; img2dataset.py for other tools' shards; or any Hugging Face `datasets` image-caption
-set on disk), images are read, fully decoded (a truncated JPEG is an error) and, where needed,
+COCO captions; img2dataset.py for other tools' shards; hf_datasets.py for any Hugging Face `datasets`
+image-caption set on disk), images are read, fully decoded (a truncated JPEG is an error) and, where needed,
 re-encoded by a pool of worker threads, in order, and written by one ShardWriter: the same
 input gives byte-identical shards whatever --workers is. Any bad input stops the run with an
 error naming the file (and line); with --skip-bad the rest is packed and what was left out is
 listed in the manifest and printed.
 
---out is written atomically: the pack is written into a temporary folder beside it
-(`.NAME.packing-*`) and swapped in only when complete, so a failed run leaves --out as it was.
---out may be missing, empty, or hold a pack this packer wrote (which is then replaced, its own
-files only); a folder holding anything else is refused unless --overwrite is given, and even then
-only files named like the new pack's are replaced: nothing the packer did not write is deleted.
+--out is written atomically (staging.py): the pack goes into a temporary folder beside it and is
+swapped in only when complete, so a failed run leaves --out as it was.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from blip2_dist.data.flickr8k import PackError, Problem, Record, flickr8k_records, stem
-from blip2_dist.data.shards import MANIFEST, SPLITS, WRITER, Sample, ShardWriter, read_manifest
+from blip2_dist.data.flickr8k import PackError, Problem, Record, flickr8k_records, parse_split_ratio
+from blip2_dist.data.hf_datasets import hf_records
+from blip2_dist.data.shards import MANIFEST, SPLITS, Sample, ShardWriter
+from blip2_dist.data.staging import check_out, staged_out
 
 DEFAULT_QUALITY = 95
-PACK_CONFIG = "pack_config.json"  # the packer command's resolved options, written beside the manifest (pack_cli)
-_SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 _MAX_LISTED = 20  # problems shown in an error message or the summary; the manifest has them all
 _HINT = "(--skip-bad packs the rest and lists what was left out in the manifest)"
 
@@ -164,85 +156,6 @@ def default_workers() -> int:
 
 
 # ---- records → shards -----------------------------------------------------------------------
-
-
-# ---- --out: checked first, written last ------------------------------------------------------
-
-
-def own_pack_files(out_dir: str | os.PathLike) -> set[str] | None:
-    """The files of a pack this packer wrote in `out_dir` (its manifest, the shards it lists, its options),
-    or None when the folder holds no such pack."""
-    try:
-        manifest = read_manifest(out_dir)
-    except (OSError, ValueError):
-        return None
-    if manifest.get("written_by") != WRITER:
-        return None
-    shards = {s["name"] for split in manifest.get("splits", {}).values() for s in split["shards"]}
-    return {MANIFEST, MANIFEST + ".tmp", PACK_CONFIG} | shards
-
-
-def check_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Before any work: --out must be missing, empty, or a pack this packer wrote; anything else
-    only with `overwrite`."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PackError(f"--out {out} is a file, not a folder")
-    if not out.is_dir():
-        return
-    foreign = sorted(set(os.listdir(out)) - (own_pack_files(out) or set()))
-    if foreign and not overwrite:
-        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise PackError(f"--out {out} holds files this packer did not write ({listed}): choose an empty or new "
-                        "folder, or pass --overwrite to write the pack there (files not named like the pack's "
-                        "are kept)")
-
-
-@contextmanager
-def staged_out(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder beside `out_dir` to write the pack into: swapped in when the block ends
-    without an error, deleted otherwise (it holds nothing but what the block wrote)."""
-    out = Path(out_dir).absolute()
-    check_out(out, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.packing-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a pack is shared like any folder
-    except OSError as e:
-        raise PackError(f"--out {out_dir}: cannot write in {out.parent} ({e.strerror or e})") from None
-    try:
-        yield tmp
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished pack in `tmp` at `out`. A missing or empty `out` is replaced in one rename;
-    otherwise the old manifest goes first (a folder without one is an unfinished pack), then the
-    new shards move in, the old pack's other shards are deleted, and the new manifest comes last."""
-    try:
-        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-            os.replace(tmp, out)
-            return
-        old = own_pack_files(out) or set()
-        new = set(os.listdir(tmp))
-        (out / MANIFEST).unlink(missing_ok=True)
-        for name in sorted(new - {MANIFEST}):
-            os.replace(tmp / name, out / name)
-        for name in sorted(old - new):
-            (out / name).unlink(missing_ok=True)
-        os.replace(tmp / MANIFEST, out / MANIFEST)
-        tmp.rmdir()
-    except OSError as e:
-        raise PackError(f"--out {out}: cannot move the finished pack there ({e.strerror or e})") from None
-    stray = sorted(n for n in os.listdir(out) if _SHARD_NAME.match(n) and n not in new)
-    if stray:
-        print(f"note: {out} also holds {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}, not written by "
-              "this packer: left in place, and not part of the new pack", file=sys.stderr)
 
 
 def _problem_report(problems: Sequence[Problem]) -> str:
@@ -400,159 +313,7 @@ def pack_img2dataset(
     return pack_records(records, out_dir, problems=problems, source=info, **options)
 
 
-# ---- Hugging Face datasets on disk ----------------------------------------------------------
-
-HF_SPLITS = {
-    "train": "train", "training": "train", "restval": "train",
-    "validation": "val", "valid": "val", "val": "val", "dev": "val",
-    "test": "test", "testing": "test",
-}
-CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "sentence")
-
-
-def parse_split_ratio(text: str) -> tuple[float, float, float]:
-    try:
-        parts = [float(x) for x in text.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
-        raise PackError(f"--split-ratio {text!r}: expected three non-negative numbers like 0.8,0.1,0.1")
-    total = sum(parts)
-    return parts[0] / total, parts[1] / total, parts[2] / total
-
-
-def ratio_split(key: str, ratio: tuple[float, float, float]) -> str:
-    """train/val/test by sha1(key) as a number in [0, 1): stable whatever the row order."""
-    u = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
-    return "train" if u < ratio[0] else ("val" if u < ratio[0] + ratio[1] else "test")
-
-
-def _load_hf(root: Path, cache_dir: str | None):
-    import datasets  # heavy; only this path needs it
-
-    try:
-        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
-            return "load_from_disk", datasets.load_from_disk(str(root))
-        return "imagefolder", datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; name the folder
-        raise PackError(f"{root}: cannot load as a Hugging Face dataset ({type(e).__name__}: {e})") from e
-
-
-def _image_refs(ds, column: str) -> list[tuple[str | None, bool]]:
-    """(path, has embedded bytes) per row, read from Arrow without touching the image bytes."""
-    import pyarrow as pa
-
-    table = ds.select_columns([column]).with_format("arrow")[:]
-    refs: list[tuple[str | None, bool]] = []
-    for chunk in table.column(column).chunks:
-        if pa.types.is_struct(chunk.type):
-            valid = chunk.is_valid().to_pylist()
-            paths = chunk.field("path").to_pylist()
-            has = chunk.field("bytes").is_valid().to_pylist()
-            refs.extend((p if v else None, bool(b and v)) for p, b, v in zip(paths, has, valid))
-        elif pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):
-            refs.extend((p, False) for p in chunk.to_pylist())
-        else:
-            raise PackError(f"column {column!r} is {chunk.type}, not an image or a path")
-    return refs
-
-
-def _hf_bytes(view, column: str, index: int) -> bytes:
-    return view[index].column(column)[0]["bytes"].as_py()
-
-
-def _row_captions(row: dict, columns: list[str], image_id: str, where: str) -> tuple[list[str], list[Problem]]:
-    captions, problems = [], []
-    for column in columns:
-        value = row[column]
-        items = [] if value is None else [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            raise PackError(f"{where}: column {column!r} holds {value!r}; captions must be strings or lists of strings")
-        for item in items:
-            if item.strip():
-                captions.append(item.strip())
-            else:
-                problems.append(Problem(image_id, where, f"empty caption in column {column!r}", "caption"))
-    return captions, problems
-
-
-def hf_records(
-    path: str | os.PathLike,
-    image_column: str = "image",
-    caption_column: str | Sequence[str] | None = None,
-    split_column: str | None = None,
-    split_ratio: str | tuple[float, float, float] | None = None,
-    cache_dir: str | None = None,
-) -> tuple[dict, list[Record], list[Problem]]:
-    """Records from a `datasets` imagefolder (metadata.jsonl) or a save_to_disk folder.
-
-    Splits: the DatasetDict's own (train, validation|val|dev, test), or `split_column`, or
-    `split_ratio` (by sha1 of the image id key). Image id: the file stem, else
-    `{split}-{index:08d}` with index counted over all source rows.
-    """
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise PackError(f"{path}: not a folder")
-    if split_column and split_ratio:
-        raise PackError("give --split-column or --split-ratio, not both")
-    ratio = parse_split_ratio(split_ratio) if isinstance(split_ratio, str) else split_ratio
-    loader, obj = _load_hf(root, cache_dir)
-    parts = list(obj.items()) if hasattr(obj, "items") else [("train", obj)]
-    columns = parts[0][1].column_names
-    if caption_column is None:
-        found = [c for c in CAPTION_COLUMNS if c in columns]
-        if not found:
-            raise PackError(f"{path}: no caption column among {columns}; name it with --caption-column")
-        caption_columns = found[:1]
-    else:
-        caption_columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
-    for column in [image_column, *caption_columns, *([split_column] if split_column else [])]:
-        if column not in columns:
-            raise PackError(f"{path}: no column {column!r} (columns: {', '.join(columns)})")
-    if not (split_column or ratio):
-        unknown = [name for name, _ in parts if name.lower() not in HF_SPLITS]
-        if unknown:
-            raise PackError(f"{path}: split {unknown[0]!r} is not train/validation/test; use --split-column or --split-ratio")
-
-    records, problems, seen = [], [], {}
-    index = 0
-    for part_name, ds in parts:
-        refs = _image_refs(ds, image_column)
-        view = ds.select_columns([image_column]).with_format("arrow")
-        meta = ds.select_columns(caption_columns + ([split_column] if split_column else []))
-        for i, (row, (img_path, has_bytes)) in enumerate(zip(meta, refs)):
-            where = img_path if img_path and not has_bytes else f"{path} [{part_name}][{i}]"
-            key = stem(img_path) if img_path else str(index)
-            if split_column:
-                split = HF_SPLITS.get(str(row[split_column]).strip().lower())
-            else:
-                split = ratio_split(key, ratio) if ratio else HF_SPLITS[part_name.lower()]
-            image_id = stem(img_path) if img_path else f"{split or 'row'}-{index:08d}"
-            index += 1
-            if split is None:
-                problems.append(Problem(image_id, where, f"split value {row[split_column]!r} is not train/val/test"))
-                continue
-            captions, bad = _row_captions(row, caption_columns, image_id, where)
-            problems.extend(bad)
-            if not captions:
-                problems.append(Problem(image_id, where, "no caption"))
-            elif image_id in seen:
-                problems.append(Problem(image_id, where, f"image id {image_id!r} also used by {seen[image_id]}"))
-            elif has_bytes:
-                seen[image_id] = where
-                records.append(Record(image_id, split, captions, data=partial(_hf_bytes, view, image_column, i), origin=where))
-            elif img_path:
-                seen[image_id] = where
-                full = img_path if os.path.isabs(img_path) else str(root / img_path)
-                records.append(Record(image_id, split, captions, path=full))
-            else:
-                problems.append(Problem(image_id, where, "no image (neither bytes nor path)"))
-    info = {
-        "layout": "hf", "path": str(path), "loader": loader, "image_column": image_column,
-        "caption_columns": caption_columns, "split_column": split_column,
-        "split_ratio": list(ratio) if ratio else None,
-    }
-    return info, records, problems
+# ---- Hugging Face datasets on disk (records: hf_datasets.py) ---------------------------------
 
 
 def pack_hf(

@@ -28,10 +28,11 @@ from blip2_dist.commands import PACK_SOURCES, sections_of
 from blip2_dist.config import DEBUG_HELP, add_section_args, save_config, section_from
 from blip2_dist.data.flickr8k import PackError
 from blip2_dist.data.pack import (
-    DEFAULT_QUALITY, PACK_CONFIG, check_options, check_out, pack_coco, pack_flickr8k, pack_hf, pack_img2dataset,
-    pack_karpathy, staged_out, summarize_manifest,
+    DEFAULT_QUALITY, check_options, pack_coco, pack_flickr8k, pack_hf, pack_img2dataset, pack_karpathy,
+    summarize_manifest,
 )
 from blip2_dist.data.shards import MANIFEST
+from blip2_dist.data.staging import PACK_CONFIG, check_out, staged_out
 from blip2_dist.errors import UserError, run_main
 
 SUBCOMMAND_HELP = {

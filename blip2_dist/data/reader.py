@@ -42,9 +42,10 @@ from typing import Any, Iterable, Iterator
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from blip2_dist.data.shards import MANIFEST, expand_runs, local_path, read_manifest, split_shards
+from blip2_dist.data.shards import MANIFEST, expand_runs, read_manifest, split_shards
 from blip2_dist.data.urls import (
-    DEFAULT_RETRY, ReadFailure, RetryPolicy, ShardReadError, Source, as_failure, fetch_bytes, is_remote, tries,
+    DEFAULT_RETRY, ReadFailure, RetryPolicy, ShardReadError, Source, as_failure, fetch_bytes, is_remote, local_path,
+    tries,
 )
 from blip2_dist.errors import UserError
 

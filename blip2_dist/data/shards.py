@@ -22,8 +22,9 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import urlparse
-from urllib.request import url2pathname
+
+from blip2_dist.data.urls import DEFAULT_RETRY, fetch_bytes, local_path
+from blip2_dist.io import write_json_atomic
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -186,28 +187,6 @@ class ShardWriter:
             self.abort()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, fsync, rename: readers see the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def local_path(location: str) -> Path | None:
-    """The local path a location names (a plain path or a file: URL), or None for a remote URL."""
-    parsed = urlparse(location)
-    if parsed.scheme == "file":
-        return Path(url2pathname(parsed.path))
-    return Path(location) if parsed.scheme == "" else None
-
-
 def manifest_location(source: str | os.PathLike) -> str:
     """Where a source's manifest is: `folder/manifest.json` for a local folder, else the source itself
     (a manifest's path, `file:` or http(s) URL, or a `pipe:` command that prints it)."""
@@ -244,8 +223,6 @@ def read_manifest(source: str | os.PathLike, retry=None) -> dict:
             )
         text = path.read_text(encoding="utf-8")
     else:
-        from blip2_dist.data.urls import DEFAULT_RETRY, fetch_bytes  # urls.py imports this module
-
         text = fetch_bytes(location, retry or DEFAULT_RETRY).decode("utf-8")
     try:
         manifest = json.loads(text)

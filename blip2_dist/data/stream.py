@@ -1,4 +1,5 @@
-"""Shards -> micro-batches for training (`TrainStream`) and evaluation (`EvalStream`).
+"""Shards -> micro-batches for training (`TrainStream`); evaluation's `EvalStream` is in eval_stream.py,
+the stages both are built from in stages.py.
 
     fmt = CaptionFormat.from_processor(processor, model.config, prompt="a photo of")
     transform = ImageTransform.from_processor(processor)
@@ -7,9 +8,6 @@
     for epoch in range(start.epoch, epochs):           # train.steps_per_epoch is known up front
         for batch in train.epoch(epoch, start_batch=start.batch if epoch == start.epoch else 0):
             ...                                         # train.state_dict() goes into checkpoints
-    for batch in EvalStream("shards/flickr8k", "val", fmt, transform, batch_size=32,
-                            rank=rank, world_size=world):
-        ...
 
 Source: any `--data` form (reader.resolve_shards): a packed folder, a manifest's path or URL
 (http(s)://, file:, pipe:CMD), or shard URLs with brace patterns, several joined by '::'. Counts
@@ -68,16 +66,9 @@ resume (a changed configuration is warned about and resumes at the same fraction
 One exception: if every image of a batch fails to decode, the worker repeats its previous batch
 (counted); right after a resume there is none, and that case raises instead.
 
-Evaluation: images in manifest order, rank r takes the contiguous range [r*N//R, (r+1)*N//R) and
-its workers contiguous sub-ranges; every image exactly once across ranks, with its id and all its
-reference captions, no padding duplicates. A rank with no image yields nothing (the evaluator still
-joins its collectives). Batches are not equal across ranks; eval needs no equal step counts.
-
-Batch fields. Train: pixel_values float32 [n_images, 3, S, S] (uint8 with normalize=False),
+Batch fields: pixel_values float32 [n_images, 3, S, S] (uint8 with normalize=False),
 image_index long [n_examples], input_ids / attention_mask / labels long [n_examples, L] (see
-transforms.py for the layout), image_ids (per image), captions (per example), num_examples. Eval:
-pixel_values, image_ids, references (all captions per image), input_ids / attention_mask (the
-generation prompt per image).
+transforms.py for the layout), image_ids (per image), captions (per example), num_examples.
 
 Why not webdataset's own stages: its split_by_node / split_by_worker hand out whole shards, so with
 fewer shards than ranks x workers a rank gets none and the others wait for it forever (webdataset
@@ -97,29 +88,27 @@ The pipeline of one training slot, in order (see `TrainStream._slot_batches`):
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 import random
-import signal
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import partial
-from itertools import count, islice
-from typing import Any, Callable, Iterable, Iterator
+from itertools import islice
+from typing import Any, Iterable, Iterator
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from blip2_dist.data.reader import (
-    LoaderStats, SampleLog, ShardInfo, image_part, parse_sample, read_pieces, resolve_shards,
+from blip2_dist.data.reader import LoaderStats, SampleLog, read_pieces, resolve_shards
+from blip2_dist.data.stages import (
+    Record, can_pin, caption_batches, choose_captions, compose, mark_repeat, passes, range_pieces, seeded_rng,
+    shuffled, slot_range, to_torch, valid_samples, worker_loader,
 )
-from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
-from blip2_dist.errors import UserError, die_with_parent
+from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
+from blip2_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -127,116 +116,14 @@ CAPTION_MODES = ("all", "random")
 
 
 # --------------------------------------------------------------------------------------------
-# Stages (plain generator functions; each takes an iterator and yields)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Record:
-    """One good sample: its image (opened, not decoded), id, captions (all, or the one drawn)."""
-
-    shard: str
-    key: str
-    image_id: str
-    image: Image.Image
-    captions: list[str]
-    repeat: bool = False  # read again to fill a slot shortened by bad samples
-
-
-def _valid_samples(raws: Iterable[dict], slog: SampleLog) -> Iterator[Record]:
-    """Skip a sample with a missing part, bad JSON, or an image PIL cannot identify (header only)."""
-    for raw in raws:
-        parts, shard, key = raw["parts"], raw["shard"], raw["key"]
-        ext = image_part(parts)
-        if ext is None or not ("json" in parts or "txt" in parts):
-            slog.bad("missing_part", shard, key, f"has {sorted(parts)}, needs an image and json (or txt)")
-            continue
-        try:
-            image_id, captions = parse_sample(parts, key)
-        except Exception as e:  # noqa: BLE001
-            slog.bad("json", shard, key, repr(e))
-            continue
-        try:  # parses the header only; the pixels are decoded later, from this same object
-            image = Image.open(io.BytesIO(parts[ext]))
-        except Exception as e:  # noqa: BLE001
-            slog.bad("image", shard, key, repr(e))
-            continue
-        yield Record(shard, key, image_id, image, captions)
-
-
-def _shuffle(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
-    """A shuffle buffer (webdataset's idea) with an explicit, seeded generator."""
-    buf: list = []
-    for item in items:
-        if len(buf) < bufsize:
-            buf.append(item)
-            continue
-        i = rng.randrange(bufsize)
-        yield buf[i]
-        buf[i] = item
-    rng.shuffle(buf)
-    yield from buf
-
-
-def _choose_captions(records: Iterable[Record], mode: str, seed_key: str) -> Iterator[Record]:
-    for rec in records:
-        if mode == "random":
-            rec.captions = [random.Random(f"{seed_key}:{rec.key}").choice(rec.captions)]
-        yield rec
-
-
-def _caption_batches(records: Iterable[Record], micro_batch: int) -> Iterator[list[tuple[Record, list[str]]]]:
-    """Cut the caption groups into micro-batches of exactly micro_batch examples (a tail is dropped)."""
-    batch: list[tuple[Record, list[str]]] = []
-    n = 0
-    for rec in records:
-        caps = rec.captions
-        i = 0
-        while i < len(caps):
-            take = min(micro_batch - n, len(caps) - i)
-            batch.append((rec, caps[i : i + take]))
-            n, i = n + take, i + take
-            if n == micro_batch:
-                yield batch
-                batch, n = [], 0
-
-
-def _compose(source: Iterable, *stages: Callable[[Iterable], Iterable]) -> Iterable:
-    for stage in stages:
-        source = stage(source)
-    return source
-
-
-# --------------------------------------------------------------------------------------------
 # Plan: identical on every rank, from the shard list alone
 # --------------------------------------------------------------------------------------------
-
-
-def slot_range(n: int, slots: int, slot: int) -> tuple[int, int]:
-    """Contiguous, near-equal (sizes differ by at most 1) part `slot` of range(n)."""
-    return slot * n // slots, (slot + 1) * n // slots
 
 
 def epoch_order(n_shards: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n_shards))
     random.Random(f"shards:{seed}:{epoch}").shuffle(order)
     return order
-
-
-def range_pieces(
-    shards: list[ShardInfo], order: list[int], start: int, stop: int
-) -> list[tuple[ShardInfo, int, int]]:
-    """The (shard, lo, hi) pieces covering images start..stop-1 of the sequence `order` defines."""
-    pieces, offset = [], 0
-    for i in order:
-        s = shards[i]
-        lo, hi = max(start - offset, 0), min(stop - offset, s.samples)
-        if lo < hi:
-            pieces.append((s, lo, hi))
-        offset += s.samples
-        if offset >= stop:
-            break
-    return pieces
 
 
 @dataclass
@@ -302,7 +189,7 @@ class TrainStream:
         self.source, self.split, self.fmt, self.transform = source, split, fmt, transform
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.num_workers, self.seed, self.caption_mode = num_workers, seed, caption_mode
-        self.shuffle_buffer, self.pin_memory, self.normalize = shuffle_buffer, _can_pin(pin_memory), normalize
+        self.shuffle_buffer, self.pin_memory, self.normalize = shuffle_buffer, can_pin(pin_memory), normalize
         self.prefetch_factor, self.mp_context, self.retry = prefetch_factor, multiprocessing_context, retry
         self.shards = resolve_shards(source, split, retry)
         self.state = LoaderState()
@@ -358,7 +245,7 @@ class TrainStream:
         worker_stats: dict[int, dict] = {}
         handed = 0
         if start_batch < self.steps_per_epoch:
-            loader = _loader(_TrainEpoch(self, epoch, start_batch), self.num_workers, self.prefetch_factor,
+            loader = worker_loader(_TrainEpoch(self, epoch, start_batch), self.num_workers, self.prefetch_factor,
                              self.mp_context)
             for wire in loader:
                 if "_final" in wire:  # a worker's counters, sent after its last batch
@@ -367,7 +254,7 @@ class TrainStream:
                     continue
                 handed += 1
                 self.state.batch += 1  # counted before the yield: a checkpoint after this step includes it
-                yield _to_torch(wire, self.transform, self.normalize, self.pin_memory)
+                yield to_torch(wire, self.transform, self.normalize, self.pin_memory)
         expected = self.steps_per_epoch - start_batch
         if handed != expected:  # cannot happen by construction; never hide it
             raise RuntimeError(f"epoch {epoch}: loader gave {handed} batches, expected {expected}")
@@ -420,17 +307,17 @@ class TrainStream:
         def one_pass(n: int) -> Iterable[Record]:
             # Pass 0 is the slot; later passes (only after bad samples) fill the slot's missing batches.
             plog = slog if n == 0 else SampleLog(slog.where, first=0, every_s=math.inf)
-            return _compose(
+            return compose(
                 self.read(pieces, plog, self.retry),  # tar expansion of this slot's range only (retried)
-                partial(_valid_samples, slog=plog),  # bad samples skipped: counted, rate-limited warning
-                partial(_shuffle, bufsize=self.shuffle_buffer, rng=_rng(self.seed, epoch, slot, n)),
-                partial(_choose_captions, mode=self.caption_mode, seed_key=f"{self.seed}:{epoch}:{n}"),
-                partial(_mark_repeat, repeat=n > 0),
+                partial(valid_samples, slog=plog),  # bad samples skipped: counted, rate-limited warning
+                partial(shuffled, bufsize=self.shuffle_buffer, rng=seeded_rng(self.seed, epoch, slot, n)),
+                partial(choose_captions, mode=self.caption_mode, seed_key=f"{self.seed}:{epoch}:{n}"),
+                partial(mark_repeat, repeat=n > 0),
             )
 
-        batches = _compose(
-            _passes(one_pass, f"{slog.where} slot {slot} ({start}..{stop - 1})"),
-            partial(_caption_batches, micro_batch=self.micro_batch),  # exactly micro_batch examples each
+        batches = compose(
+            passes(one_pass, f"{slog.where} slot {slot} ({start}..{stop - 1})"),
+            partial(caption_batches, micro_batch=self.micro_batch),  # exactly micro_batch examples each
             lambda b: islice(b, skip, self.batches_per_slot),  # equal count; resume skip before decoding
         )
         previous, last = None, {}
@@ -441,79 +328,6 @@ class TrainStream:
         if slog.counts:
             log.warning("%s: %s", slog.where, dict(sorted(slog.counts.items())))
         yield {"_final": (role, dict(slog.counts))}
-
-
-def _rng(*parts: Any) -> random.Random:
-    return random.Random(":".join(map(str, parts)))  # str seeds hash with sha512: same in every process
-
-
-def _mark_repeat(records: Iterable[Record], repeat: bool) -> Iterator[Record]:
-    for rec in records:
-        rec.repeat = repeat
-        yield rec
-
-
-def _passes(one_pass: Callable[[int], Iterable[Record]], where: str) -> Iterator[Record]:
-    for n in count():
-        got = 0
-        for rec in one_pass(n):
-            got += 1
-            yield rec
-        if got == 0:
-            raise UserError(f"{where}: no readable sample in this slot's shards; cannot fill its batches")
-
-
-def _can_pin(pin_memory: bool) -> bool:
-    if pin_memory and not torch.cuda.is_available():
-        log.warning("pin_memory=True but no CUDA device: not pinning")
-        return False
-    return pin_memory
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def _loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 2, mp_context: Any = None) -> Iterable:
-    """Workers send numpy arrays (pickled through the pipe): for ~1 MB batches that is several times
-    cheaper than torch's shared-memory tensors (a new shm segment + fd passing per tensor)."""
-    if num_workers == 0:
-        return iter(dataset)
-    return DataLoader(
-        dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers,
-        prefetch_factor=prefetch_factor, persistent_workers=False, multiprocessing_context=mp_context,
-        worker_init_fn=partial(_init_worker, parent=os.getpid()),
-    )
-
-
-def _init_worker(worker_id: int, parent: int) -> None:
-    """SLURM signals every process of a job step (scancel --signal, srun forwarding). A worker
-    killed by SIGUSR1/SIGTERM would crash the trainer before it saves, so workers ignore them;
-    the trainer handles them and shuts its workers down. So that a worker never outlives its rank
-    (a rank SIGKILLed, or one ending through errors.hard_exit), the kernel kills it when its rank
-    dies."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    die_with_parent(parent)
-
-
-def _to_torch(wire: dict, transform: ImageTransform, normalize: bool, pin_memory: bool) -> dict:
-    """Main process: numpy -> tensors (zero-copy), pixels normalised in one batched pass (into pinned
-    memory if asked), or kept uint8 (N, 3, H, W) for `transform.normalize_device` on the GPU."""
-    batch = {}
-    for k, v in wire.items():
-        if k == "pixels":
-            if normalize:
-                batch["pixel_values"] = transform.normalize(v, pin_memory=pin_memory)
-            else:
-                pv = torch.from_numpy(v).permute(0, 3, 1, 2)  # channels-last strides, no copy
-                batch["pixel_values"] = pv.pin_memory() if pin_memory else pv
-        elif isinstance(v, np.ndarray):
-            t = torch.from_numpy(v)
-            batch[k] = t.pin_memory() if pin_memory else t
-        else:
-            batch[k] = v
-    return batch
 
 
 class _TrainEpoch(IterableDataset):
@@ -573,113 +387,4 @@ def _collate_train(
         "image_ids": ids,
         "captions": captions,
         "num_examples": len(captions),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation stream
-# --------------------------------------------------------------------------------------------
-
-
-class EvalStream:
-    """Every image of a split exactly once across ranks, with its id and all its references."""
-
-    def __init__(
-        self,
-        source: str | os.PathLike | list[str],
-        split: str,
-        fmt: CaptionFormat,
-        transform: ImageTransform,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        normalize: bool = True,
-        max_images: int | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-    ):
-        """max_images: only the split's first max_images images (manifest order), e.g. a quick eval."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.normalize = normalize
-        self.fmt, self.transform, self.batch_size = fmt, transform, batch_size
-        self.rank, self.world_size, self.pin_memory = rank, world_size, _can_pin(pin_memory)
-        self.retry = retry
-        self.shards = resolve_shards(source, split, retry)
-        self.total_images = sum(s.samples for s in self.shards)
-        if max_images is not None:
-            self.total_images = min(self.total_images, max_images)
-        self.start, self.stop = slot_range(self.total_images, world_size, rank)
-        self.num_images = self.stop - self.start
-        self.num_workers = min(num_workers, self.num_images)
-        self.last_stats = LoaderStats()
-
-    @property
-    def image_size(self) -> int:
-        return self.transform.size[0]
-
-    def __iter__(self) -> Iterator[dict]:
-        if self.num_images == 0:
-            return
-        stats: dict[int, dict] = {}
-        for wire in _loader(_EvalPart(self), self.num_workers):
-            if "_final" in wire:  # a worker's counters, sent after its last batch
-                part, counts = wire["_final"]
-                stats[part] = counts
-                continue
-            yield _to_torch(wire, self.transform, self.normalize, self.pin_memory)
-        total: Counter[str] = Counter()
-        for c in stats.values():
-            total.update(c)
-        self.last_stats = LoaderStats(dict(total))
-
-    def _part_batches(self, part: int, parts: int) -> Iterator[dict]:
-        lo, hi = slot_range(self.num_images, parts, part)
-        slog = SampleLog(f"eval rank {self.rank} worker {part}")
-        pieces = range_pieces(self.shards, list(range(len(self.shards))), self.start + lo, self.start + hi)
-        records = _valid_samples(read_pieces(pieces, slog, self.retry), slog)
-        while True:
-            chunk = list(islice(records, self.batch_size))
-            if not chunk:
-                break
-            batch = _collate_eval(chunk, self.fmt, self.transform, slog)
-            if batch is not None:
-                yield batch
-        if slog.counts:
-            log.warning("%s: %s", slog.where, dict(sorted(slog.counts.items())))
-        yield {"_final": (part, dict(slog.counts))}
-
-
-class _EvalPart(IterableDataset):
-    def __init__(self, stream: EvalStream):
-        super().__init__()
-        self.stream = stream
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        part, parts = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.stream._part_batches(part, parts)
-
-
-def _collate_eval(
-    records: list[Record], fmt: CaptionFormat, transform: ImageTransform, slog: SampleLog
-) -> dict | None:
-    images, ids, refs = [], [], []
-    for rec in records:
-        try:
-            images.append(transform.load(rec.image))
-        except Exception as e:  # noqa: BLE001
-            slog.bad("decode", rec.shard, rec.key, repr(e))
-            continue
-        ids.append(rec.image_id)
-        refs.append(list(rec.captions))
-    if not images:
-        return None
-    return {
-        "pixels": transform.stack(images),
-        "image_ids": ids,
-        "references": refs,
-        **{k: v.numpy() for k, v in fmt.encode_prompts(len(images)).items()},
     }

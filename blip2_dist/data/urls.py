@@ -23,11 +23,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from webdataset.gopen import Pipe, gopen, rewrite_url
 
-from blip2_dist.data.shards import local_path
 from blip2_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,14 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+
+
+def local_path(location: str) -> Path | None:
+    """The local path a location names (a plain path or a file: URL), or None for a remote URL."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return Path(location) if parsed.scheme == "" else None
 
 
 def is_remote(url: str) -> bool:

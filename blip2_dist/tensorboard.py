@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from blip2_dist.config import Config
+
 
 class NullWriter:
     """What every rank but 0 gets: same methods, no side effects."""
@@ -89,6 +91,39 @@ class TensorBoardWriter(NullWriter):
 def split_group(split: str) -> str:
     """TensorBoard group of an evaluation split's scalars: "val" -> "Val" (see the module docstring)."""
     return split[:1].upper() + split[1:]
+
+
+def hparams_of(cfg: Config, world_size: int, total_steps: int, precision: str) -> dict:
+    """The settings that tell runs apart, for TensorBoard's HParams tab."""
+    m, o = cfg.model, cfg.optim
+    return {
+        "model": m.model, "lr": o.lr, "lora_r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
+        "lora_targets": ",".join(m.lora_targets or ["default"]),
+        "qformer_lora_targets": ",".join(m.qformer_lora_targets or []),
+        "vision_lora_targets": ",".join(m.vision_lora_targets or []),
+        "train_qformer": m.train_qformer, "train_query_tokens": m.train_query_tokens,
+        "micro_batch": cfg.data.micro_batch, "grad_accum": o.grad_accum, "world_size": world_size,
+        "global_batch": cfg.data.micro_batch * o.grad_accum * world_size, "steps": total_steps,
+        "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "prompt": cfg.data.prompt,
+        "caption_mode": cfg.data.caption_mode, "num_beams": cfg.eval.num_beams, "seed": cfg.train.seed,
+        "precision": precision, "deepspeed": cfg.train.deepspeed,
+    }
+
+
+def tensorboard_layout(eval_split: str, best_metric: str) -> dict:
+    """Custom Scalars tab: train and validation loss in one chart, then the rest."""
+    group = split_group(eval_split)
+    return {
+        "Training": {
+            "loss: train (window mean) and validation": ["Multiline", ["^Train/loss$", f"^{group}/loss$"]],
+            "learning rate": ["Multiline", ["^Train/lr$"]],
+            f"{best_metric} on {eval_split}": ["Multiline", [f"^{group}/{best_metric}$"]],
+        },
+        "Speed and memory": {
+            "captions/s": ["Multiline", ["^perf/captions_per_s$"]],
+            "peak memory (GiB)": ["Multiline", ["^memory/"]],
+        },
+    }
 
 
 def build_writer(log_dir: str | Path, is_main: bool) -> NullWriter:
