@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2_dist import dist
+from blip2_dist.captioning import caption_forward, generate_captions
 from blip2_dist.config import EvalArgs
 from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
 from blip2_dist.data.shards import write_json_atomic
@@ -41,8 +42,8 @@ from blip2_dist.gallery import (
     caption_card, gallery_markdown, save_gallery_images, write_eval_page, write_run_page,
 )
 from blip2_dist.logging import NullWriter, split_group
+from blip2_dist.lora import unwrap_blip2
 from blip2_dist.metrics import normalize_caption, score_captions_detailed, warm_up_meteor
-from blip2_dist.model import caption_forward, generate_captions, unwrap_blip2
 
 
 class ExactlyOnceError(UserError):

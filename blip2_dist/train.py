@@ -33,16 +33,9 @@ from blip2_dist.data.urls import RetryPolicy
 from blip2_dist.errors import EXIT_PREEMPTED, AgreedError, UsageError, UserError, write_exit_report
 from blip2_dist.logging import ThroughputMeter, build_writer, memory_gib, split_group
 from blip2_dist.adapters import caption_format_record, save_adapter
-from blip2_dist.model import (
-    LoraSettings,
-    apply_lora,
-    caption_loss,
-    describe_trainable,
-    family_from_name,
-    family_of,
-    load_model,
-    unwrap_blip2,
-)
+from blip2_dist.captioning import caption_loss
+from blip2_dist.lora import apply_lora, describe_trainable, unwrap_blip2
+from blip2_dist.models import family_from_name, family_of, load_model
 from blip2_dist.watchdog import Watchdog
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -243,17 +236,11 @@ def build_model(cfg: Config, dtype: torch.dtype, device: torch.device | str | No
     m = cfg.model
     model, processor = load_model(m.model, dtype=dtype, random_init=m.random_init, seed=cfg.train.seed,
                                   device=device if m.random_init else None)
-    settings = LoraSettings(
-        r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets,
-        qformer_targets=m.qformer_lora_targets, vision_targets=m.vision_lora_targets,
-        train_qformer=m.train_qformer, train_query_tokens=m.train_query_tokens,
-        train_language_projection=m.train_language_projection,
-    )
     torch.manual_seed(cfg.train.seed)  # LoRA init identical on every rank
-    model = apply_lora(model, settings)
+    model = apply_lora(model, m)
     if m.grad_checkpointing:
         unwrap_blip2(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor, settings
+    return model, processor
 
 
 def build_engine(model, cfg: Config, ds: dict, total_steps: int):
@@ -345,7 +332,7 @@ class Trainer:
         dist.barrier()
         self.precision = precision_of(fill_deepspeed_config(ds_raw, cfg, self.info.world_size, None,
                                                             *device_precisions()))
-        model, self.processor, self.lora = build_model(cfg, DTYPES[self.precision], dist.device_for(self.info))
+        model, self.processor = build_model(cfg, DTYPES[self.precision], dist.device_for(self.info))
         check_fp16_family(self.precision, family_of(model), cfg)
         dist.print0(describe_trainable(model))
         self.fmt = CaptionFormat.from_processor(

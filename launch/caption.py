@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 
 from blip2_dist.adapters import load_for_inference, recorded_inference, resolve_inference
+from blip2_dist.captioning import generate_captions, input_device
 from blip2_dist.checks import check_adapter, check_model
 from blip2_dist.config import DEBUG_HELP, DEFAULT_MODEL, ArgumentParser
 from blip2_dist.data.stream import CaptionFormat, ImageTransform
 from blip2_dist.errors import EXIT_USAGE, UsageError, UserError, run_main
-from blip2_dist.model import generate_captions, input_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

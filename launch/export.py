@@ -17,7 +17,7 @@ import sys
 
 from blip2_dist.errors import UserError, run_main
 from blip2_dist.export import DTYPES, export_merged
-from blip2_dist.model import ModelNotAvailableError
+from blip2_dist.models import ModelNotAvailableError
 
 
 def parse(argv):

@@ -18,7 +18,7 @@ from blip2_dist.data.bench_loader import natural_image
 from blip2_dist.data.shards import Sample, ShardWriter
 from blip2_dist.data.stream import EvalStream, TrainStream, resolve_shards
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
-from blip2_dist.model import build_tiny
+from blip2_dist.models import build_tiny
 
 
 @pytest.fixture(scope="module")
