@@ -21,7 +21,6 @@ Inference uses what the adapter recorded unless told otherwise:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -37,15 +36,8 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 from blip2_dist.cards import render_card
 from blip2_dist.config import EvalArgs
 from blip2_dist.errors import UserError
-from blip2_dist.model import (
-    TINY_MODELS,
-    _strip_engine,
-    family_of,
-    freeze_base,
-    load_model,
-    reconcile_processor,
-    unwrap_blip2,
-)
+from blip2_dist.lora import freeze_base, strip_engine, unwrap_blip2
+from blip2_dist.models import TINY_MODELS, family_of, load_model, reconcile_processor
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +66,7 @@ def save_adapter(
     unknown = sorted(set(record or {}) - set(RECORD_KEYS))
     if unknown:
         raise ValueError(f"save_adapter: unknown record keys {unknown} (known: {list(RECORD_KEYS)})")
-    peft_model = _strip_engine(model)
+    peft_model = strip_engine(model)
     if not isinstance(peft_model, PeftModel):
         raise TypeError("save_adapter needs the PeftModel returned by apply_lora")
     base = peft_model.get_base_model()
@@ -95,7 +87,6 @@ def save_adapter(
     if base_name in TINY_MODELS:
         _save_tiny_base(base, base_name, seed, out / BASE_SUBDIR, skip=set(extras))
         base_dir = BASE_SUBDIR
-    settings = getattr(base, "blip2_dist_lora", None)
     meta = {
         "format": 1,
         "base_model": base_name,
@@ -104,7 +95,7 @@ def save_adapter(
         "random_init": bool(source.get("random_init", False)),
         "family": family_of(base),
         "dtype": str(base.query_tokens.dtype).removeprefix("torch."),
-        "lora": dataclasses.asdict(settings) if settings is not None else None,
+        "lora": getattr(base, "blip2_dist_lora", None),  # apply_lora's record of the LoRA settings
         "extras": extras,
         "extras_file": EXTRAS_FILE if extras else None,
         **(record or {}),

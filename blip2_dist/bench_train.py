@@ -139,7 +139,7 @@ def synthetic_batches(processor, model_config, *, n_batches: int, micro_batch: i
     two batches when it does not fit; pixel_values one row per image (normalised noise at the model's
     image size). Captions: 12 +- 4 words (Flickr8k averages ~11) from the tiny tokenizer's vocabulary."""
     from blip2_dist.data.transforms import CaptionFormat
-    from blip2_dist.model import TINY_CORPUS_WORDS
+    from blip2_dist.models import TINY_CORPUS_WORDS
 
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -221,7 +221,8 @@ class FlopModel:
     """
 
     def __init__(self, model: torch.nn.Module):
-        from blip2_dist.model import family_of, unwrap_blip2
+        from blip2_dist.lora import unwrap_blip2
+        from blip2_dist.models import family_of
 
         blip2 = unwrap_blip2(model)
         c = blip2.config
@@ -378,7 +379,7 @@ class VisionTimer:
     how much a cache of its outputs could save at most."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, enabled: bool):
-        from blip2_dist.model import unwrap_blip2
+        from blip2_dist.lora import unwrap_blip2
 
         self.seconds, self.calls, self._start, self.device = [], 0, 0.0, device
         if enabled:
@@ -408,10 +409,11 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
 
     os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
     from blip2_dist.checkpoint import TrainState
+    from blip2_dist.captioning import image_sharing
     from blip2_dist.config import Config
     from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config
-    from blip2_dist.model import image_sharing, unwrap_blip2
     from blip2_dist.engine import build_engine, build_model, seed_step, train_step
+    from blip2_dist.lora import unwrap_blip2
 
     dist.init_distributed()
     config = Config()
@@ -421,7 +423,7 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     config.optim.fused_adamw = cfg.fused_adamw
     config.data.micro_batch = cfg.micro_batch
     config.train.deepspeed, config.train.seed = cfg.deepspeed_config, cfg.seed
-    model, processor, _ = build_model(config, cfg.torch_dtype, device=cfg.device)
+    model, processor = build_model(config, cfg.torch_dtype, device=cfg.device)
     blip2 = unwrap_blip2(model)
     if cfg.compile:
         _compile_parts(blip2)
@@ -457,7 +459,7 @@ def run_baseline(cfg: TrainBenchConfig) -> dict:
     """The HF PEFT notebook: get_peft_model, plain AdamW, model(**batch) with an image per caption."""
     from peft import LoraConfig, get_peft_model
 
-    from blip2_dist.model import family_of, load_model
+    from blip2_dist.models import family_of, load_model
 
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.model, dtype=cfg.torch_dtype, random_init=cfg.random_init, seed=cfg.seed,
@@ -545,11 +547,13 @@ def estimate_flops(cfg: TrainBenchConfig, echo=print) -> dict:
     """FLOPs per step of both sides from the formula alone, no timing (`--flops-only`): real
     architectures are built on the meta device (instant, no memory). Ours as the trainer runs it in
     train mode: the real Q-Former's dropout 0.1 keeps it per caption."""
-    from blip2_dist.model import LoraSettings, apply_lora, image_sharing, load_model
+    from blip2_dist.captioning import image_sharing
+    from blip2_dist.lora import apply_lora
+    from blip2_dist.models import load_model
 
     model, processor = load_model(cfg.model, dtype=cfg.torch_dtype, random_init=cfg.random_init,
                                   device="meta" if cfg.random_init else None)
-    model = apply_lora(model, LoraSettings()).train()
+    model = apply_lora(model).train()
     share_vision, share_qformer = image_sharing(model) if cfg.group_images else (False, False)
     flops = FlopModel(model)
     batches = synthetic_batches(processor, model.config, n_batches=cfg.steps, micro_batch=cfg.micro_batch,

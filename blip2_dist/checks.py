@@ -26,7 +26,7 @@ from blip2_dist.data.reader import check_data, is_manifest, split_sources
 from blip2_dist.data.shards import manifest_location, read_manifest, split_shards
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, local_path
 from blip2_dist.errors import UserError
-from blip2_dist.model import REAL_TEXT, TINY_MODELS
+from blip2_dist.models import REAL_TEXT, TINY_MODELS
 
 
 @dataclass

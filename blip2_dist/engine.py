@@ -1,6 +1,6 @@
 """The model and its DeepSpeed engine, and one training micro-step: what the trainer builds and runs.
 
-    model, processor, settings = build_model(cfg, DTYPES["bf16"], device)
+    model, processor = build_model(cfg, DTYPES["bf16"], device)
     engine = build_engine(model, cfg, filled_deepspeed_config, total_steps)
     loss = train_step(engine, to_device(batch, engine.device), state, cfg)   # None: a skipped non-finite loss
 
@@ -19,7 +19,9 @@ from blip2_dist import dist
 from blip2_dist.checkpoint import TrainState
 from blip2_dist.config import Config
 from blip2_dist.errors import AgreedError, UserError
-from blip2_dist.model import LoraSettings, apply_lora, caption_loss, load_model, unwrap_blip2
+from blip2_dist.captioning import caption_loss
+from blip2_dist.lora import apply_lora, unwrap_blip2
+from blip2_dist.models import load_model
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -92,17 +94,11 @@ def build_model(cfg: Config, dtype: torch.dtype, device: torch.device | str | No
     m = cfg.model
     model, processor = load_model(m.model, dtype=dtype, random_init=m.random_init, seed=cfg.train.seed,
                                   device=device if m.random_init else None)
-    settings = LoraSettings(
-        r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets,
-        qformer_targets=m.qformer_lora_targets, vision_targets=m.vision_lora_targets,
-        train_qformer=m.train_qformer, train_query_tokens=m.train_query_tokens,
-        train_language_projection=m.train_language_projection,
-    )
     torch.manual_seed(cfg.train.seed)  # LoRA init identical on every rank
-    model = apply_lora(model, settings)
+    model = apply_lora(model, m)
     if m.grad_checkpointing:
         unwrap_blip2(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor, settings
+    return model, processor
 
 
 def build_engine(model, cfg: Config, ds: dict, total_steps: int):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2_dist import dist
+from blip2_dist.captioning import caption_forward, generate_captions
 from blip2_dist.config import Config, EvalArgs
 from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
 from blip2_dist.io import write_json_atomic
@@ -40,11 +41,11 @@ from blip2_dist.errors import UserError
 from blip2_dist.gallery import (
     caption_card, gallery_markdown, save_gallery_images, write_eval_page, write_run_page,
 )
-from blip2_dist.tensorboard import NullWriter, split_group
 from blip2_dist.caption_tokens import normalize_caption
+from blip2_dist.lora import unwrap_blip2
 from blip2_dist.meteor import warm_up_meteor
 from blip2_dist.metrics import score_captions_detailed
-from blip2_dist.model import caption_forward, generate_captions, unwrap_blip2
+from blip2_dist.tensorboard import NullWriter, split_group
 
 
 class ExactlyOnceError(UserError):

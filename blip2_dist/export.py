@@ -38,7 +38,7 @@ from blip2_dist.cards import render_card
 from blip2_dist.config import EvalArgs
 from blip2_dist.data.transforms import end_of_caption_id
 from blip2_dist.errors import UserError
-from blip2_dist.model import family_of
+from blip2_dist.models import family_of
 
 logger = logging.getLogger(__name__)
 

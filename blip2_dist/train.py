@@ -37,7 +37,8 @@ from blip2_dist.engine import (
 )
 from blip2_dist.errors import EXIT_PREEMPTED, UsageError, write_exit_report
 from blip2_dist.io import write_json_atomic
-from blip2_dist.model import describe_trainable, family_from_name, family_of
+from blip2_dist.lora import describe_trainable
+from blip2_dist.models import family_from_name, family_of
 from blip2_dist.tensorboard import ThroughputMeter, build_writer, hparams_of, memory_gib, tensorboard_layout
 from blip2_dist.watchdog import Watchdog
 
@@ -159,7 +160,7 @@ class Trainer:
         dist.barrier()
         self.precision = precision_of(fill_deepspeed_config(ds_raw, cfg, self.info.world_size, None,
                                                             *device_precisions()))
-        model, self.processor, self.lora = build_model(cfg, DTYPES[self.precision], dist.device_for(self.info))
+        model, self.processor = build_model(cfg, DTYPES[self.precision], dist.device_for(self.info))
         check_fp16_family(self.precision, family_of(model), cfg)
         dist.print0(describe_trainable(model))
         self.fmt = CaptionFormat.from_processor(

@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 
 from blip2_dist.adapters import load_for_inference, recorded_inference, resolve_inference
+from blip2_dist.captioning import generate_captions, input_device
 from blip2_dist.checks import check_adapter, check_model
 from blip2_dist.commands import PlacementArgs, SamplingArgs, base_model, sections_of
 from blip2_dist.config import GENERATION_FIELDS, Parsed, parse_sections
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 from blip2_dist.errors import EXIT_USAGE, UsageError, UserError, run_main
-from blip2_dist.model import generate_captions, input_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -29,7 +29,6 @@ from blip2_dist.errors import run_main
 from blip2_dist.evaluate import evaluate_model
 from blip2_dist.gallery import write_run_page
 from blip2_dist.tensorboard import build_writer
-from blip2_dist.adapters import load_for_inference
 from blip2_dist.data.urls import RetryPolicy
 
 

@@ -19,7 +19,7 @@ from blip2_dist.commands import sections_of
 from blip2_dist.config import parse_sections, save_config
 from blip2_dist.errors import UserError, run_main
 from blip2_dist.export import DTYPES, export_merged
-from blip2_dist.model import ModelNotAvailableError
+from blip2_dist.models import ModelNotAvailableError
 
 EXPORT_CONFIG = "export_config.json"  # not config.json: that is the merged model's own
 

@@ -53,7 +53,7 @@ from transformers import (
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from blip2_dist.model import CLIP_MEAN, CLIP_STD, TINY_CORPUS_WORDS, _untie_t5_head, init_query_tokens
+from blip2_dist.models import CLIP_MEAN, CLIP_STD, TINY_CORPUS_WORDS, init_query_tokens, untie_t5_head
 
 HUB_NAMES = {"opt": "Salesforce/blip2-opt-2.7b", "t5": "Salesforce/blip2-flan-t5-xl"}
 IMAGE_SIZE = 32
@@ -168,7 +168,7 @@ def build_hub_like(family: str, seed: int = 0) -> tuple[Blip2ForConditionalGener
     model = Blip2ForConditionalGeneration(config)
     init_query_tokens(model)
     if family == "t5":
-        _untie_t5_head(model)  # FLAN-T5 checkpoints carry their own lm_head
+        untie_t5_head(model)  # FLAN-T5 checkpoints carry their own lm_head
     model.generation_config = _generation_config(family, text)
     return model.eval(), processor
 

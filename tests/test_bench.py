@@ -14,17 +14,20 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from blip2_dist import model as M
+from blip2_dist.captioning import caption_loss, image_sharing
+from blip2_dist.config import ModelArgs
+from blip2_dist.lora import apply_lora
+from blip2_dist.models import family_of, load_model
 from blip2_dist.bench_train import FlopModel, batch_counts, peak_bf16_tflops, synthetic_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [
-    M.LoraSettings(),
-    M.LoraSettings(train_query_tokens=True),
-    M.LoraSettings(qformer_targets=["query", "value"]),
-    M.LoraSettings(train_qformer=True),
-    M.LoraSettings(vision_targets=["qkv"], dropout=0.0),
-    M.LoraSettings(targets=["all-linear"]),
+    ModelArgs(),
+    ModelArgs(train_query_tokens=True),
+    ModelArgs(qformer_lora_targets=["query", "value"]),
+    ModelArgs(train_qformer=True),
+    ModelArgs(vision_lora_targets=["qkv"], lora_dropout=0.0),
+    ModelArgs(lora_targets=["all-linear"]),
 ]
 
 
@@ -34,17 +37,17 @@ SETTINGS = [
 def test_flop_formula_matches_flop_counter(family, settings):
     """The documented formula, term by term, equals what FlopCounterMode sees for a real forward and
     backward (eager attention, so the attention products are visible as matmuls)."""
-    model, processor = M.load_model(f"tiny-{family}", dtype=torch.float32)
+    model, processor = load_model(f"tiny-{family}", dtype=torch.float32)
     model.set_attn_implementation("eager")
-    peft_model = M.apply_lora(model, settings).train()
+    peft_model = apply_lora(model, settings).train()
     batch = synthetic_batches(processor, model.config, n_batches=1, micro_batch=7, captions_per_image=3,
                               seed=1)[0]
     counts = batch_counts(batch)
     flops = FlopModel(peft_model)
     for group_images in (True, False):
-        share_vision, share_qformer = M.image_sharing(peft_model) if group_images else (False, False)
+        share_vision, share_qformer = image_sharing(peft_model) if group_images else (False, False)
         with FlopCounterMode(display=False) as counter:
-            M.caption_loss(peft_model, batch, group_images=group_images).backward()
+            caption_loss(peft_model, batch, group_images=group_images).backward()
         peft_model.zero_grad()
         formula = flops.count(batch, n_vision=counts["images"] if share_vision else counts["samples"],
                               n_qformer=counts["images"] if share_vision and share_qformer else counts["samples"])
@@ -58,10 +61,10 @@ def test_flop_formula_matches_flop_counter(family, settings):
 def test_real_architecture_counts(name, vit_tflop, lm_low, lm_high):
     """Built on the meta device (no memory). ViT-g: 2 x 0.99B params x 257 tokens + attention, ~0.52
     TFLOP per image; LM with LoRA: ~4 x P_lm x tokens for 16 captions of 47 (OPT) / 33+15 (T5) tokens."""
-    model, _ = M.load_model(name, random_init=True, device="meta")
-    flops = FlopModel(M.apply_lora(model))
+    model, _ = load_model(name, random_init=True, device="meta")
+    flops = FlopModel(apply_lora(model))
     n = 16
-    width = 47 if M.family_of(model) == "opt" else 33
+    width = 47 if family_of(model) == "opt" else 33
     batch = {"input_ids": torch.zeros(n, width, dtype=torch.long),
              "labels": torch.zeros(n, width if width == 47 else 15, dtype=torch.long)}
     one_image = flops.count(batch, n_vision=1, n_qformer=1)
@@ -83,7 +86,7 @@ def test_peak_table():
 
 
 def test_synthetic_batches_keep_caption_groups():
-    model, processor = M.load_model("tiny-opt", dtype=torch.float32)
+    model, processor = load_model("tiny-opt", dtype=torch.float32)
     batches = synthetic_batches(processor, model.config, n_batches=4, micro_batch=16, captions_per_image=5)
     for b in batches:
         assert len(b["input_ids"]) == 16 and b["image_index"].max() == len(b["pixel_values"]) - 1

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import Blip2ForConditionalGeneration
 
+from blip2_dist.captioning import generate_captions
 from blip2_dist.data.transforms import IGNORE_INDEX, CaptionFormat, end_of_caption_id
-from blip2_dist.model import generate_captions, load_model
+from blip2_dist.models import load_model
 
 
 def last_label(batch: dict, row: int = 0) -> int:

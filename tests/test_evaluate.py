@@ -62,7 +62,7 @@ def single_process_reference_loss(data_dir, split):
     from blip2_dist.data.eval_stream import EvalStream
     from blip2_dist.data.transforms import CaptionFormat, ImageTransform
     from blip2_dist.evaluate import reference_loss
-    from blip2_dist.model import load_model
+    from blip2_dist.models import load_model
 
     model, processor = load_model("tiny-t5", dtype=torch.float32)
     fmt = CaptionFormat.from_processor(processor, model.config)
@@ -106,7 +106,7 @@ def test_two_ranks_seven_images_exactly_once_and_toolkit_equal(seven, tmp_path):
 def test_java_missing_still_scores(seven, tmp_path, monkeypatch):
     from blip2_dist.config import EvalArgs
     from blip2_dist.evaluate import evaluate_model
-    from blip2_dist.model import load_model
+    from blip2_dist.models import load_model
 
     model, processor = load_model("tiny-t5", dtype=__import__("torch").float32)
     monkeypatch.setenv("PATH", str(tmp_path))  # no java anywhere on PATH

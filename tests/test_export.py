@@ -21,9 +21,11 @@ from safetensors.torch import load_file
 from transformers import Blip2Processor
 
 from blip2_dist import adapters as A
-from blip2_dist import model as M
+from blip2_dist.config import ModelArgs
 from blip2_dist.data.transforms import CaptionFormat
 from blip2_dist.errors import exit_for
+from blip2_dist.lora import apply_lora
+from blip2_dist.models import load_model
 from launch_helpers import cpu_env, load_launch
 
 FAMILIES = ("opt", "t5")
@@ -71,8 +73,8 @@ def run_launch(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
 
 def fine_tuned_adapter(base_dir, out_dir, seed: int):
     """The base loaded by its folder (the hub path), LoRA + trained query tokens moved off their start."""
-    model, processor = M.load_model(str(base_dir), dtype=torch.float32)
-    peft_model = M.apply_lora(model, M.LoraSettings(r=4, train_query_tokens=True))
+    model, processor = load_model(str(base_dir), dtype=torch.float32)
+    peft_model = apply_lora(model, ModelArgs(lora_r=4, train_query_tokens=True))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in peft_model.parameters():

@@ -10,24 +10,27 @@ micro-batches, active dropout (the same masks are drawn), and the engine wrapper
 import pytest
 import torch
 
-from blip2_dist import model as M
+from blip2_dist.captioning import caption_loss, image_sharing
+from blip2_dist.config import ModelArgs
+from blip2_dist.lora import apply_lora, unwrap_blip2
+from blip2_dist.models import load_model
 from engine_wrapper import FakeEngine
 from blip2_dist.bench_train import synthetic_batches
 from blip2_dist.engine import CaptionLossModule
 
 FAMILIES = ["t5", "opt"]
 SETTINGS = {
-    "lm_lora": M.LoraSettings(),
-    "query_tokens": M.LoraSettings(train_query_tokens=True),
-    "qformer_lora": M.LoraSettings(qformer_targets=["query", "value"], dropout=0.0),
-    "train_qformer": M.LoraSettings(train_qformer=True),
-    "vision_lora": M.LoraSettings(vision_targets=["qkv", "fc1"], dropout=0.0, train_query_tokens=True),
+    "lm_lora": ModelArgs(),
+    "query_tokens": ModelArgs(train_query_tokens=True),
+    "qformer_lora": ModelArgs(qformer_lora_targets=["query", "value"], lora_dropout=0.0),
+    "train_qformer": ModelArgs(train_qformer=True),
+    "vision_lora": ModelArgs(vision_lora_targets=["qkv", "fc1"], lora_dropout=0.0, train_query_tokens=True),
 }
 
 
 def build(family, settings, seed=0):
-    model, processor = M.load_model(f"tiny-{family}", dtype=torch.float32, seed=seed)
-    peft_model = M.apply_lora(model, settings)
+    model, processor = load_model(f"tiny-{family}", dtype=torch.float32, seed=seed)
+    peft_model = apply_lora(model, settings)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # LoRA B starts at zero: give every trainable tensor a trained-like value
         for param in peft_model.parameters():
@@ -48,7 +51,7 @@ def loss_and_grads(model, batch_list, group_images, seed=11):
     losses = []
     for i, batch in enumerate(batch_list):
         torch.manual_seed(seed + i)  # dropout, where active, draws from here
-        loss = M.caption_loss(model, batch, group_images=group_images)
+        loss = caption_loss(model, batch, group_images=group_images)
         loss.backward()
         losses.append(loss.detach())
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -81,7 +84,7 @@ class CountRows:
 def test_grouped_equals_ungrouped(family, setting):
     model, processor = build(family, SETTINGS[setting])
     data = batches(processor, model)
-    blip2 = M.unwrap_blip2(model)
+    blip2 = unwrap_blip2(model)
     index = [b["image_index"].tolist() for b in data]
     assert any(len(set(ix)) < len(ix) for ix in index)  # images share a batch ...
     counts = [sorted(torch.bincount(b["image_index"]).tolist()) for b in data]
@@ -113,14 +116,14 @@ def test_straddling_image_is_in_both_batches():
 def test_active_dropout_draws_the_same_masks(family):
     """Real BLIP-2 has Q-Former dropout 0.1: in train mode the Q-Former runs once per caption on the
     repeated image features, drawing the same masks in the same order as the ungrouped forward."""
-    model, processor = build(family, M.LoraSettings(train_query_tokens=True, dropout=0.1))
-    blip2 = M.unwrap_blip2(model)
+    model, processor = build(family, ModelArgs(train_query_tokens=True, lora_dropout=0.1))
+    blip2 = unwrap_blip2(model)
     for module in list(blip2.qformer.modules()) + list(blip2.language_model.modules()):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.1
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.1
-    assert M.image_sharing(model) == (True, False)
+    assert image_sharing(model) == (True, False)
     data = batches(processor, model)
     vision, qformer = CountRows(blip2.vision_model), CountRows(blip2.qformer)
     grouped = loss_and_grads(model, data, group_images=True)
@@ -130,28 +133,28 @@ def test_active_dropout_draws_the_same_masks(family):
     other_seed = loss_and_grads(model, data, group_images=True, seed=99)[0]
     assert not torch.allclose(other_seed, grouped[0])  # dropout really is active
     model.eval()  # no dropout: the Q-Former too runs once per image
-    assert M.image_sharing(model) == (True, True)
+    assert image_sharing(model) == (True, True)
 
 
 def test_vision_dropout_falls_back_to_per_caption():
     """LoRA dropout on vision targets makes the ViT random per caption: nothing is shared (exact)."""
-    model, processor = build("t5", M.LoraSettings(vision_targets=["qkv"], dropout=0.1))
-    assert M.image_sharing(model) == (False, False)
+    model, processor = build("t5", ModelArgs(vision_lora_targets=["qkv"], lora_dropout=0.1))
+    assert image_sharing(model) == (False, False)
     data = batches(processor, model)
-    vision = CountRows(M.unwrap_blip2(model).vision_model)
+    vision = CountRows(unwrap_blip2(model).vision_model)
     grouped = loss_and_grads(model, data, group_images=True)
     assert vision.rows == [len(b["input_ids"]) for b in data]
     assert_same(grouped, loss_and_grads(model, data, group_images=False))
     model.eval()
-    assert M.image_sharing(model) == (True, True)
+    assert image_sharing(model) == (True, True)
 
 
 def test_frozen_vision_runs_without_autograd():
-    model, processor = build("opt", M.LoraSettings(train_query_tokens=True))
+    model, processor = build("opt", ModelArgs(train_query_tokens=True))
     seen = []
-    M.unwrap_blip2(model).vision_model.register_forward_hook(
+    unwrap_blip2(model).vision_model.register_forward_hook(
         lambda m, args, kwargs, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True)
-    M.caption_loss(model, batches(processor, model, n=1)[0]).backward()
+    caption_loss(model, batches(processor, model, n=1)[0]).backward()
     assert seen == [False]
 
 
@@ -170,7 +173,7 @@ def test_through_the_trainer_module_and_engine(family):
         assert_same((loss.detach()[None], grads), reference)
     # caption_loss given the engine itself (the docstring's case)
     torch.manual_seed(11)
-    torch.testing.assert_close(M.caption_loss(FakeEngine(model), batch), reference[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(caption_loss(FakeEngine(model), batch), reference[0][0], rtol=1e-6, atol=1e-6)
 
 
 def test_one_image_per_example_without_image_index():
@@ -179,16 +182,16 @@ def test_one_image_per_example_without_image_index():
     expanded = dict(batch, pixel_values=batch["pixel_values"][batch["image_index"]])
     del expanded["image_index"]
     torch.manual_seed(0)
-    a = M.caption_loss(model, expanded)
+    a = caption_loss(model, expanded)
     torch.manual_seed(0)
-    torch.testing.assert_close(a, M.caption_loss(model, batch), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a, caption_loss(model, batch), rtol=1e-6, atol=1e-6)
 
 
 def test_bf16_grouped_close_to_ungrouped():
-    model, processor = M.load_model("tiny-opt", dtype=torch.bfloat16)
-    peft_model = M.apply_lora(model, M.LoraSettings(train_query_tokens=True)).eval()
+    model, processor = load_model("tiny-opt", dtype=torch.bfloat16)
+    peft_model = apply_lora(model, ModelArgs(train_query_tokens=True)).eval()
     batch = batches(processor, model, n=1)[0]
     with torch.no_grad():
-        a = M.caption_loss(peft_model, batch, group_images=True)
-        b = M.caption_loss(peft_model, batch, group_images=False)
+        a = caption_loss(peft_model, batch, group_images=True)
+        b = caption_loss(peft_model, batch, group_images=False)
     assert torch.isfinite(a) and abs(a.item() - b.item()) < 0.05

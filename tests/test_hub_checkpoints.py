@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2Processor
 
 from blip2_dist.data.transforms import CaptionFormat
-from blip2_dist.model import CLIP_MEAN, CLIP_STD, load_model
+from blip2_dist.models import CLIP_MEAN, CLIP_STD, load_model
 
 HUB_FILES = {
     "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",

@@ -1,4 +1,5 @@
-"""blip2_dist.model on CPU: tiny models of both families, LoRA placement, adapters, real-size counts.
+"""blip2_dist.models, .lora and .captioning on CPU: tiny models of both families, LoRA placement, adapters,
+real-size counts.
 
     OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_model.py
 """
@@ -14,7 +15,10 @@ from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from blip2_dist import adapters as A
-from blip2_dist import model as M
+from blip2_dist.captioning import caption_loss, generate_captions
+from blip2_dist.config import ModelArgs
+from blip2_dist.lora import DEFAULT_TARGETS, apply_lora, describe_trainable, target_names
+from blip2_dist.models import TINY_IMAGE_SIZE, ModelNotAvailableError, count_parameters, family_of, load_model
 from engine_wrapper import FakeEngine
 
 FAMILIES = ["t5", "opt"]
@@ -22,7 +26,7 @@ CAPTIONS = ["a red circle on the left", "two blue squares", "a small green star 
 PROMPT = "a photo of"
 
 
-def encode_batch(processor, family, captions, n_images=2, size=M.TINY_IMAGE_SIZE, seed=0):
+def encode_batch(processor, family, captions, n_images=2, size=TINY_IMAGE_SIZE, seed=0):
     """A training micro-batch as the loader makes it (image tokens, prompt, masked labels)."""
     tok = processor.tokenizer
     image_ids = [tok.convert_tokens_to_ids("<image>")] * processor.num_query_tokens
@@ -55,7 +59,7 @@ def prompt_inputs(processor, n=2, seed=1):
     tok = processor.tokenizer
     ids = [tok.convert_tokens_to_ids("<image>")] * processor.num_query_tokens + tok(PROMPT).input_ids
     generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(n, 3, M.TINY_IMAGE_SIZE, M.TINY_IMAGE_SIZE, generator=generator)
+    pixel_values = torch.randn(n, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator)
     input_ids = torch.tensor([ids] * n)
     return pixel_values, input_ids, torch.ones_like(input_ids)
 
@@ -87,11 +91,11 @@ def simulate_training(peft_model, seed=0):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_loss_is_finite_and_grads_reach_only_lora(family):
-    model, processor = M.load_model(f"tiny-{family}", dtype=torch.float32)
-    assert M.family_of(model) == family and model.config.image_token_index is not None
-    peft_model = M.apply_lora(model)
+    model, processor = load_model(f"tiny-{family}", dtype=torch.float32)
+    assert family_of(model) == family and model.config.image_token_index is not None
+    peft_model = apply_lora(model)
     batch = encode_batch(processor, family, CAPTIONS)
-    loss = M.caption_loss(peft_model, batch)
+    loss = caption_loss(peft_model, batch)
     assert torch.isfinite(loss) and loss.ndim == 0
     loss.backward()
     with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None}
@@ -99,27 +103,27 @@ def test_tiny_loss_is_finite_and_grads_reach_only_lora(family):
     # image_index picks rows: the same as passing each example's image itself.
     expanded = dict(batch, pixel_values=batch["pixel_values"][batch["image_index"]])
     del expanded["image_index"]
-    torch.testing.assert_close(M.caption_loss(peft_model, expanded), loss)
+    torch.testing.assert_close(caption_loss(peft_model, expanded), loss)
 
 
 def test_tiny_is_deterministic_given_seed():
-    a, _ = M.load_model("tiny-t5", dtype=torch.float32, seed=3)
-    b, _ = M.load_model("tiny-t5", dtype=torch.float32, seed=3)
-    c, _ = M.load_model("tiny-t5", dtype=torch.float32, seed=4)
+    a, _ = load_model("tiny-t5", dtype=torch.float32, seed=3)
+    b, _ = load_model("tiny-t5", dtype=torch.float32, seed=3)
+    c, _ = load_model("tiny-t5", dtype=torch.float32, seed=4)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.query_tokens, c.query_tokens)
 
 
 def test_bf16_smoke():
-    model, processor = M.load_model("tiny-opt")  # bf16 is the default dtype
+    model, processor = load_model("tiny-opt")  # bf16 is the default dtype
     assert model.query_tokens.dtype == torch.bfloat16
-    peft_model = M.apply_lora(model, M.LoraSettings(train_query_tokens=True))
-    loss = M.caption_loss(peft_model, encode_batch(processor, "opt", CAPTIONS))  # float32 pixels cast
+    peft_model = apply_lora(model, ModelArgs(train_query_tokens=True))
+    loss = caption_loss(peft_model, encode_batch(processor, "opt", CAPTIONS))  # float32 pixels cast
     assert torch.isfinite(loss)
     loss.backward()
     assert model.query_tokens.grad is not None and torch.isfinite(model.query_tokens.grad).all()
     peft_model.eval()
-    captions = M.generate_captions(peft_model, processor, *prompt_inputs(processor), max_new_tokens=5)
+    captions = generate_captions(peft_model, processor, *prompt_inputs(processor), max_new_tokens=5)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
 
@@ -129,44 +133,52 @@ def test_bf16_smoke():
 @pytest.mark.parametrize("family, expected", [("t5", 12), ("opt", 4)])
 def test_default_targets_only_in_language_model(family, expected):
     # tiny T5: 2 encoder layers x (q, v) + 2 decoder layers x (self q, v + cross q, v) = 12; OPT: 2 x 2.
-    model, _ = M.load_model(f"tiny-{family}", dtype=torch.float32)
-    peft_model = M.apply_lora(model)
+    model, _ = load_model(f"tiny-{family}", dtype=torch.float32)
+    peft_model = apply_lora(model)
     names = lora_module_names(peft_model)
     assert len(names) == expected
     assert all(n.startswith("base_model.model.language_model.") for n in names)
-    assert {n.rsplit(".", 1)[-1] for n in names} == set(M.DEFAULT_TARGETS[family])
+    assert {n.rsplit(".", 1)[-1] for n in names} == set(DEFAULT_TARGETS[family])
     assert peft_model.peft_config["default"].task_type is None  # peft issue 2528
 
 
 @pytest.mark.parametrize(
     "family, settings, match",
     [
-        ("t5", M.LoraSettings(targets=["q_proj", "v_proj"]), r"T5.*valid names there: \['k', 'o', 'q', 'v'"),
-        ("opt", M.LoraSettings(targets=["q", "v"]), r"OPT.*'q_proj'"),
-        ("opt", M.LoraSettings(targets=["query"]), r"language_model"),  # a Q-Former name, not the LM's
-        ("t5", M.LoraSettings(vision_targets=["q"]), r"vision_model.*'qkv'"),
-        ("t5", M.LoraSettings(targets=[]), r"target nothing"),
+        ("t5", ModelArgs(lora_targets=["q_proj", "v_proj"]), r"T5.*valid names there: \['k', 'o', 'q', 'v'"),
+        ("opt", ModelArgs(lora_targets=["q", "v"]), r"OPT.*'q_proj'"),
+        ("opt", ModelArgs(lora_targets=["query"]), r"language_model"),  # a Q-Former name, not the LM's
+        ("t5", ModelArgs(vision_lora_targets=["q"]), r"vision_model.*'qkv'"),
+        ("t5", ModelArgs(lora_targets=[]), r"target nothing"),
     ],
 )
 def test_wrong_targets_raise_clear_errors(family, settings, match):
-    model, _ = M.load_model(f"tiny-{family}", dtype=torch.float32)
+    model, _ = load_model(f"tiny-{family}", dtype=torch.float32)
     with pytest.raises(ValueError, match=match):
-        M.apply_lora(model, settings)
+        apply_lora(model, settings)
 
 
 def test_settings_validation():
-    assert M.LoraSettings(targets="q, v").targets == ["q", "v"]
-    assert M.LoraSettings(targets="").targets is None  # an empty CLI value means the family default
-    with pytest.raises(ValueError, match="qformer_targets"):
-        M.LoraSettings(train_qformer=True, qformer_targets=["query"])
-    with pytest.raises(ValueError):
-        M.LoraSettings(r=0)
+    assert target_names("q, v") == ["q", "v"]
+    assert target_names("") is None  # an empty config-file value means the family default
+    model, _ = load_model("tiny-opt", dtype=torch.float32)
+    for bad, match in [
+        (ModelArgs(train_qformer=True, qformer_lora_targets=["query"]), "--qformer-lora-targets"),
+        (ModelArgs(lora_r=0), "r and alpha"),
+        (ModelArgs(lora_dropout=1.0), "dropout"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            apply_lora(model, bad)
+        assert all(p.requires_grad for p in model.parameters())  # refused before anything changed
+    peft_model = apply_lora(model, ModelArgs(lora_targets="q_proj, k_proj"))  # a config file's string
+    assert {n.rsplit(".", 1)[-1] for n in lora_module_names(peft_model)} == {"q_proj", "k_proj"}
+    assert model.blip2_dist_lora["targets"] == ["q_proj", "k_proj"]  # what the adapter records
 
 
 def test_qformer_and_vision_targets():
-    model, _ = M.load_model("tiny-opt", dtype=torch.float32)
-    settings = M.LoraSettings(qformer_targets=["query", "value"], vision_targets=["qkv"])
-    peft_model = M.apply_lora(model, settings)
+    model, _ = load_model("tiny-opt", dtype=torch.float32)
+    settings = ModelArgs(qformer_lora_targets=["query", "value"], vision_lora_targets=["qkv"])
+    peft_model = apply_lora(model, settings)
     names = lora_module_names(peft_model)
     by_part = {part: [n for n in names if f".{part}." in n] for part in ("language_model", "qformer", "vision_model")}
     # tiny Q-Former: 2 layers, cross-attention in every layer -> (self + cross) x (query, value) x 2 = 8.
@@ -177,15 +189,15 @@ def test_qformer_and_vision_targets():
 @pytest.mark.parametrize(
     "settings, extra_prefixes",
     [
-        (M.LoraSettings(), set()),
-        (M.LoraSettings(train_query_tokens=True), {"query_tokens"}),
-        (M.LoraSettings(train_language_projection=True), {"language_projection"}),
-        (M.LoraSettings(train_qformer=True), {"query_tokens", "qformer", "language_projection"}),
+        (ModelArgs(), set()),
+        (ModelArgs(train_query_tokens=True), {"query_tokens"}),
+        (ModelArgs(train_language_projection=True), {"language_projection"}),
+        (ModelArgs(train_qformer=True), {"query_tokens", "qformer", "language_projection"}),
     ],
 )
 def test_train_flags_change_the_trainable_set(settings, extra_prefixes):
-    model, _ = M.load_model("tiny-t5", dtype=torch.float32)
-    peft_model = M.apply_lora(model, settings)
+    model, _ = load_model("tiny-t5", dtype=torch.float32)
+    peft_model = apply_lora(model, settings)
     trainable = {n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters() if p.requires_grad}
     non_lora = {n.split(".")[0] for n in trainable if "lora_" not in n}
     assert non_lora == extra_prefixes
@@ -195,10 +207,10 @@ def test_train_flags_change_the_trainable_set(settings, extra_prefixes):
 
 
 def test_describe_trainable_counts():
-    model, _ = M.load_model("tiny-t5", dtype=torch.float32)
+    model, _ = load_model("tiny-t5", dtype=torch.float32)
     total_base = sum(p.numel() for p in model.parameters())
     r = 4
-    peft_model = M.apply_lora(model, M.LoraSettings(r=r, train_query_tokens=True))
+    peft_model = apply_lora(model, ModelArgs(lora_r=r, train_query_tokens=True))
     # Independent count: every targeted T5 q/v is a d_model x (heads * d_kv) Linear: r * (in + out) each.
     text = model.config.text_config
     per_module = r * (text.d_model + text.num_heads * text.d_kv)
@@ -206,7 +218,7 @@ def test_describe_trainable_counts():
     query = model.config.num_query_tokens * model.config.qformer_config.hidden_size
     expected_trainable = lora + query
     expected_total = total_base + lora
-    line = M.describe_trainable(peft_model)
+    line = describe_trainable(peft_model)
     assert line == (
         f"trainable params: {expected_trainable:,d} || all params: {expected_total:,d} || "
         f"trainable%: {100 * expected_trainable / expected_total:.4f}"
@@ -218,10 +230,10 @@ def test_describe_trainable_counts():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_local_dir_loads_through_from_pretrained(family, tmp_path):
-    model, processor = M.load_model(f"tiny-{family}", dtype=torch.float32)
+    model, processor = load_model(f"tiny-{family}", dtype=torch.float32)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    loaded, loaded_processor = M.load_model(str(tmp_path), dtype=torch.float32)
+    loaded, loaded_processor = load_model(str(tmp_path), dtype=torch.float32)
     assert type(loaded) is Blip2ForConditionalGeneration
     assert loaded_processor.num_query_tokens == model.config.num_query_tokens
     batch = encode_batch(loaded_processor, family, CAPTIONS)
@@ -230,14 +242,14 @@ def test_local_dir_loads_through_from_pretrained(family, tmp_path):
 
 def test_legacy_checkpoint_without_image_token_fields(tmp_path):
     # Older hub repos: no image_token_index in config.json, no num_query_tokens in the processor.
-    model, processor = M.load_model("tiny-t5", dtype=torch.float32)
+    model, processor = load_model("tiny-t5", dtype=torch.float32)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     for name, key in (("config.json", "image_token_index"), ("processor_config.json", "num_query_tokens")):
         data = json.loads((tmp_path / name).read_text())
         data.pop(key)
         (tmp_path / name).write_text(json.dumps(data))
-    loaded, loaded_processor = M.load_model(str(tmp_path), dtype=torch.float32)
+    loaded, loaded_processor = load_model(str(tmp_path), dtype=torch.float32)
     assert loaded.config.image_token_index == model.config.image_token_index
     assert loaded_processor.num_query_tokens == model.config.num_query_tokens
     batch = encode_batch(loaded_processor, "t5", CAPTIONS)
@@ -246,20 +258,20 @@ def test_legacy_checkpoint_without_image_token_fields(tmp_path):
 
 def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(M.ModelNotAvailableError, match=r"'Salesforce/blip2-opt-2\.7b'.*offline"):
-        M.load_model("Salesforce/blip2-opt-2.7b")
+    with pytest.raises(ModelNotAvailableError, match=r"'Salesforce/blip2-opt-2\.7b'.*offline"):
+        load_model("Salesforce/blip2-opt-2.7b")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        M.load_model(str(tmp_path / "missing"))
+        load_model(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="without config.json"):
-        M.load_model(str(tmp_path))
+        load_model(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- adapters
 
 
 def _trained(family, settings, seed=0):
-    model, processor = M.load_model(f"tiny-{family}", dtype=torch.float32)
-    peft_model = M.apply_lora(model, settings)
+    model, processor = load_model(f"tiny-{family}", dtype=torch.float32)
+    peft_model = apply_lora(model, settings)
     simulate_training(peft_model, seed)
     return peft_model.eval(), processor
 
@@ -270,16 +282,20 @@ GEN = {"greedy": dict(num_beams=1, max_new_tokens=8), "beam": dict(num_beams=3, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_roundtrip_with_trained_query_tokens(family, tmp_path):
-    peft_model, processor = _trained(family, M.LoraSettings(train_query_tokens=True, train_language_projection=True))
+    peft_model, processor = _trained(family, ModelArgs(train_query_tokens=True, train_language_projection=True))
     batch = encode_batch(processor, family, CAPTIONS)
     inputs = prompt_inputs(processor)
-    expected = {k: M.generate_captions(peft_model, processor, *inputs, **kw) for k, kw in GEN.items()}
+    expected = {k: generate_captions(peft_model, processor, *inputs, **kw) for k, kw in GEN.items()}
     expected_logits = logits_of(peft_model, batch)
 
     out = tmp_path / "adapter"
     A.save_adapter(peft_model, processor, out, base_name=f"tiny-{family}")
     meta = json.loads((out / A.ADAPTER_META).read_text())
-    assert meta["family"] == family and meta["base_dir"] == "base" and meta["lora"]["r"] == 16
+    assert meta["family"] == family and meta["base_dir"] == "base"
+    assert meta["lora"] == {  # the adapter format's keys, the defaults of the model section
+        "r": 16, "alpha": 32, "dropout": 0.05, "targets": None, "qformer_targets": None, "vision_targets": None,
+        "train_qformer": False, "train_query_tokens": True, "train_language_projection": True,
+    }
     assert set(meta["extras"]) == {"query_tokens", "language_projection.weight", "language_projection.bias"}
     assert (out / "adapter_config.json").exists() and (out / A.EXTRAS_FILE).exists()
 
@@ -287,10 +303,10 @@ def test_adapter_roundtrip_with_trained_query_tokens(family, tmp_path):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(logits_of(loaded, batch), expected_logits)
     for kind, kwargs in GEN.items():
-        assert M.generate_captions(loaded, loaded_processor, *inputs, **kwargs) == expected[kind], kind
+        assert generate_captions(loaded, loaded_processor, *inputs, **kwargs) == expected[kind], kind
 
     # Without the extras the adapter alone is not the trained model.
-    base, _ = M.load_model(str(out / "base"), dtype=torch.float32)
+    base, _ = load_model(str(out / "base"), dtype=torch.float32)
     adapter_only = PeftModel.from_pretrained(base, str(out)).eval()
     assert not torch.allclose(logits_of(adapter_only, batch), expected_logits)
     # ... and the README's plain transformers + peft recipe, extras included, is.
@@ -305,7 +321,7 @@ def test_adapter_roundtrip_with_trained_query_tokens(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plain_peft_loading_without_extras(family, tmp_path):
-    peft_model, processor = _trained(family, M.LoraSettings(qformer_targets=["query", "value"]))
+    peft_model, processor = _trained(family, ModelArgs(qformer_lora_targets=["query", "value"]))
     batch = encode_batch(processor, family, CAPTIONS)
     A.save_adapter(peft_model, processor, tmp_path, base_name=f"tiny-{family}")
     assert not (tmp_path / A.EXTRAS_FILE).exists()
@@ -317,12 +333,12 @@ def test_plain_peft_loading_without_extras(family, tmp_path):
 
 def test_real_base_adapter_records_name_and_has_no_base_copy(tmp_path):
     # A local-dir base (the hub-id path): the adapter points at it, nothing copied.
-    model, processor = M.load_model("tiny-opt", dtype=torch.float32)
+    model, processor = load_model("tiny-opt", dtype=torch.float32)
     base_dir = tmp_path / "base_model"
     model.save_pretrained(base_dir)
     processor.save_pretrained(base_dir)
-    loaded, processor = M.load_model(str(base_dir), dtype=torch.float32)
-    peft_model = M.apply_lora(loaded, M.LoraSettings(train_query_tokens=True))
+    loaded, processor = load_model(str(base_dir), dtype=torch.float32)
+    peft_model = apply_lora(loaded, ModelArgs(train_query_tokens=True))
     simulate_training(peft_model)
     peft_model.eval()
     out = tmp_path / "adapter"
@@ -332,26 +348,26 @@ def test_real_base_adapter_records_name_and_has_no_base_copy(tmp_path):
     batch = encode_batch(processor, "opt", CAPTIONS)
     assert torch.equal(logits_of(again, batch), logits_of(peft_model, batch))
     # Re-exporting without extras into the same directory removes the stale extras file.
-    plain = M.apply_lora(M.load_model(str(base_dir), dtype=torch.float32)[0])
+    plain = apply_lora(load_model(str(base_dir), dtype=torch.float32)[0])
     A.save_adapter(plain, processor, out, base_name=str(base_dir))
     assert not (out / A.EXTRAS_FILE).exists()
 
 
 def test_tiny_base_seed_mismatch_is_caught(tmp_path):
-    model, processor = M.load_model("tiny-t5", dtype=torch.float32, seed=1)
-    peft_model = M.apply_lora(model)
+    model, processor = load_model("tiny-t5", dtype=torch.float32, seed=1)
+    peft_model = apply_lora(model)
     with pytest.raises(RuntimeError, match="seed=0"):
         A.save_adapter(peft_model, processor, tmp_path, base_name="tiny-t5", seed=0)
     A.save_adapter(peft_model, processor, tmp_path, base_name="tiny-t5")  # seed recorded by load_model
 
 
 def test_engine_wrapped_model_works_everywhere(tmp_path):
-    peft_model, processor = _trained("t5", M.LoraSettings())
+    peft_model, processor = _trained("t5", ModelArgs())
     engine = FakeEngine(peft_model)
     batch = encode_batch(processor, "t5", CAPTIONS)
-    torch.testing.assert_close(M.caption_loss(engine, batch), M.caption_loss(peft_model, batch))
+    torch.testing.assert_close(caption_loss(engine, batch), caption_loss(peft_model, batch))
     inputs = prompt_inputs(processor)
-    assert M.generate_captions(engine, processor, *inputs) == M.generate_captions(peft_model, processor, *inputs)
+    assert generate_captions(engine, processor, *inputs) == generate_captions(peft_model, processor, *inputs)
     A.save_adapter(engine, processor, tmp_path, base_name="tiny-t5")
     assert (tmp_path / "adapter_model.safetensors").exists()
 
@@ -360,18 +376,18 @@ def test_engine_wrapped_model_works_everywhere(tmp_path):
 
 
 def test_generation_length_options_and_opt_padding():
-    model, processor = M.load_model("tiny-opt", dtype=torch.float32)
+    model, processor = load_model("tiny-opt", dtype=torch.float32)
     model.eval()
     pixel_values, input_ids, attention_mask = prompt_inputs(processor)
     tok = processor.tokenizer
     # min_length counts caption tokens (not the 8 image tokens + prompt): forced non-empty captions.
-    captions = M.generate_captions(model, processor, pixel_values, input_ids, attention_mask,
+    captions = generate_captions(model, processor, pixel_values, input_ids, attention_mask,
                                    min_length=4, max_length=4, bad_words_ids=[[tok.eos_token_id]])
     assert all(len(tok(c, add_special_tokens=False).input_ids) >= 3 for c in captions)
     right_padded = torch.cat([attention_mask, torch.zeros_like(attention_mask[:, :1])], 1)
     padded_ids = torch.cat([input_ids, torch.full_like(input_ids[:, :1], tok.pad_token_id)], 1)
     with pytest.raises(ValueError, match="left"):
-        M.generate_captions(model, processor, pixel_values, padded_ids, right_padded)
+        generate_captions(model, processor, pixel_values, padded_ids, right_padded)
 
 
 # ----------------------------------------------------------------------------- real architectures
@@ -382,11 +398,11 @@ def test_generation_length_options_and_opt_padding():
     [("Salesforce/blip2-opt-2.7b", 3.74e9, 3.9e9), ("Salesforce/blip2-flan-t5-xl", 3.85e9, 4.0e9)],
 )
 def test_random_init_real_sizes_on_meta(name, low, high):
-    assert low <= M.count_parameters(name) <= high
+    assert low <= count_parameters(name) <= high
 
 
 def test_random_init_real_architecture_and_notebook_lora_count():
-    model, processor = M.load_model("Salesforce/blip2-opt-2.7b", random_init=True, device="meta")
+    model, processor = load_model("Salesforce/blip2-opt-2.7b", random_init=True, device="meta")
     vision, qformer, text = model.config.vision_config, model.config.qformer_config, model.config.text_config
     assert (vision.num_hidden_layers, vision.hidden_size, vision.patch_size, vision.image_size) == (39, 1408, 14, 224)
     assert (qformer.num_hidden_layers, qformer.hidden_size, qformer.cross_attention_frequency) == (12, 768, 2)
@@ -395,13 +411,13 @@ def test_random_init_real_architecture_and_notebook_lora_count():
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
     # The HF notebook's LoRA (r=16, alpha=32, q_proj + k_proj) on blip2-opt-2.7b: 5,242,880, what
     # peft's print_trainable_parameters reports for it (32 layers x 2 x 16 x (2560 + 2560)).
-    peft_model = M.apply_lora(model, M.LoraSettings(targets=["q_proj", "k_proj"]))
-    assert M.describe_trainable(peft_model).startswith("trainable params: 5,242,880 ||")
+    peft_model = apply_lora(model, ModelArgs(lora_targets=["q_proj", "k_proj"]))
+    assert describe_trainable(peft_model).startswith("trainable params: 5,242,880 ||")
 
 
 def test_random_init_from_local_config_untied_t5_head(tmp_path):
     # A FLAN-T5-like text model (own lm_head, no output scaling), given as a local config.json.
-    tiny = M.load_model("tiny-t5", dtype=torch.float32)[0].config
+    tiny = load_model("tiny-t5", dtype=torch.float32)[0].config
     vocab = 1024
     config = Blip2Config(
         vision_config=tiny.vision_config.to_dict(), qformer_config=tiny.qformer_config.to_dict(),
@@ -409,17 +425,17 @@ def test_random_init_from_local_config_untied_t5_head(tmp_path):
         num_query_tokens=tiny.num_query_tokens,
     )
     config.save_pretrained(tmp_path)
-    model, processor = M.load_model(str(tmp_path), random_init=True, dtype=torch.float32)
+    model, processor = load_model(str(tmp_path), random_init=True, dtype=torch.float32)
     lm = model.language_model
     assert lm.lm_head.weight is not lm.shared.weight and lm.lm_head.weight.shape == (vocab, 64)
     assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
-    loss = M.caption_loss(model, encode_batch(processor, "t5", CAPTIONS))
+    loss = caption_loss(model, encode_batch(processor, "t5", CAPTIONS))
     assert math.log(vocab) - 1 < loss.item() < math.log(vocab) + 2  # not ~30+: the head is scaled
 
 
 def test_random_init_unknown_name():
     with pytest.raises(ValueError, match="known"):
-        M.load_model("someone/blip2-unknown", random_init=True, device="meta")
+        load_model("someone/blip2-unknown", random_init=True, device="meta")
 
 
 def test_random_init_offline_env_untouched():

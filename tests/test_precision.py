@@ -15,7 +15,7 @@ from blip2_dist.config import parse_config
 from blip2_dist.deepspeed_config import choose_precision, fill_deepspeed_config, load_deepspeed_config
 from blip2_dist.engine import build_model
 from blip2_dist.errors import UserError
-from blip2_dist.model import family_from_name
+from blip2_dist.models import family_from_name
 from launch_helpers import REPO, cpu_env
 
 SHIPPED = ["zero2", "zero2_offload", "zero3"]
@@ -109,7 +109,7 @@ def test_a_rejected_section_stops_train_before_start(tmp_path):
 
 def test_train_language_projection_flag(hub_opt_dir):
     cfg = parse_config(["--model", str(hub_opt_dir), "--train-language-projection"], "t")
-    model, _, settings = build_model(cfg, torch.float32)
+    model, _ = build_model(cfg, torch.float32)
     trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
-    assert settings.train_language_projection and trained and all("language_projection" in n for n in trained)
+    assert cfg.model.train_language_projection and trained and all("language_projection" in n for n in trained)
     assert not parse_config([], "t").model.train_language_projection

@@ -20,7 +20,7 @@ from blip2_dist.data.reader import resolve_shards
 from blip2_dist.data.shards import Sample, ShardWriter
 from blip2_dist.data.stream import TrainStream
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
-from blip2_dist.model import build_tiny
+from blip2_dist.models import build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -105,16 +105,16 @@ def test_captions_need_the_image():
 
 
 def tiny_corpus_words():
-    """model.TINY_CORPUS_WORDS, read from the source when it is a literal `\"\"\"...\"\"\".split()`
-    (importing model.py means importing torch and transformers: seconds)."""
-    tree = ast.parse((REPO / "blip2_dist/model.py").read_text())
+    """models.TINY_CORPUS_WORDS, read from the source when it is a literal `\"\"\"...\"\"\".split()`
+    (importing models.py means importing torch and transformers: seconds)."""
+    tree = ast.parse((REPO / "blip2_dist/models.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TINY_CORPUS_WORDS" for t in node.targets):
             value = node.value
             if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr == "split" \
                     and isinstance(value.func.value, ast.Constant) and not value.args:
                 return value.func.value.value.split()
-    from blip2_dist.model import TINY_CORPUS_WORDS
+    from blip2_dist.models import TINY_CORPUS_WORDS
 
     return TINY_CORPUS_WORDS
 

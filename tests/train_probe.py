@@ -23,7 +23,7 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from blip2_dist.config import parse_config
-from blip2_dist.model import unwrap_blip2
+from blip2_dist.lora import unwrap_blip2
 from blip2_dist.train import Trainer
 
 

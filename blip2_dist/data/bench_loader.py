@@ -149,7 +149,7 @@ def bench_processor(image_size: int = 224, num_query_tokens: int = 32):
     from transformers import Blip2Config, Blip2Processor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from blip2_dist.model import build_tiny_tokenizer
+    from blip2_dist.models import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer("opt")
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size}, do_convert_rgb=True)

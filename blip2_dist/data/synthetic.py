@@ -5,7 +5,7 @@ green, blue, yellow, purple, white) on a dark background, grouped on the left, r
 or in the center. Its five captions name colour, kind and count, two of them the position too
 ("two red circles on the left", "there are two red circles in the picture", ...), so no caption can
 be right without looking at the image: 6 × 4 × 3 × 5 = 360 scenes. Every word is in
-model.TINY_CORPUS_WORDS, so the tiny tokenizer keeps it whole.
+models.TINY_CORPUS_WORDS, so the tiny tokenizer keeps it whole.
 
     python -m blip2_dist.data.synthetic --out shards/synthetic        # 2000/100/100 at 64 px
     python -m blip2_dist.data.pack_cli synthetic --out shards/synthetic   # the same command

@@ -1,28 +1,24 @@
-"""BLIP-2 models: load by hub id or local dir, the tiny built-ins, random-init real architectures, LoRA.
+"""BLIP-2 models: load by hub id or local dir, the tiny built-ins, random-init real architectures.
 
 Model code never sees a rank: everything here works on a plain nn.Module in one process.
 
     model, processor = load_model("tiny-t5", dtype=torch.float32)  # built locally, no download (CPU tests)
     model, processor = load_model("Salesforce/blip2-flan-t5-xl")   # hub id or a local directory, bf16
     model, processor = load_model("Salesforce/blip2-opt-2.7b", random_init=True)  # benchmarks only
-    peft_model = apply_lora(model, LoraSettings(r=16, train_query_tokens=True))
-    print(describe_trainable(peft_model))
-    loss = caption_loss(peft_model, batch)                          # the trainer's forward
-    captions = generate_captions(peft_model, processor, pixel_values, input_ids, attention_mask, num_beams=5)
+    family_of(model)                                                # "t5" or "opt"
+    count_parameters("Salesforce/blip2-opt-2.7b")                   # on the meta device, instant
 
-Exporting and reloading adapters lives in `blip2_dist.adapters`.
+LoRA lives in `blip2_dist.lora`, the captioning loss and generation in `blip2_dist.captioning`,
+exporting and reloading adapters in `blip2_dist.adapters`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import re
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import (
@@ -36,11 +32,7 @@ from transformers import (
     T5Config,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-from transformers.models.blip_2.modeling_blip_2 import (
-    BaseModelOutputWithVisionQformerOutputs,
-)
 
-from blip2_dist.data.transforms import end_of_caption_id
 from blip2_dist.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -205,7 +197,7 @@ _OPT = dict(
     model_type="opt", vocab_size=50272, max_position_embeddings=2048, activation_function="relu",
     do_layer_norm_before=True, enable_bias=True, dropout=0.1, attention_dropout=0.0,
 )
-# tie_word_embeddings=False: FLAN-T5 has its own lm_head and no output scaling (see _untie_t5_head).
+# tie_word_embeddings=False: FLAN-T5 has its own lm_head and no output scaling (see untie_t5_head).
 _FLAN_T5 = dict(
     model_type="t5", vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", dropout_rate=0.1,
     relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
@@ -293,14 +285,16 @@ def build_random_init(
     with torch.device(device or "cpu"):
         model = Blip2ForConditionalGeneration._from_config(config, dtype=dtype)
     if family_of(config) == "t5" and not getattr(config.text_config, "scale_decoder_outputs", True):
-        _untie_t5_head(model)
+        untie_t5_head(model)
     init_query_tokens(model)
     return model, processor
 
 
-def _untie_t5_head(model: Blip2ForConditionalGeneration) -> None:
-    # transformers 5 always ties T5's lm_head to `shared`; FLAN-T5 checkpoints carry their own lm_head
-    # and from_pretrained keeps it untied (both present, different values). Do the same here.
+def untie_t5_head(model: Blip2ForConditionalGeneration) -> None:
+    """Give a random T5 text model its own lm_head, as FLAN-T5 checkpoints have.
+
+    transformers 5 always ties T5's lm_head to `shared`; FLAN-T5 checkpoints carry their own lm_head
+    and from_pretrained keeps it untied (both present, different values). Do the same here."""
     # Scaled by d_model**-0.5 (what the tied head does to its input): random logits of unit scale and a
     # starting loss near ln(vocab) instead of ~260 (bf16 runs without a loss scale).
     lm = model.language_model
@@ -443,325 +437,3 @@ def reconcile_processor(model: Blip2ForConditionalGeneration, processor: Blip2Pr
             f"tokenizer maps {image_token} to {token_id} but config.image_token_index is "
             f"{config.image_token_index}: images would be ignored"
         )
-
-
-# ---------------------------------------------------------------------------------------------------
-# LoRA
-# ---------------------------------------------------------------------------------------------------
-
-DEFAULT_TARGETS = {"t5": ["q", "v"], "opt": ["q_proj", "v_proj"]}
-_PARTS = (("language_model", "targets"), ("qformer", "qformer_targets"), ("vision_model", "vision_targets"))
-
-
-@dataclasses.dataclass
-class LoraSettings:
-    """What to train. Defaults follow the HF BLIP-2 LoRA notebook (r=16, alpha=32, dropout=0.05)."""
-
-    r: int = 16
-    """LoRA rank."""
-    alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input."""
-    targets: list[str] | None = None
-    """Language-model linear layers by last name; None: T5 ["q","v"], OPT ["q_proj","v_proj"];
-    ["all-linear"]: every linear layer but lm_head; []: none."""
-    qformer_targets: list[str] | None = None
-    """Q-Former linear layers by last name (query, key, value, dense), or ["all-linear"]."""
-    vision_targets: list[str] | None = None
-    """Vision-encoder linear layers by last name (qkv, projection, fc1, fc2), or ["all-linear"]."""
-    train_qformer: bool = False
-    """Train the whole Q-Former plus query_tokens and language_projection (saved as extras)."""
-    train_query_tokens: bool = False
-    """Train the 32 query tokens (a bare nn.Parameter: saved as an extra beside the adapter)."""
-    train_language_projection: bool = False
-    """Train the Q-Former -> language-model projection (saved as an extra)."""
-
-    def __post_init__(self):
-        for field in ("targets", "qformer_targets", "vision_targets"):
-            value = getattr(self, field)
-            if isinstance(value, str):  # "q,v" from a CLI or a config file; "" = not given
-                names = [v.strip() for v in value.split(",") if v.strip()]
-                setattr(self, field, names or None)
-            elif value is not None:
-                setattr(self, field, list(value))
-        if self.r <= 0 or self.alpha <= 0:
-            raise UserError(f"LoRA r and alpha must be positive, got r={self.r} alpha={self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.train_qformer and self.qformer_targets:
-            raise UserError("train_qformer trains the whole Q-Former: drop qformer_targets (LoRA on it)")
-
-    def extras(self) -> list[str]:
-        """Name prefixes (in Blip2ForConditionalGeneration) of the non-LoRA parameters trained."""
-        prefixes = []
-        if self.train_qformer:
-            prefixes.append("qformer.")
-        if self.train_qformer or self.train_query_tokens:
-            prefixes.append("query_tokens")
-        if self.train_qformer or self.train_language_projection:
-            prefixes.append("language_projection.")
-        return prefixes
-
-
-def unwrap_blip2(model: nn.Module) -> Blip2ForConditionalGeneration:
-    """The Blip2ForConditionalGeneration inside a DeepSpeed engine / DDP / PeftModel (LoRA stays injected)."""
-    while not isinstance(model, Blip2ForConditionalGeneration):
-        if isinstance(model, PeftModel):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            raise TypeError(f"no Blip2ForConditionalGeneration inside {type(model).__name__}")
-    return model
-
-
-def _strip_engine(model: nn.Module) -> nn.Module:
-    # DeepSpeed engine / DDP -> the PeftModel or Blip2ForConditionalGeneration they wrap.
-    while not isinstance(model, (PeftModel, Blip2ForConditionalGeneration)):
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            raise TypeError(f"no BLIP-2 model inside {type(model).__name__}")
-        model = inner
-    return model
-
-
-def freeze_base(model: nn.Module) -> None:
-    """requires_grad=False on every parameter."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-
-
-def linear_names(module: nn.Module) -> list[str]:
-    """Distinct last names of the nn.Linear layers in `module` (the valid LoRA targets)."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
-
-
-def lora_target_regex(model: Blip2ForConditionalGeneration, settings: LoraSettings) -> str:
-    """A peft target_modules regex confined to each part, so "q"/"v" never reach the Q-Former/ViT.
-
-    Raises ValueError naming the family and the valid names when a target matches nothing.
-    """
-    family = family_of(model)
-    alternatives = []
-    for part, field in _PARTS:
-        names = getattr(settings, field)
-        if part == "language_model" and names is None:
-            names = DEFAULT_TARGETS[family]
-        if not names:
-            continue
-        valid = [n for n in linear_names(getattr(model, part)) if n != "lm_head"]
-        if names == ["all-linear"]:
-            names = valid
-        unknown = [n for n in names if n not in valid]
-        if unknown:
-            raise UserError(
-                f"LoRA {field} {unknown} match no linear layer in the {part} of this {family.upper()} "
-                f"BLIP-2 model; valid names there: {valid} (or ['all-linear'])"
-            )
-        alternatives.append(rf"{part}\..*\.(?:{'|'.join(re.escape(n) for n in names)})")
-    if not alternatives:
-        raise UserError("LoRA settings target nothing: give targets, qformer_targets or vision_targets")
-    return rf"^(?:{'|'.join(alternatives)})$"
-
-
-def apply_lora(model: nn.Module, settings: LoraSettings | None = None) -> PeftModel:
-    """Freeze the base, add LoRA where `settings` say, unfreeze the chosen extras; return the PeftModel."""
-    if isinstance(model, PeftModel):
-        raise TypeError("model already has adapters (a PeftModel): apply_lora takes the plain base model")
-    base = unwrap_blip2(model)
-    settings = settings or LoraSettings()
-    freeze_base(base)
-    config = LoraConfig(  # no task_type: BLIP-2 is no CAUSAL_LM/SEQ_2_SEQ_LM for peft (peft issue 2528)
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
-        target_modules=lora_target_regex(base, settings),
-    )
-    peft_model = get_peft_model(base, config)
-    extras = [n for n, _ in base.named_parameters() if n.startswith(tuple(settings.extras()))]
-    for name in extras:
-        base.get_parameter(name).requires_grad_(True)
-    base.blip2_dist_lora = settings  # read by save_adapter
-    base.blip2_dist_extras = extras
-    return peft_model
-
-
-def describe_trainable(model: nn.Module) -> str:
-    """'trainable params: N || all params: M || trainable%: x' (peft's format; counts shared weights once)."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 partitions report their full size here
-        total += n
-        trainable += n if param.requires_grad else 0
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training forward and generation
-# ---------------------------------------------------------------------------------------------------
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the vision encoder's device. Under an accelerate device map that offloaded the
-    vision weights (they sit on "meta"), the device its hook runs them on."""
-    weight = unwrap_blip2(model).vision_model.embeddings.patch_embedding.weight
-    if weight.device.type != "meta":
-        return weight.device
-    hook = getattr(unwrap_blip2(model).vision_model, "_hf_hook", None)
-    return torch.device(getattr(hook, "execution_device", None) or "cpu")
-
-
-def caption_loss(model: nn.Module, batch: dict[str, torch.Tensor], group_images: bool = True) -> torch.Tensor:
-    """Mean token cross-entropy of a captioning micro-batch (see `caption_forward`)."""
-    return caption_forward(model, batch, group_images).loss
-
-
-def caption_forward(model: nn.Module, batch: dict[str, torch.Tensor], group_images: bool = True):
-    """The model's forward output (loss: mean token cross-entropy, logits) for a captioning micro-batch.
-
-    model: Blip2ForConditionalGeneration, its PeftModel, or a DeepSpeed engine around either (called
-    as is, so the engine's forward hooks run). batch: pixel_values [n_images,3,H,W], image_index
-    [n_examples] (row of pixel_values per example; absent = one image per example), input_ids,
-    attention_mask, labels [n_examples, L] with -100 where no loss is taken.
-
-    group_images (default): the image path runs once per image, not once per caption, wherever that
-    gives the same numbers (see `image_sharing`); its outputs are repeated by image_index and handed to
-    forward as `mm_encoder_outputs`. Loss and gradients equal the ungrouped computation (the tests check
-    both families, every trainable part, and dropout replaying the same masks). False: pixel_values
-    repeated per caption, the plain `model(pixel_values=...)` call (the notebook's computation).
-    """
-    blip2 = unwrap_blip2(model)
-    weight = blip2.vision_model.embeddings.patch_embedding.weight
-    pixel_values = batch["pixel_values"].to(weight.device, weight.dtype)
-    image_index = batch.get("image_index")
-    text = dict(
-        input_ids=batch["input_ids"].to(weight.device),
-        attention_mask=batch["attention_mask"].to(weight.device),
-        labels=batch["labels"].to(weight.device),
-    )
-    if image_index is not None:
-        image_index = image_index.to(weight.device)
-    share_vision, _ = image_sharing(blip2) if group_images and image_index is not None else (False, False)
-    if not share_vision:
-        if image_index is not None:
-            pixel_values = pixel_values[image_index]
-        return model(pixel_values=pixel_values, **text)
-    features = grouped_image_features(blip2, pixel_values, image_index)
-    image = BaseModelOutputWithVisionQformerOutputs(pooler_output=features)  # all forward reads of it
-    return model(pixel_values=None, mm_encoder_outputs={"image": image}, **text)
-
-
-def has_active_dropout(module: nn.Module) -> bool:
-    """Whether `module` draws random numbers in its forward as it is now (train mode and p > 0):
-    dropout layers (LoRA's included) or attention modules with a dropout probability (BLIP-2's ViT and
-    Q-Former attention pass `attention_dropout` to the attention function)."""
-    for m in module.modules():
-        if not m.training:
-            continue
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-            return True
-        p = getattr(m, "attention_dropout", None)
-        if isinstance(p, float) and p > 0:
-            return True
-    return False
-
-
-def image_sharing(model: nn.Module) -> tuple[bool, bool]:
-    """(vision encoder once per image, Q-Former once per image) for the grouped path.
-
-    Shared up to the first stage that would draw random numbers per example, so grouping is exact:
-      * vision shared unless it has active dropout (the BLIP-2 ViT has none; LoRA dropout on vision
-        targets in train mode is); then nothing is shared.
-      * Q-Former shared when it has no active dropout either (eval mode, the tiny models, or
-        hidden/attention dropout 0). The real Q-Former has dropout 0.1, so in train mode it runs once
-        per caption on the repeated image features: its dropout then draws the same masks, in the same
-        order, as the ungrouped forward. It costs ~3% of the ViT-g (32 queries vs 257 patch tokens).
-    """
-    blip2 = unwrap_blip2(model)
-    if has_active_dropout(blip2.vision_model):
-        return False, False
-    return True, not has_active_dropout(blip2.qformer)
-
-
-def grouped_image_features(
-    model: nn.Module, pixel_values: torch.Tensor, image_index: torch.Tensor
-) -> torch.Tensor:
-    """Language-model inputs (projected query outputs) [n_examples, Q, D] with the vision encoder run on
-    the n_images rows of pixel_values only; the Q-Former once per image or per example (`image_sharing`).
-
-    The steps of `Blip2ForConditionalGeneration.get_image_features` (transformers 5), with the repeat by
-    image_index placed after the last shared stage. The frozen vision encoder runs under no_grad (unless
-    it carries LoRA): nothing upstream of it can take a gradient.
-    """
-    blip2 = unwrap_blip2(model)
-    share_vision, share_qformer = image_sharing(blip2)
-    if not share_vision:
-        pixel_values, image_index, share_qformer = pixel_values[image_index], None, False
-    vision_grad = any(p.requires_grad for p in blip2.vision_model.parameters())
-    with torch.set_grad_enabled(torch.is_grad_enabled() and vision_grad):
-        image_embeds = blip2.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
-    if image_index is not None and not share_qformer:
-        image_embeds = image_embeds[image_index]
-    image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    query_tokens = blip2.query_tokens.expand(image_embeds.shape[0], -1, -1)
-    query_output = blip2.qformer(
-        query_embeds=query_tokens, encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_attention_mask, return_dict=True,
-    ).last_hidden_state
-    if query_output.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
-        query_output = query_output.to(image_embeds.dtype)
-    features = blip2.language_projection(query_output)
-    if image_index is not None and share_qformer:
-        features = features[image_index]
-    return features
-
-
-def generate_captions(
-    model: nn.Module, processor: Blip2Processor, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None, **gen_kwargs,
-) -> list[str]:
-    """Captions for a batch (one image per input_ids row), prompt removed, stripped. Call model.eval() first.
-
-    gen_kwargs go to generate (num_beams, repetition_penalty, num_return_sequences, ...), except that
-    min_length / max_length count caption tokens as LAVIS's min_len / max_len do: they become
-    min_new_tokens / max_new_tokens (HF's min_length counts the OPT prompt). Default max_new_tokens=30.
-    Generation stops on the end-of-caption token the labels end with (`end_of_caption_id`: "\\n" for
-    the hub's OPT models, `</s>` for T5) unless eos_token_id is given; each caption is cut there.
-    OPT prompts must be left-padded (or all the same length).
-    """
-    inner = _strip_engine(model)
-    blip2 = unwrap_blip2(inner)
-    weight = blip2.vision_model.embeddings.patch_embedding.weight
-    device = input_device(blip2)
-    for old, new in (("min_length", "min_new_tokens"), ("max_length", "max_new_tokens")):
-        if old in gen_kwargs:
-            gen_kwargs[new] = gen_kwargs.pop(old)
-    gen_kwargs.setdefault("max_new_tokens", 30)
-    tokenizer = processor.tokenizer
-    gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    gen_kwargs.setdefault("eos_token_id", end_of_caption_id(blip2.config, tokenizer))
-    input_ids = input_ids.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-    decoder_only = family_of(blip2) == "opt"
-    if decoder_only and attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("OPT prompts are right-padded: pad them on the left (tokenizer.padding_side='left')")
-    # T5 needs input_ids (image tokens + prompt): generate(pixel_values) alone builds a start token from
-    # text_config.bos_token_id, which T5 configs lack.
-    with torch.no_grad():
-        output = inner.generate(
-            pixel_values=pixel_values.to(device, weight.dtype), input_ids=input_ids,
-            attention_mask=attention_mask, **gen_kwargs,
-        )
-    if decoder_only:  # OPT returns prompt + continuation
-        output = output[:, input_ids.shape[1]:]
-    ends = gen_kwargs["eos_token_id"]
-    ends = set(ends) if isinstance(ends, (list, tuple)) else {ends}
-    rows = [_cut_at(row.tolist(), ends) for row in output]
-    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
-
-
-def _cut_at(ids: list[int], ends: set[int]) -> list[int]:
-    # Up to the first end token: an end that is no special token ("\n") would survive decoding.
-    for i, token in enumerate(ids):
-        if token in ends:
-            return ids[:i]
-    return ids
