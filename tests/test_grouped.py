@@ -12,7 +12,7 @@ import torch
 
 from blip2_dist import model as M
 from engine_wrapper import FakeEngine
-from blip2_dist.bench_train import synthetic_batches
+from blip2_dist.data.synthetic import synthetic_batches
 from blip2_dist.train import CaptionLossModule
 
 FAMILIES = ["t5", "opt"]

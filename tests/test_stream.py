@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2_dist.data.bench_loader import natural_image
+from blip2_dist.data.synthetic import natural_image
 from blip2_dist.data.shards import Sample, ShardWriter
 from blip2_dist.data.stream import EvalStream, TrainStream, resolve_shards
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform

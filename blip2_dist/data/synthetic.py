@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import sys
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from blip2_dist.data.shards import SPLITS, Sample, ShardWriter
 
@@ -215,6 +216,59 @@ def write_synthetic(
             for index in range(n):
                 writer.write(synthetic_sample(seed, split, index, image_size)[0])
     return writer.manifest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Photo-like pictures and model-ready micro-batches (benchmarks and tests)
+# ---------------------------------------------------------------------------------------------------
+
+
+def natural_image(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
+    """A photo-like picture: smooth colour field, a few shapes, texture and sensor-like noise."""
+    img = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = [x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 150))]
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5))).astype(np.float32)
+    texture = Image.fromarray(rng.integers(0, 256, (height // 2, width // 2), dtype=np.uint8))
+    arr += (np.asarray(texture.resize((width, height), Image.BILINEAR), np.float32)[..., None] - 128) * 0.5
+    arr += rng.normal(0, 9, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def synthetic_batches(processor, model_config, *, n_batches: int, micro_batch: int, captions_per_image: int,
+                      seed: int = 0) -> list[dict]:
+    """Micro-batches as the shard stream makes them: whole caption groups in order, a group straddling
+    two batches when it does not fit; pixel_values one row per image (normalised noise at the model's
+    image size). Captions: 12 +- 4 words (Flickr8k averages ~11) from the tiny tokenizer's vocabulary."""
+    import torch  # here, not at the top: packing the synthetic set needs no torch
+
+    from blip2_dist.data.transforms import CaptionFormat
+    from blip2_dist.model import TINY_CORPUS_WORDS
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    fmt = CaptionFormat.from_processor(processor, model_config)
+    size = model_config.vision_config.image_size
+    batches, pending, pixels = [], [], {}
+    while len(batches) < n_batches:
+        image = len(pixels)
+        pixels[image] = torch.randn(3, size, size, generator=gen)
+        captions = [" ".join(rng.choice(TINY_CORPUS_WORDS) for _ in range(max(4, round(rng.gauss(12, 4)))))
+                    for _ in range(captions_per_image)]
+        pending += [(image, c) for c in captions]
+        while len(pending) >= micro_batch and len(batches) < n_batches:
+            take, pending = pending[:micro_batch], pending[micro_batch:]
+            ids = sorted({i for i, _ in take})
+            batches.append({
+                "pixel_values": torch.stack([pixels[i] for i in ids]),  # a straddling image in both batches
+                "image_index": torch.tensor([ids.index(i) for i, _ in take]),
+                **fmt.encode_train([c for _, c in take]),
+            })
+    return batches
 
 
 if __name__ == "__main__":
