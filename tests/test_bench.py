@@ -137,3 +137,17 @@ def test_loader_benchmark_packs_and_reads_through_the_library(tmp_path):
     assert reader["images"] == 24 and reader["skip_ms"] > 0 and reader["cpu_us_per_image"] > 0
     assert report["config"]["images"] == str(tmp_path / "jpgs") and report["config"]["micro_batch"] == 8
     assert "stream / baseline per CPU-second" in proc.stdout
+
+
+def test_library_and_tests_import_no_benchmark_code():
+    """benchmarks/ stays outside the library's import graph, and the tests only run it as a subprocess."""
+    import ast
+
+    bench_modules = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {"benchmarks"}
+    offenders = []
+    for path in [*(ROOT / "blip2_dist").rglob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in bench_modules]
+    assert len(bench_modules) > 4 and not offenders, offenders
