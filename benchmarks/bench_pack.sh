@@ -22,8 +22,8 @@ if [ ! -f "$TREE/Flickr8k_text/Flickr8k.token.txt" ]; then
 import sys
 from blip2_dist.data.synthetic import write_photo_flickr8k
 files = write_photo_flickr8k(sys.argv[1], n=8000, workers=int(sys.argv[2]))
-sizes = [f.stat().st_size for f in files]
-print(f"{sys.argv[1]}: {len(sizes)} images, {sum(sizes) / 2**20:.0f} MiB, mean {sum(sizes) / len(sizes) / 1024:.0f} KiB")
+total = sum(f.stat().st_size for f in files)
+print(f"{sys.argv[1]}: {len(files)} images, {total / 2**20:.0f} MiB, mean {total / len(files) / 1024:.0f} KiB")
 PY
 fi
 echo "machine: $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), load average $(cut -d' ' -f1-3 /proc/loadavg)"
