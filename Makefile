@@ -29,7 +29,7 @@ test: $(STAMP)
 # One GPU, <= 9 minutes: benchmark + a short real run; writes runs/gpu_check/gpu_check.json
 # (docs/models.md). Uses the machine's python unless PYTHON is given; .whl/ wheels are installed first.
 gpu-check:
-	bash launch/gpu_check.sh runs/gpu_check
+	bash benchmarks/gpu_check.sh runs/gpu_check
 
 # The configuration reference, generated from the option dataclasses (tests/test_configuration_doc.py
 # fails when it is stale).

@@ -20,7 +20,7 @@ GEN="--num-beams 3 --max-new-tokens 16 --min-length 1"
 start=$(date +%s)
 
 echo "== 1/6 synthetic shards -> $DATA"
-[ -f "$DATA/manifest.json" ] || $PY -m blip2_dist.data.synthetic --out "$DATA"
+[ -f "$DATA/manifest.json" ] || $PY -m blip2_dist.data.pack_cli synthetic --out "$DATA"
 $PY -c "import sys; from blip2_dist.data.shards import read_manifest; from blip2_dist.data.pack import summarize_manifest; print(summarize_manifest(read_manifest(sys.argv[1])))" "$DATA"
 
 rm -rf "$RUN"

@@ -8,21 +8,16 @@
 
 Each returns a FakeSet whose `expected` maps image id → (split, captions in source order,
 stripped), and `order` lists the image ids per split in the order the packer must write them.
-
-The benchmark tree (8,000 photo-like 500×375 JPEGs of ~100-150 KB, 6000/1000/1000):
-    python tests/fake_flickr8k.py original /tmp/flickr8k_fake --n 8000 --photo --workers 2
+(The benchmarks' Flickr8k-sized tree of photo-like JPEGs: blip2_dist.data.synthetic.write_photo_flickr8k.)
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
 import json
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,36 +58,9 @@ def small_jpeg(seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB", q
     return buf.getvalue()
 
 
-def photo_jpeg(seed: int, quality: int = 90) -> bytes:
-    """A photo-like JPEG (smooth colour fields, texture, sensor noise) of a real Flickr8k size."""
-    rng = np.random.default_rng(seed)
-    w, h = [(500, 375), (500, 375), (500, 333), (375, 500)][seed % 4]
-    base = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-    texture = rng.normal(0, 45, (h // 2, w // 2, 3))
-    texture = np.asarray(
-        Image.fromarray(np.clip(texture + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC),
-        dtype=np.float32,
-    ) - 128
-    noise = rng.normal(0, 11, (h, w, 3)).astype(np.float32)
-    pixels = np.clip(np.asarray(base, dtype=np.float32) + texture + noise, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _write_image(args: tuple[str, int, bool]) -> None:
-    path, seed, photo = args
-    Path(path).write_bytes(photo_jpeg(seed) if photo else small_jpeg(seed))
-
-
-def _write_images(paths: list[Path], photo: bool, workers: int) -> None:
-    jobs = [(str(p), i, photo) for i, p in enumerate(paths)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_image, jobs, chunksize=32))
-    else:
-        for job in jobs:
-            _write_image(job)
+def _write_images(paths: list[Path]) -> None:
+    for i, path in enumerate(paths):
+        path.write_bytes(small_jpeg(i))
 
 
 def _split_of(i: int, n: int) -> str:
@@ -112,7 +80,6 @@ def captions_for(i: int) -> list[str]:
 
 def write_original(
     root: str | os.PathLike, n: int = 12, image_dir: str = "Flicker8k_Dataset", nested: bool = False,
-    photo: bool = False, workers: int = 1,
 ) -> FakeSet:
     root = Path(root)
     images_dir = root / image_dir / (image_dir if nested else "")
@@ -141,7 +108,7 @@ def write_original(
     for split, lst in split_lists.items():
         fake.order[split] = [Path(name).stem for name in lst]
     paths = [images_dir / name for name in names]
-    _write_images(paths, photo, workers)
+    _write_images(paths)
     fake.files = {Path(name).stem: images_dir / name for name in names}
     return fake
 
@@ -164,7 +131,7 @@ def write_karpathy(root: str | os.PathLike, n: int = 12, image_dir: str = "Image
         fake.add(Path(name).stem, "train" if split == "restval" else split, [c.strip() for c in caps])
         fake.files[Path(name).stem] = images_dir / name
     (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
-    _write_images(list(fake.files.values()), False, 1)
+    _write_images(list(fake.files.values()))
     return fake
 
 
@@ -193,7 +160,7 @@ def write_kaggle(root: str | os.PathLike, n: int = 12) -> FakeSet:
     for stem_, (split, _) in fake.expected.items():
         fake.order[split].append(stem_)
     (root / "captions.txt").write_text(buf.getvalue())
-    _write_images(list(fake.files.values()), False, 1)
+    _write_images(list(fake.files.values()))
     return fake
 
 
@@ -204,24 +171,3 @@ def write_split_files(folder: str | os.PathLike, splits: dict[str, list[str]]) -
     for split, names in splits.items():
         (folder / SPLIT_FILES[split]).write_text("".join(f"{name}\n" for name in names))
     return folder
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="write a fake Flickr8k tree")
-    p.add_argument("layout", choices=["original", "karpathy", "kaggle"])
-    p.add_argument("root")
-    p.add_argument("--n", type=int, default=12, help="images in the splits")
-    p.add_argument("--photo", action="store_true", help="photo-like 500x375 JPEGs of ~100-150 KB (original layout)")
-    p.add_argument("--workers", type=int, default=1)
-    args = p.parse_args(argv)
-    if args.layout == "original":
-        fake = write_original(args.root, args.n, photo=args.photo, workers=args.workers)
-    else:
-        fake = (write_karpathy if args.layout == "karpathy" else write_kaggle)(args.root, args.n)
-    sizes = [f.stat().st_size for f in fake.files.values()]
-    print(f"{args.root}: {len(sizes)} images, {sum(sizes) / 2**20:.0f} MiB, mean {np.mean(sizes) / 1024:.0f} KiB")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """The training benchmark: its FLOP formula against torch's FlopCounterMode, the real architectures'
-counts, the device-peak table, its micro-batches, and `launch/bench.py train` end to end (CPU, tiny).
+counts, the device-peak table, its micro-batches, and `benchmarks/bench.py train` end to end (CPU, tiny).
 
     OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_bench.py
 """
@@ -16,9 +16,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blip2_dist.captioning import caption_loss, image_sharing
 from blip2_dist.config import ModelArgs
+from blip2_dist.data.synthetic import synthetic_batches
+from blip2_dist.flops import FlopModel, batch_counts, peak_bf16_tflops
 from blip2_dist.lora import apply_lora
 from blip2_dist.models import family_of, load_model
-from blip2_dist.bench_train import FlopModel, batch_counts, peak_bf16_tflops, synthetic_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [
@@ -95,11 +96,11 @@ def test_synthetic_batches_keep_caption_groups():
 
 
 def test_train_benchmark_command(tmp_path):
-    """`launch/bench.py train` runs both sides (each in its own process) and prints the ratio line."""
+    """`benchmarks/bench.py train` runs both sides (each in its own process) and prints the ratio line."""
     out = tmp_path / "train.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     proc = subprocess.run(
-        [sys.executable, "launch/bench.py", "train", "--model", "tiny-t5", "--steps", "2", "--warmup", "1",
+        [sys.executable, "benchmarks/bench.py", "train", "--model", "tiny-t5", "--steps", "2", "--warmup", "1",
          "--micro-batch", "8", "--repeat", "1", "--device", "cpu", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -118,20 +119,38 @@ def test_train_benchmark_command(tmp_path):
     assert report["ratio"]["samples_per_s"] == pytest.approx(ours["samples_per_s"] / baseline["samples_per_s"])
 
 
-def test_loader_benchmark_compares_the_readers_in_one_run(tmp_path):
-    """`launch/bench.py loader` runs the stream through webdataset's reader and through the previous
-    tarfile reader in one run: the same plan gives both the same images and examples."""
+def test_loader_benchmark_packs_and_reads_through_the_library(tmp_path):
+    """`benchmarks/bench.py loader` packs a JPEG folder with the packer, streams every image and caption
+    once through TrainStream, times the webdataset reader alone, and compares with the notebook loader
+    reading the same files."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "launch/bench.py"), "loader", "--synthesize", "24", "--images",
-           str(tmp_path / "jpgs"), "--repeat", "1", "--micro-batch", "8", "--workers", "1", "--skip-baseline",
-           "--json", str(tmp_path / "r.json")]
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench.py"), "loader", "--synthesize", "24", "--images",
+           str(tmp_path / "jpgs"), "--repeat", "1", "--micro-batch", "8", "--workers", "1", "--baseline-items", "16",
+           "--shards-out", str(tmp_path / "shards"), "--json", str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "r.json").read_text())
-    new, old = report["rows"]
-    assert new["name"].startswith("stream (") and old["name"].startswith("stream old reader")
-    assert (new["images"], new["examples"]) == (old["images"], old["examples"]) and new["examples"] > 0
-    assert report["reader_ratio"]["steady_images_per_cpu_s"] > 0
-    readers = report["readers"]
-    assert readers["images"] == 24 and readers["webdataset"]["skip_ms"] > 0
-    assert "webdataset reader / old tarfile reader" in proc.stdout
+    stream, baseline = report["rows"]
+    assert stream["name"] == "stream (all)" and (stream["images"], stream["examples"]) == (24, 120)
+    assert baseline["name"] == "baseline (notebook)" and baseline["examples"] == 16
+    assert report["ratio"]["steady_images_per_cpu_s"] > 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())  # written by the packer
+    assert manifest["splits"]["train"]["images"] == 24 and manifest["source"]["layout"] == "bench"
+    reader = report["reader"]
+    assert reader["images"] == 24 and reader["skip_ms"] > 0 and reader["cpu_us_per_image"] > 0
+    assert report["config"]["images"] == str(tmp_path / "jpgs") and report["config"]["micro_batch"] == 8
+    assert "stream / baseline per CPU-second" in proc.stdout
+
+
+def test_library_and_tests_import_no_benchmark_code():
+    """benchmarks/ stays outside the library's import graph, and the tests only run it as a subprocess."""
+    import ast
+
+    bench_modules = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {"benchmarks"}
+    offenders = []
+    for path in [*(ROOT / "blip2_dist").rglob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in bench_modules]
+    assert len(bench_modules) > 4 and not offenders, offenders

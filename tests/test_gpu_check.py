@@ -1,4 +1,4 @@
-"""launch/gpu_check.sh on CPU (--dry-run): the same steps as on a GPU with the tiny models: the training
+"""benchmarks/gpu_check.sh on CPU (--dry-run): the same steps as on a GPU with the tiny models: the training
 benchmark per model, a run through the deepspeed launcher to a checkpoint, a resume to the end with one
 evaluation, one JSON. (It has not run on a GPU yet: see docs/models.md.)"""
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_dry_run_writes_one_complete_report(tmp_path):
     out = tmp_path / "check"
-    proc = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run", str(out)], cwd=REPO,
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], cwd=REPO,
                           env=cpu_env(PYTHON=sys.executable), capture_output=True,
                           text=True, timeout=600)
     report = json.loads((out / "gpu_check.json").read_text())

@@ -15,7 +15,7 @@ from blip2_dist.config import ModelArgs
 from blip2_dist.lora import apply_lora, unwrap_blip2
 from blip2_dist.models import load_model
 from engine_wrapper import FakeEngine
-from blip2_dist.bench_train import synthetic_batches
+from blip2_dist.data.synthetic import synthetic_batches
 from blip2_dist.engine import CaptionLossModule
 
 FAMILIES = ["t5", "opt"]

@@ -190,7 +190,7 @@ def test_caption_command_on_the_hub_checkpoint_and_adapter(opt_run, hub_opt_dir,
 
 def test_train_benchmark_command_on_the_hub_checkpoint(hub_t5_dir, tmp_path):
     out = tmp_path / "bench.json"
-    proc = run("launch/bench.py", ["train", "--model", str(hub_t5_dir), "--steps", "2", "--warmup", "1",
+    proc = run("benchmarks/bench.py", ["train", "--model", str(hub_t5_dir), "--steps", "2", "--warmup", "1",
                                    "--micro-batch", "10", "--repeat", "1", "--device", "cpu", "--no-isolate",
                                    "--json", str(out)], nproc=1)
     assert proc.returncode == 0, explain(proc)

@@ -1,4 +1,4 @@
-"""Our image pixels against the hub image processor's (launch/bench.py preprocess), on photo-like JPEGs:
+"""Our image pixels against the hub image processor's (benchmarks/bench.py preprocess), on photo-like JPEGs:
 the default (full decode) matches it; JPEG draft decoding, now opt-in, does not."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from blip2_dist.data.bench_loader import natural_image
+from blip2_dist.data.synthetic import natural_image
 from blip2_dist.data.transforms import ImageTransform
 from launch_helpers import REPO, cpu_env
 
@@ -22,7 +22,7 @@ def test_default_pixels_match_the_hub_processor_and_draft_does_not(tmp_path):
         natural_image(rng, *size).save(path, quality=90)
         paths.append(str(path))
     out = tmp_path / "pre.json"
-    proc = subprocess.run([sys.executable, "launch/bench.py", "preprocess", *paths, "--size", "224", "--json",
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "preprocess", *paths, "--size", "224", "--json",
                            str(out)], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2_dist.data.bench_loader import natural_image
 from blip2_dist.data.eval_stream import EvalStream
 from blip2_dist.data.reader import resolve_shards
+from blip2_dist.data.synthetic import natural_image
 from blip2_dist.data.shards import Sample, ShardWriter
 from blip2_dist.data.stream import TrainStream
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform

@@ -129,8 +129,8 @@ def test_cli(tmp_path, capsys):
     args = ["--out", str(tmp_path / "a"), "--n-train", "6", "--n-val", "2", "--n-test", "2", "--samples-per-shard", "4"]
     assert main(["synthetic", *args]) == 0
     assert "packed synthetic" in capsys.readouterr().out
-    run = subprocess.run([sys.executable, "-m", "blip2_dist.data.synthetic", *args[:1], str(tmp_path / "b"), *args[2:]],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "blip2_dist.data.pack", "synthetic", *args[:1], str(tmp_path / "b"),
+                          *args[2:]], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "a/train-000001.tar").read_bytes() == (tmp_path / "b/train-000001.tar").read_bytes()
 
@@ -150,3 +150,19 @@ def test_attribute_accuracy_scores_true_and_false_captions():
     assert attribute_accuracy(truth) == {"colour": 1.0, "shape": 1.0, "count": 1.0, "all": 1.0}
     wrong = {i: "a drawing of nothing" for i in ids}
     assert attribute_accuracy(wrong)["all"] == 0.0 and attribute_accuracy(wrong)["colour"] == 0.0
+
+
+def test_photo_flickr8k_tree_packs_as_flickr8k(tmp_path):
+    """The benchmarks' Flickr8k-sized tree (here 16 photos) is what `pack flickr8k` reads: 6:1:1 splits,
+    five captions per image, photo-sized JPEGs kept byte for byte."""
+    from blip2_dist.data.synthetic import write_photo_flickr8k
+
+    files = write_photo_flickr8k(tmp_path / "tree", n=16, workers=2)
+    assert len(files) == 16 and all(Image.open(f).size in {(500, 375), (500, 333), (375, 500)} for f in files)
+    assert min(f.stat().st_size for f in files) > 50_000  # photo-like, not flat colour
+    assert main(["flickr8k", str(tmp_path / "tree"), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    splits = read_manifest(tmp_path / "s")["splits"]
+    assert {k: (v["images"], v["captions"]) for k, v in splits.items()} == {
+        "train": (12, 60), "val": (2, 10), "test": (2, 10)}
+    _, meta, jpeg = next(samples_of(tmp_path / "s"))
+    assert jpeg in {f.read_bytes() for f in files} and len(meta["captions"]) == 5

@@ -157,8 +157,7 @@ class TrainStream:
     remote shards are retried (reader.RetryPolicy).
     """
 
-    read = staticmethod(read_pieces)  # (pieces, SampleLog, RetryPolicy) -> raw samples; the loader
-    # benchmark swaps in the previous tarfile reader to compare the two in one run
+    read = staticmethod(read_pieces)  # (pieces, SampleLog, RetryPolicy) -> raw samples
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""A procedural image-caption set for the demo and the tests: coloured shapes with true captions.
+"""Synthetic data: a procedural image-caption set for the demo and the tests (coloured shapes with
+true captions), photo-like pictures, a Flickr8k-sized tree of them, and model-ready micro-batches.
 
 Each image shows 1-3 shapes of one kind (circle, square, triangle, cross) and one colour (red,
 green, blue, yellow, purple, white) on a dark background, grouped on the left, right, top, bottom
@@ -7,25 +8,34 @@ or in the center. Its five captions name colour, kind and count, two of them the
 be right without looking at the image: 6 × 4 × 3 × 5 = 360 scenes. Every word is in
 models.TINY_CORPUS_WORDS, so the tiny tokenizer keeps it whole.
 
-    python -m blip2_dist.data.synthetic --out shards/synthetic        # 2000/100/100 at 64 px
-    python -m blip2_dist.data.pack_cli synthetic --out shards/synthetic   # the same command
+    python -m blip2_dist.data.pack_cli synthetic --out shards/synthetic # 2000/100/100 at 64 px
 
     manifest = write_synthetic("shards/synthetic", n_train=2000, n_val=100, n_test=100)
     scene = scene_for_id("syn-val-000007")   # the ground truth of a written sample
+
+The rest serves benchmarks and tests: `natural_image` and `photo_jpeg` (photo-like pictures, for
+decoding and resizing costs that shapes on a flat background would understate), `write_photo_flickr8k`
+(the original Flickr8k zip's layout with 8,000 such photos, what benchmarks/bench_pack.sh packs) and
+`synthetic_batches` (micro-batches as the shard stream cuts them, for the training benchmark and the
+grouped-loss tests). This module imports nothing of the packer: the packer imports it.
 
 Deterministic: a scene depends only on (seed, split, index), so shards are byte-identical per seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import sys
+import random
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
+from blip2_dist.data.flickr8k import SPLIT_FILES, TOKEN_FILE
 from blip2_dist.data.shards import SPLITS, Sample, ShardWriter
 
 COLOURS = {
@@ -217,8 +227,108 @@ def write_synthetic(
     return writer.manifest()
 
 
-if __name__ == "__main__":
-    from blip2_dist.data.pack_cli import main
-    from blip2_dist.errors import run_main
+# ---------------------------------------------------------------------------------------------------
+# Photo-like pictures and model-ready micro-batches (benchmarks and tests)
+# ---------------------------------------------------------------------------------------------------
 
-    run_main(main, ["synthetic", *sys.argv[1:]])
+
+def natural_image(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
+    """A photo-like picture: smooth colour field, a few shapes, texture and sensor-like noise."""
+    img = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = [x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 150))]
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5))).astype(np.float32)
+    texture = Image.fromarray(rng.integers(0, 256, (height // 2, width // 2), dtype=np.uint8))
+    arr += (np.asarray(texture.resize((width, height), Image.BILINEAR), np.float32)[..., None] - 128) * 0.5
+    arr += rng.normal(0, 9, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def synthetic_batches(processor, model_config, *, n_batches: int, micro_batch: int, captions_per_image: int,
+                      seed: int = 0) -> list[dict]:
+    """Micro-batches as the shard stream makes them: whole caption groups in order, a group straddling
+    two batches when it does not fit; pixel_values one row per image (normalised noise at the model's
+    image size). Captions: 12 +- 4 words (Flickr8k averages ~11) from the tiny tokenizer's vocabulary."""
+    import torch  # here, not at the top: packing the synthetic set needs no torch
+
+    from blip2_dist.data.transforms import CaptionFormat
+    from blip2_dist.models import TINY_CORPUS_WORDS
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    fmt = CaptionFormat.from_processor(processor, model_config)
+    size = model_config.vision_config.image_size
+    batches, pending, pixels = [], [], {}
+    while len(batches) < n_batches:
+        image = len(pixels)
+        pixels[image] = torch.randn(3, size, size, generator=gen)
+        captions = [" ".join(rng.choice(TINY_CORPUS_WORDS) for _ in range(max(4, round(rng.gauss(12, 4)))))
+                    for _ in range(captions_per_image)]
+        pending += [(image, c) for c in captions]
+        while len(pending) >= micro_batch and len(batches) < n_batches:
+            take, pending = pending[:micro_batch], pending[micro_batch:]
+            ids = sorted({i for i, _ in take})
+            batches.append({
+                "pixel_values": torch.stack([pixels[i] for i in ids]),  # a straddling image in both batches
+                "image_index": torch.tensor([ids.index(i) for i, _ in take]),
+                **fmt.encode_train([c for _, c in take]),
+            })
+    return batches
+
+
+
+def photo_jpeg(seed: int, quality: int = 90) -> bytes:
+    """A photo-like JPEG (smooth colour fields, texture, sensor noise) of a real Flickr8k size, ~100-150 KB."""
+    rng = np.random.default_rng(seed)
+    w, h = [(500, 375), (500, 375), (500, 333), (375, 500)][seed % 4]
+    base = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    texture = rng.normal(0, 45, (h // 2, w // 2, 3))
+    texture = np.asarray(
+        Image.fromarray(np.clip(texture + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC),
+        dtype=np.float32,
+    ) - 128
+    noise = rng.normal(0, 11, (h, w, 3)).astype(np.float32)
+    pixels = np.clip(np.asarray(base, dtype=np.float32) + texture + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def flickr_name(i: int) -> str:
+    """A file name shaped like Flickr8k's: 1000268201_693b08cb0e.jpg."""
+    return f"{1000000000 + 7919 * i}_{hashlib.sha1(str(i).encode()).hexdigest()[:10]}.jpg"
+
+
+def _write_photo(job: tuple[str, int]) -> None:
+    path, seed = job
+    Path(path).write_bytes(photo_jpeg(seed))
+
+
+def write_photo_flickr8k(root: str | os.PathLike, n: int = 8000, workers: int = 1) -> list[Path]:
+    """A tree in the original Flickr8k zip's layout (Flickr8k_text/ with the token file and the three
+    split files at 6:1:1, images in Flicker8k_Dataset/) holding n photo-like JPEGs with five captions
+    each: the packer's input at Flickr8k's size. Returns the image files."""
+    root = Path(root)
+    images, text = root / "Flicker8k_Dataset", root / "Flickr8k_text"
+    images.mkdir(parents=True, exist_ok=True)
+    text.mkdir(parents=True, exist_ok=True)
+    names = [flickr_name(i) for i in range(n)]
+    held = max(1, round(n / 8))
+    splits = {"train": names[: n - 2 * held], "val": names[n - 2 * held: n - held], "test": names[n - held:]}
+    for split, members in splits.items():
+        (text / SPLIT_FILES[split]).write_text("".join(f"{name}\n" for name in members))
+    (text / TOKEN_FILE).write_text("".join(f"{name}#{k}\tA dog number {i} runs on the grass , take {k} .\n"
+                                           for i, name in enumerate(names) for k in range(5)))
+    jobs = [(str(images / name), i) for i, name in enumerate(names)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_photo, jobs, chunksize=32))
+    else:
+        for job in jobs:
+            _write_photo(job)
+    return [images / name for name in names]
+

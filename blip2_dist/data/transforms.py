@@ -14,7 +14,7 @@ or on the GPU (`normalize_device`). Two resize backends:
     than PIL's resize here (0.6 vs 1.8 ms for 500x375 -> 224x224; the JPEG decode is ~1.5 ms).
   * "pil": bit-for-bit `BlipImageProcessorPil` (float rounding only).
 JPEG draft decoding (libjpeg decodes at 1/2, 1/4 or 1/8 scale when the JPEG is at least 2x the target
-in both sides, then the resize follows) is OFF by default: measured on real photos (`launch/bench.py
+in both sides, then the resize follows) is OFF by default: measured on real photos (`benchmarks/bench.py
 preprocess`, docs/models.md) it moves pixels by 0.5-3 grey levels on average and up to 55 at edges
 against the hub's processor whenever it triggers, and it triggers for COCO's 640x480 images at 224
 (decoded at 320x240), while the full decode matches the hub processor to 1 level (torch resize) or

@@ -2,10 +2,11 @@
 # Time the packer on a Flickr8k-sized fake tree: 8,000 photo-like JPEGs (~500x375, ~120 KB each,
 # 6000/1000/1000 in the official split files), packed as-is and with --max-side 364.
 #
-#   bash launch/bench_pack.sh                     # tree in /tmp/flickr8k_fake, shards in /tmp/flickr8k_shards
-#   WORKERS=4 bash launch/bench_pack.sh TREE OUT
+#   bash benchmarks/bench_pack.sh                 # tree in /tmp/flickr8k_fake, shards in /tmp/flickr8k_shards
+#   WORKERS=4 bash benchmarks/bench_pack.sh TREE OUT
 #
-# The tree is written once (minutes; never in the repo) and reused. Timings are with a warm page
+# The tree (blip2_dist.data.synthetic.write_photo_flickr8k) is written once (minutes; never in the repo)
+# and reused. Timings are with a warm page
 # cache (the tree was just written or packed before); the pack prints images/s per run, `time`
 # the CPU seconds (user+sys), which tell the cost when other work shares the cores.
 set -euo pipefail
@@ -17,7 +18,13 @@ WORKERS=${WORKERS:-2}
 export OMP_NUM_THREADS=1
 
 if [ ! -f "$TREE/Flickr8k_text/Flickr8k.token.txt" ]; then
-    "$PY" tests/fake_flickr8k.py original "$TREE" --n 8000 --photo --workers "$WORKERS"
+    "$PY" - "$TREE" "$WORKERS" <<'PY'
+import sys
+from blip2_dist.data.synthetic import write_photo_flickr8k
+files = write_photo_flickr8k(sys.argv[1], n=8000, workers=int(sys.argv[2]))
+total = sum(f.stat().st_size for f in files)
+print(f"{sys.argv[1]}: {len(files)} images, {total / 2**20:.0f} MiB, mean {total / len(files) / 1024:.0f} KiB")
+PY
 fi
 echo "machine: $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 cat "$TREE"/Flicker8k_Dataset/*.jpg > /dev/null   # warm the page cache

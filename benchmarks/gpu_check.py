@@ -1,12 +1,12 @@
 """One-shot GPU check: the training benchmark on both real architectures and a short real run, one JSON.
 
-    bash launch/gpu_check.sh [OUT_DIR]            # or `make gpu-check`; one GPU, <= 9 minutes
-    bash launch/gpu_check.sh --dry-run OUT_DIR    # CPU: the same steps with the tiny models (tests)
+    bash benchmarks/gpu_check.sh [OUT_DIR]            # or `make gpu-check`; one GPU, <= 9 minutes
+    bash benchmarks/gpu_check.sh --dry-run OUT_DIR    # CPU: the same steps with the tiny models (tests)
 
 (b) a short real run through the `deepspeed` launcher on one GPU (NCCL): the flan-t5-xl architecture
     with random weights on synthetic shards, 20 steps with a checkpoint, then `--resume auto` to 30
     steps and one evaluation (generation, gather, COCO scoring). It runs first.
-(a) `launch/bench.py train` for Salesforce/blip2-opt-2.7b and Salesforce/blip2-flan-t5-xl, built with
+(a) `benchmarks/bench.py train` for Salesforce/blip2-opt-2.7b and Salesforce/blip2-flan-t5-xl, built with
     random weights on the GPU (no download), bf16, micro-batch 20 and 40 captions: ours vs the HF PEFT
     notebook's loop, each side in its own process; samples/s, TFLOP/s, MFU and peak memory per side.
 Every part runs in a subprocess under a timeout taken from what is left of --budget-s, and the JSON is
@@ -104,7 +104,7 @@ def bench(check: Check, plan: dict) -> None:
         for micro in plan["micro_batches"]:
             name = f"{model.rsplit('/', 1)[-1]}-mb{micro}"
             out = check.out / f"bench-{name}.json"
-            cmd = [sys.executable, "launch/bench.py", "train", "--model", model, "--device", plan["device"],
+            cmd = [sys.executable, "benchmarks/bench.py", "train", "--model", model, "--device", plan["device"],
                    "--dtype", "bf16", "--micro-batch", str(micro), "--steps", str(plan["bench_steps"]),
                    "--warmup", str(plan["bench_warmup"]), "--repeat", "1", "--json", str(out),
                    "--isolate" if plan["isolate"] else "--no-isolate"]

@@ -1,7 +1,7 @@
 """Preprocessing check: our ImageTransform's pixels against the hub's image processor, on photos.
 
-    python launch/bench.py preprocess photos/*.jpg --json preprocess.json        # 224, the hub size
-    python launch/bench.py preprocess photos/*.jpg --size 364                    # LAVIS's caption size
+    python benchmarks/bench.py preprocess photos/*.jpg --json preprocess.json        # 224, the hub size
+    python benchmarks/bench.py preprocess photos/*.jpg --size 364                    # LAVIS's caption size
 
 Reference: `BlipImageProcessorPil` with the settings of Salesforce/blip2-*'s preprocessor_config.json
 (square resize, bicubic, rescale 1/255, CLIP mean/std, convert to RGB) on the fully decoded image: what
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import io
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from blip2_dist.config import option
 from blip2_dist.data.transforms import ImageTransform
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,6 +36,13 @@ VARIANTS = {  # name -> ImageTransform overrides
     "full+torch (default)": dict(draft=False, backend="torch"),
     "full+pil": dict(draft=False, backend="pil"),
 }
+
+
+@dataclass
+class PreprocessBenchConfig:
+    """`bench.py preprocess` (besides the photos): flags generated from these fields."""
+
+    size: int = option(224, "model image size (224 hub, 364 LAVIS caption fine-tune)", min=16)
 
 
 def hub_processor(size: int):

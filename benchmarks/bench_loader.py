@@ -1,55 +1,54 @@
 """Loader benchmark: the shard stream against the seed notebook's per-item Blip2Processor loader.
 
-    python launch/bench.py loader --synthesize 400 --images /tmp/flickr_like            # make + bench
-    python launch/bench.py loader --images /tmp/flickr_like --max-side 364              # re-encoded shards
-    python launch/bench.py loader --images shards/flickr8k --workers 2 --json out.json  # packed shards
+    python benchmarks/bench.py loader --synthesize 400 --images /tmp/flickr_like            # make + bench
+    python benchmarks/bench.py loader --images /tmp/flickr_like --max-side 364              # re-encoded shards
+    python benchmarks/bench.py loader --images shards/flickr8k --workers 2 --json out.json  # packed shards
 
 The loaders run in this process with the same worker count, image size and processor:
   * stream: `TrainStream` over shards (world size 1), one epoch or `--max-batches`, reading
-    through webdataset (gopen + its tar iterator).
-  * stream old reader: the same stream with the previous reader (tarfile in random-access mode,
-    kept in this module), to show in one run that webdataset's I/O costs no more per image. The
-    readers alone (no decode) are timed too, and the cost of starting a range deep in a shard
-    (webdataset reads and discards the members before it; the old reader seeked over them).
+    through webdataset (gopen + its tar iterator). The reader alone (no decode) is timed too, and
+    the cost of starting a range deep in a shard (webdataset reads and discards the members before it).
   * baseline (the seed notebook): a map-style Dataset of (image file, caption) pairs, one item per
     caption, `processor(images=img, text=caption, padding="max_length", return_tensors="pt")` per
     item, a DataLoader with shuffle and the same workers and batch size.
 Reported per loader (median of `--repeat` alternating runs): images decoded/s and examples
 (image-caption pairs)/s, per worker process (wall), and per CPU-second (user+sys of the main
-process and its workers: what one fully busy core delivers), with and without worker start-up. The baseline decodes one image per example, so its images/s equals its examples/s; the
-stream with `--caption-mode all` decodes each image once for all its captions. Both ratios are
-printed; say which one you quote.
+process and its workers: what one fully busy core delivers), with and without worker start-up. The
+baseline decodes one image per example, so its images/s equals its examples/s; the stream with
+`--caption-mode all` decodes each image once for all its captions. Both ratios are printed; say
+which one you quote.
 
-Inputs: a packed folder (manifest.json; the baseline then reads the same JPEG bytes extracted to
-files) or a folder of JPEGs (+ optional captions.json {stem: [captions]}; else 5 synthetic captions
-per image), which is packed to temporary shards first, re-encoded to `--max-side` if given (what
-the packer's `--max-side` does), while the baseline reads the original files as the notebook does.
+Inputs: a packed folder (manifest.json; the baseline then reads the same JPEG bytes, written to
+files through the library's reader) or a folder of JPEGs (+ optional captions.json {stem: [captions]};
+else 5 synthetic captions per image), which is packed first by the packer itself
+(`pack.pack_records`: verified, and re-encoded to `--max-side` if given, as `pack --max-side` does),
+while the baseline reads the original files as the notebook does.
 The processor: BlipImageProcessorPil at `--image-size` (224 by default) and the tiny tokenizer (the
 real tokenizers can't be downloaded here), 32 query tokens like the real checkpoints.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
 import resource
-import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from blip2_dist.data.reader import SampleLog, read_shard, resolve_shards
-from blip2_dist.data.shards import MANIFEST, Sample, ShardWriter, read_manifest, split_shards
+from blip2_dist.config import option
+from blip2_dist.data.flickr8k import Record
+from blip2_dist.data.pack import pack_records
+from blip2_dist.data.reader import SampleLog, image_part, parse_sample, read_shard, resolve_shards
+from blip2_dist.data.shards import MANIFEST, read_manifest
 from blip2_dist.data.stream import TrainStream
+from blip2_dist.data.synthetic import natural_image
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 
 SYNTH_CAPTIONS = (
@@ -64,22 +63,6 @@ SYNTH_CAPTIONS = (
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-
-
-def natural_image(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
-    """A photo-like picture: smooth colour field, a few shapes, texture and sensor-like noise."""
-    img = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 8))):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        box = [x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 150))]
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5))).astype(np.float32)
-    texture = Image.fromarray(rng.integers(0, 256, (height // 2, width // 2), dtype=np.uint8))
-    arr += (np.asarray(texture.resize((width, height), Image.BILINEAR), np.float32)[..., None] - 128) * 0.5
-    arr += rng.normal(0, 9, arr.shape)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def synthesize(out_dir: str | os.PathLike, n: int, seed: int = 0, quality: int = 93) -> dict:
@@ -107,40 +90,23 @@ def folder_items(folder: str | os.PathLike) -> list[tuple[Path, list[str]]]:
     return [(p, known.get(p.stem) or [f"{c} {i}" for c in SYNTH_CAPTIONS]) for i, p in enumerate(paths)]
 
 
-def reencode(data: bytes, max_side: int, quality: int = 90) -> bytes:
-    img = Image.open(io.BytesIO(data))
-    if max(img.size) <= max_side:
-        return data
-    img = img.convert("RGB")
-    scale = max_side / max(img.size)
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def pack_items(items: list[tuple[Path, list[str]]], out: Path, max_side: int | None, per_shard: int = 100) -> None:
-    with ShardWriter(out, samples_per_shard=per_shard, source={"bench": True, "max_side": max_side}) as w:
-        for path, caps in items:
-            data = path.read_bytes()
-            w.write(Sample(path.stem, "train", caps, reencode(data, max_side) if max_side else data))
+def pack_folder(items: list[tuple[Path, list[str]]], out: Path, max_side: int | None) -> None:
+    """The JPEG folder packed by the packer itself (train split), as `pack --max-side` would."""
+    records = [Record(path.stem, "train", caps, path=str(path)) for path, caps in items]
+    pack_records(records, out, source={"layout": "bench", "path": str(items[0][0].parent)}, samples_per_shard=100,
+                 max_side=max_side, workers=1, progress=False)
 
 
 def extract_items(shard_dir: str | os.PathLike, split: str, out: Path) -> list[tuple[Path, list[str]]]:
-    """The shard's images as files (for the baseline, which reads JPEG files)."""
-
+    """The shards' images as files (for the baseline, which reads JPEG files), read by the library's reader."""
     items = []
     out.mkdir(parents=True, exist_ok=True)
-    for shard in split_shards(read_manifest(shard_dir), split, shard_dir):
-        with tarfile.open(shard["path"]) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name, m in members.items():
-                if name.endswith(".json"):
-                    key = name[: -len(".json")]
-                    meta = json.loads(tar.extractfile(m).read())
-                    path = out / f"{key}.jpg"
-                    path.write_bytes(tar.extractfile(members[f"{key}.jpg"]).read())
-                    items.append((path, meta["captions"]))
+    for shard in resolve_shards(str(shard_dir), split):
+        for raw in read_shard(shard.url, shard.name, 0, shard.samples, SampleLog("bench")):
+            _, captions = parse_sample(raw["parts"], raw["key"])
+            path = out / f"{raw['key']}.{image_part(raw['parts'])}"
+            path.write_bytes(raw["parts"][image_part(raw["parts"])])
+            items.append((path, captions))
     return items
 
 
@@ -162,69 +128,23 @@ def bench_processor(image_size: int = 224, num_query_tokens: int = 32):
     return processor, config
 
 
-# --------------------------------------------------------------------------------------------
-# The previous reader (tarfile in random-access mode: skips members by header and seek), kept
-# here to compare with webdataset's streaming reader in the same run
-# --------------------------------------------------------------------------------------------
-
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext rule
-
-
-def legacy_read_tar(path: str, name: str, lo: int, hi: int | None, slog: SampleLog) -> Iterator[dict]:
-    """Samples lo..hi-1 of a local tar; members before lo skipped by header (seek), not read."""
-    index, key, group = -1, None, {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                m = _KEY_EXT.match(member.name) if member.isfile() else None
-                if m is None:
-                    continue
-                if m.group(1) != key:
-                    if key is not None and index >= lo:
-                        yield {"shard": name, "key": key, "index": index, "parts": group}
-                    index, key, group = index + 1, m.group(1), {}
-                    if hi is not None and index >= hi:
-                        return
-                if index >= lo:
-                    group[m.group(2)] = tar.extractfile(member).read()
-            if key is not None and index >= lo:
-                yield {"shard": name, "key": key, "index": index, "parts": group}
-    except (tarfile.TarError, OSError, EOFError) as e:
-        slog.bad("tar", name, key or "-", repr(e), n=max((hi or 0) - max(index, lo), 1))
-
-
-def legacy_read_pieces(pieces, slog: SampleLog, retry=None) -> Iterator[dict]:
-    for shard, lo, hi in pieces:
-        yield from legacy_read_tar(shard.url, shard.name, lo, hi, slog)
-
-
-class LegacyReaderStream(TrainStream):
-    """TrainStream with the previous tarfile reader: the same plan, batches and tensors."""
-
-    read = staticmethod(legacy_read_pieces)
-
-
-def measure_readers(shards_dir: str, repeat: int = 3) -> dict:
-    """The readers alone (no decode): CPU per image over every shard, and the cost of starting a
-    range at the last sample of the largest shard (webdataset reads and discards what it skips)."""
+def measure_reader(shards_dir: str, repeat: int = 3) -> dict:
+    """The reader alone (no decode): CPU per image over every shard, and the cost of starting a range
+    at the last sample of the largest shard (webdataset reads and discards what it skips)."""
     shards = resolve_shards(shards_dir, "train")
     biggest = max(shards, key=lambda s: s.samples)
-    size_mb = os.path.getsize(biggest.url) / 1e6
-    readers = {"webdataset": lambda *a: read_shard(*a), "tarfile (old)": legacy_read_tar}
-    out: dict[str, dict] = {name: {"full": [], "skip": []} for name in readers}
+    full, skip = [], []
     for _ in range(repeat):
-        for name, read in readers.items():
-            c0 = _own_cpu()
-            n = sum(1 for s in shards for _ in read(s.url, s.name, 0, s.samples, SampleLog("bench")))
-            out[name]["full"].append((_own_cpu() - c0) / n * 1e6)
-            t0 = time.perf_counter()
-            got = list(read(biggest.url, biggest.name, biggest.samples - 1, biggest.samples, SampleLog("bench")))
-            out[name]["skip"].append((time.perf_counter() - t0) * 1e3)
-            assert len(got) == 1 and n == sum(s.samples for s in shards)
-    result = {"images": sum(s.samples for s in shards), "skip_samples": biggest.samples - 1, "skip_mb": size_mb}
-    for name, runs in out.items():
-        result[name] = {"cpu_us_per_image": float(np.median(runs["full"])), "skip_ms": float(np.median(runs["skip"]))}
-    return result
+        c0 = _own_cpu()
+        n = sum(1 for s in shards for _ in read_shard(s.url, s.name, 0, s.samples, SampleLog("bench")))
+        full.append((_own_cpu() - c0) / n * 1e6)
+        t0 = time.perf_counter()
+        got = list(read_shard(biggest.url, biggest.name, biggest.samples - 1, biggest.samples, SampleLog("bench")))
+        skip.append((time.perf_counter() - t0) * 1e3)
+        assert len(got) == 1 and n == sum(s.samples for s in shards)
+    return {"images": sum(s.samples for s in shards), "skip_samples": biggest.samples - 1,
+            "skip_mb": os.path.getsize(biggest.url) / 1e6, "cpu_us_per_image": float(np.median(full)),
+            "skip_ms": float(np.median(skip))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,11 +232,10 @@ def _measure(name: str, workers: int, batches, count) -> Result:
 
 
 def measure_stream(shards: str, processor, config, *, workers: int, micro_batch: int, caption_mode: str,
-                   max_batches: int | None, prompt: str = "", normalize: bool = True, legacy: bool = False) -> Result:
+                   max_batches: int | None, prompt: str = "", normalize: bool = True) -> Result:
     fmt = CaptionFormat.from_processor(processor, config, prompt=prompt)
     transform = ImageTransform.from_processor(processor)
-    cls = LegacyReaderStream if legacy else TrainStream
-    stream = cls(shards, "train", fmt, transform, micro_batch=micro_batch, rank=0, world_size=1,
+    stream = TrainStream(shards, "train", fmt, transform, micro_batch=micro_batch, rank=0, world_size=1,
                  num_workers=workers, caption_mode=caption_mode, normalize=normalize)
     batches = stream.epoch(0)
     if max_batches:
@@ -329,7 +248,7 @@ def measure_stream(shards: str, processor, config, *, workers: int, micro_batch:
         seen.update(new)
         return len(new), batch["num_examples"]
 
-    name = f"stream{' old reader' if legacy else ''} ({caption_mode}{'' if normalize else ', uint8'})"
+    name = f"stream ({caption_mode}{'' if normalize else ', uint8'})"
     return _measure(name, workers, batches, count)
 
 
@@ -377,6 +296,28 @@ def measure_baseline(items, processor, *, workers: int, batch_size: int, max_ite
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class LoaderBenchConfig:
+    """`bench.py loader`: its flags are generated from these fields (blip2_dist.config.add_section_args)."""
+
+    images: str = option("", "packed shard folder (manifest.json) or a folder of JPEGs (+ optional captions.json)",
+                     required=True)
+    synthesize: int = option(0, "first write N Flickr8k-sized (500x375, ~110 KB) synthetic JPEGs into --images", min=0)
+    max_side: int = option(0, "re-encode images to this long side when packing a JPEG folder, as pack --max-side "
+                       "(0 = keep)", min=0)
+    workers: int = option(2, "DataLoader workers for both loaders", min=0)
+    micro_batch: int = option(16, "examples per batch for both loaders", min=1)
+    image_size: int = option(224, "model image size (224 or 364 for real BLIP-2)", min=16)
+    caption_mode: str = option("all", "stream caption handling", choices=["all", "random"])
+    prompt: str = option("", "stream prompt, e.g. 'a photo of'")
+    max_batches: int = option(0, "stop the stream after this many batches (0 = one epoch)", min=0)
+    baseline_items: int = option(400, "examples the baseline loads", min=1)
+    skip_baseline: bool = option(False, "measure the stream only")
+    shards_out: str = option("", "when packing a JPEG folder, write the shards here (kept) instead of a temp folder")
+    repeat: int = option(3, "runs per loader (alternating); the median is shown", min=1)
+    uint8: bool = option(False, "stream hands out uint8 pixels (normalize=False: the trainer normalises on the GPU)")
+
+
 def prepare_inputs(images: str, *, max_side: int | None, shards_out: str | None, need_files: bool,
                    echo=print) -> tuple[str, list[tuple[Path, list[str]]]]:
     """(shard folder for the stream, JPEG files + captions for the baseline)."""
@@ -387,61 +328,48 @@ def prepare_inputs(images: str, *, max_side: int | None, shards_out: str | None,
         return images, extract_items(images, "train", tmp / "files") if need_files else []
     items = folder_items(images)
     shards = shards_out or str(tmp / "shards")
-    pack_items(items, Path(shards), max_side)
+    pack_folder(items, Path(shards), max_side)
     return shards, items
 
 
-def run(images: str, *, workers: int = 2, micro_batch: int = 16, image_size: int = 224,
-        caption_mode: str = "all", max_side: int | None = None, max_batches: int | None = None,
-        baseline_items: int = 400, skip_baseline: bool = False, synthesize_n: int = 0,
-        prompt: str = "", shards_out: str | None = None, repeat: int = 3, normalize: bool = True,
-        echo=print) -> dict:
+def run(cfg: LoaderBenchConfig, echo=print) -> dict:
     torch.set_num_threads(1)
-    if synthesize_n:
-        info = synthesize(images, synthesize_n)
-        echo(f"synthesized {info['images']} JPEGs into {images} (mean {info['mean_kb']:.0f} KB)")
-    processor, config = bench_processor(image_size)
-    shards, items = prepare_inputs(images, max_side=max_side, shards_out=shards_out,
-                                   need_files=not skip_baseline, echo=echo)
+    if cfg.synthesize:
+        info = synthesize(cfg.images, cfg.synthesize)
+        echo(f"synthesized {info['images']} JPEGs into {cfg.images} (mean {info['mean_kb']:.0f} KB)")
+    processor, config = bench_processor(cfg.image_size)
+    shards, items = prepare_inputs(cfg.images, max_side=cfg.max_side or None, shards_out=cfg.shards_out or None,
+                                   need_files=not cfg.skip_baseline, echo=echo)
     shard_bytes = sum(p.stat().st_size for p in Path(shards).glob("*.tar"))
     split = read_manifest(shards)["splits"]["train"]
     echo(f"stream reads {shards}: {split['images']} images, {split['captions']} captions, "
-         f"{shard_bytes / split['images'] / 1000:.0f} KB/image in the tars; image size {image_size}; "
-         f"{workers} workers; micro-batch {micro_batch}; {repeat} runs each, median shown; "
+         f"{shard_bytes / split['images'] / 1000:.0f} KB/image in the tars; image size {cfg.image_size}; "
+         f"{cfg.workers} workers; micro-batch {cfg.micro_batch}; {cfg.repeat} runs each, median shown; "
          f"cpu count {os.cpu_count()}")
     if items:
         sizes = [p.stat().st_size for p, _ in items]
         echo(f"baseline reads {len(items)} JPEG files from {items[0][0].parent} "
-             f"({np.mean(sizes) / 1000:.0f} KB mean), {min(baseline_items, len(items) * 5)} items per run")
-    runs: dict[str, list[Result]] = {"stream": [], "legacy": [], "baseline": []}
-    for _ in range(repeat):  # alternate, so a burst of load on the shared machine hits all
-        for legacy in (False, True):
-            runs["legacy" if legacy else "stream"].append(measure_stream(
-                shards, processor, config, workers=workers, micro_batch=micro_batch, caption_mode=caption_mode,
-                max_batches=max_batches, prompt=prompt, normalize=normalize, legacy=legacy))
-        if not skip_baseline:
-            runs["baseline"].append(measure_baseline(items, processor, workers=workers, batch_size=micro_batch,
-                                                     max_items=baseline_items))
+             f"({np.mean(sizes) / 1000:.0f} KB mean), {min(cfg.baseline_items, len(items) * 5)} items per run")
+    runs: dict[str, list[Result]] = {"stream": [], "baseline": []}
+    for _ in range(cfg.repeat):  # alternate, so a burst of load on the shared machine hits both
+        runs["stream"].append(measure_stream(
+            shards, processor, config, workers=cfg.workers, micro_batch=cfg.micro_batch,
+            caption_mode=cfg.caption_mode, max_batches=cfg.max_batches or None, prompt=cfg.prompt,
+            normalize=not cfg.uint8))
+        if not cfg.skip_baseline:
+            runs["baseline"].append(measure_baseline(items, processor, workers=cfg.workers,
+                                                     batch_size=cfg.micro_batch, max_items=cfg.baseline_items))
     rows = [_median(r) for r in runs.values() if r]
     echo(_table(rows))
-    report = {"rows": rows, "config": dict(images=images, shards=shards, workers=workers, micro_batch=micro_batch,
-                                           image_size=image_size, caption_mode=caption_mode, max_side=max_side,
-                                           normalize=normalize, repeat=repeat, cpu_count=os.cpu_count())}
-    keys = ("steady_images_per_cpu_s", "steady_examples_per_cpu_s", "images_per_cpu_s", "examples_per_cpu_s",
-            "images_per_s", "examples_per_s")
-    r = report["reader_ratio"] = {k: rows[0][k] / rows[1][k] for k in keys}
-    echo(f"webdataset reader / old tarfile reader, whole stream per CPU-second, steady state: images "
-         f"x{r['steady_images_per_cpu_s']:.2f} (>= 1: no more cost per image; runs "
-         f"{rows[0]['steady_images_per_cpu_s_all_runs']} vs {rows[1]['steady_images_per_cpu_s_all_runs']}); with "
-         f"start-up x{r['images_per_cpu_s']:.2f}; wall x{r['images_per_s']:.2f}")
-    readers = report["readers"] = measure_readers(shards, repeat)
-    wds_r, old_r = readers["webdataset"], readers["tarfile (old)"]
-    echo(f"readers alone (no decode), median of {repeat}: webdataset {wds_r['cpu_us_per_image']:.0f} us CPU per image, "
-         f"old tarfile {old_r['cpu_us_per_image']:.0f}; starting a range {readers['skip_samples']} samples "
-         f"({readers['skip_mb']:.1f} MB) into a shard: webdataset {wds_r['skip_ms']:.1f} ms (reads and discards), "
-         f"old tarfile {old_r['skip_ms']:.1f} ms (seeks)")
-    if len(rows) == 3:
-        r = report["ratio"] = {k: rows[0][k] / rows[2][k] for k in keys}
+    report = {"rows": rows, "config": {**asdict(cfg), "shards": shards, "cpu_count": os.cpu_count()}}
+    reader = report["reader"] = measure_reader(shards, cfg.repeat)
+    echo(f"reader alone (no decode), median of {cfg.repeat}: {reader['cpu_us_per_image']:.0f} us CPU per image; "
+         f"starting a range {reader['skip_samples']} samples ({reader['skip_mb']:.1f} MB) into a shard: "
+         f"{reader['skip_ms']:.1f} ms (webdataset reads and discards what it skips)")
+    if len(rows) == 2:
+        keys = ("steady_images_per_cpu_s", "steady_examples_per_cpu_s", "images_per_cpu_s", "examples_per_cpu_s",
+                "images_per_s", "examples_per_s")
+        r = report["ratio"] = {k: rows[0][k] / rows[1][k] for k in keys}
         echo(f"stream / baseline per CPU-second, steady state: images x{r['steady_images_per_cpu_s']:.2f}, "
              f"examples x{r['steady_examples_per_cpu_s']:.2f}; with worker start-up: images "
              f"x{r['images_per_cpu_s']:.2f}, examples x{r['examples_per_cpu_s']:.2f}; wall: images "

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU check (launch/gpu_check.py): (a) the training benchmark on blip2-opt-2.7b and
+# One-shot GPU check (benchmarks/gpu_check.py): (a) the training benchmark on blip2-opt-2.7b and
 # blip2-flan-t5-xl built with random weights, ours vs the HF notebook, bf16, micro-batch 20 and 40;
 # (b) a short real run through the deepspeed launcher on one GPU with a checkpoint, a resume and one
 # evaluation. Writes OUT_DIR/gpu_check.json (default runs/gpu_check). One GPU, <= 9 minutes.
 #
-#   bash launch/gpu_check.sh [OUT_DIR]          # or: make gpu-check
-#   bash launch/gpu_check.sh --dry-run OUT_DIR  # CPU, tiny models, the same steps (what the tests run)
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          # or: make gpu-check
+#   bash benchmarks/gpu_check.sh --dry-run OUT_DIR  # CPU, tiny models, the same steps (what the tests run)
 #
 # The GPU machine needs torch, transformers, peft, accelerate and tensorboard. DeepSpeed, webdataset
 # and pycocoevalcap (and what of their dependencies it lacks) come as wheels in .whl/ at the
@@ -25,4 +25,4 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     # pycocoevalcap's declared pycocotools (and its matplotlib) is not used by the scorers we import.
     "$PYTHON" -m pip install -q --no-index --no-deps --find-links .whl pycocoevalcap
 fi
-exec "$PYTHON" launch/gpu_check.py "$@"
+exec "$PYTHON" benchmarks/gpu_check.py "$@"

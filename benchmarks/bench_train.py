@@ -1,9 +1,9 @@
 """Training benchmark: our trainer step against the Hugging Face PEFT notebook's recipe, in one run.
 
-    python launch/bench.py train --model tiny-t5 --steps 20                     # CPU, about a minute
-    python launch/bench.py train --model Salesforce/blip2-opt-2.7b --random-init \\
-        --device cuda --dtype bf16 --micro-batch 16 --steps 30                  # one GPU, real sizes
-    python launch/bench.py train ... --grad-checkpointing --compile --fused-adamw on --json out.json
+    python benchmarks/bench.py train --model tiny-t5 --steps 20                     # CPU, about a minute
+    python benchmarks/bench.py train --model Salesforce/blip2-opt-2.7b --random-init \\
+        --device cuda --dtype bf16 --micro-batch 16 --steps 30                      # one GPU, real sizes
+    python benchmarks/bench.py train ... --grad-checkpointing --compile --fused-adamw on --json out.json
 
 Both sides train the same model (tiny built-ins, or the real architectures built with random weights,
 no download), in the same dtype, on the same micro-batches (`--micro-batch` captions, 5 per image as in
@@ -34,35 +34,14 @@ Reported per side: samples/s (captions, and the images among them), LM tokens/s 
 ones, plus T5 decoder label tokens), s/step (mean, median), peak memory (CUDA: max allocated;
 CPU: the process's peak RSS), FLOPs per step and achieved TFLOP/s (what that side computes), model
 TFLOP/s and MFU (the FLOPs the samples need, the image path once per image, against the device's bf16
-dense peak in `PEAK_BF16_TFLOPS`; CPU: no peak, MFU n/a). Then ours/baseline ratios.
-
-FLOP count (`FlopModel`; the tests check it against torch's FlopCounterMode on the tiny models):
-    F = sum over linear layers  2*t*i*o * (1 + g_in + g_w)
-      + sum over attentions     4*t_q*t_k*d * (1 + a)
-  t: tokens the layer sees in this step, i*o its weight; g_in = 1 when its input carries a gradient
-  (something trainable upstream), g_w = 1 when its weight is trained (LoRA A/B; the Q-Former and
-  projection with train_qformer). Attention: per sequence and layer, t_q x t_k scores of width d;
-  a = ([q or k] + v + q + k) / 2 for the backward products dP, dV, dQ, dK, where q, k, v = 1 when
-  that side carries a gradient (a = 2 when all do; 1 for cross-attention on frozen image features).
-  Tokens per micro-batch with n_vis images through the ViT (ours: one per image; baseline: one per
-  caption), n_qf through the Q-Former, n captions of padded length L:
-    ViT: (S/p)^2+1 per image (patch embedding: a linear of 3p^2 -> d on (S/p)^2);
-    Q-Former: 32 queries (cross-attention keys/values: the ViT tokens); its text-only FFN: none;
-    OPT: n*L through every layer and lm_head; T5: n*L_enc (encoder), n*L_dec (decoder, lm_head),
-    cross-attention keys/values n*L_enc.
-  So with LoRA on the LM only: ViT forward 2*P_vit*257 per image encoded, Q-Former forward (+ backward
-  through activations when anything in it trains), LM 2*P_lm*tokens forward + 2*P_lm*tokens backward
-  through activations (no frozen weight gradients) + LoRA terms. Left out: norms, softmax,
-  activations, embedding lookups, the loss, the optimizer (<1% here), and the recomputation under
-  activation checkpointing (so MFU, not hardware FLOPs utilisation). Causal attention is counted in
-  full (L x L); at caption lengths attention is ~0.3% of the LM's FLOPs.
+dense peak in `blip2_dist.flops.PEAK_BF16_TFLOPS`; CPU: no peak, MFU n/a). Then ours/baseline ratios.
+The FLOP count and its formula: `blip2_dist/flops.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import re
 import resource
 import statistics
@@ -71,279 +50,64 @@ from dataclasses import dataclass
 
 import torch
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; matched in order
-# against torch.cuda.get_device_name(). `--peak-tflops` overrides.
-PEAK_BF16_TFLOPS: list[tuple[str, str, float]] = [
-    ("H100 PCIe", r"H100.*PCIe", 756.0),
-    ("H100 NVL", r"H100.*NVL", 835.0),
-    ("H100 SXM", r"H100", 989.0),
-    ("H200", r"H200", 989.0),
-    ("A100", r"A100", 312.0),
-]
+from blip2_dist.config import option
+from blip2_dist.data.synthetic import synthetic_batches
+from blip2_dist.flops import FlopModel, batch_counts, device_peak_tflops
+
 FLICKR_CAPTIONS_PER_IMAGE = 5
 NOTEBOOK_TARGETS = {"opt": ["q_proj", "k_proj"], "t5": ["q", "v"]}
 
 
 @dataclass
 class TrainBenchConfig:
-    model: str = "tiny-t5"
-    random_init: bool = False
-    device: str = "cpu"
-    dtype: str = "bf16"
-    micro_batch: int = 16
-    captions_per_image: int = FLICKR_CAPTIONS_PER_IMAGE
-    steps: int = 20
-    warmup: int = 3
-    seed: int = 0
-    group_images: bool = True
-    grad_checkpointing: bool = False
-    compile: bool = False
-    fused_adamw: str = "auto"          # auto (the trainer's choice: fused on CUDA), on, off
-    baseline: bool = True
-    isolate: bool = True               # each side in its own spawned process
-    repeat: int = 1                    # runs per side, alternating; the median run (samples/s) is shown
-    time_vision: bool = False          # also time the vision encoder's forward (device synced around it)
-    peak_tflops: float | None = None
-    deepspeed_config: str = "ds_configs/zero2.json"
+    """`bench.py train`: its flags are generated from these fields (blip2_dist.config.add_section_args)."""
+
+    model: str = option("tiny-t5", "tiny-t5 / tiny-opt, or a hub id with --random-init (Salesforce/blip2-opt-2.7b, "
+                    "Salesforce/blip2-flan-t5-xl), or a local BLIP-2 directory")
+    random_init: bool = option(False, "build the real architecture of --model with random weights (no download)")
+    device: str = option("auto", "cuda, cuda:N or cpu (auto: cuda if available)")
+    dtype: str = option("bf16", "weights and compute dtype, both sides", choices=["bf16", "fp32"])
+    micro_batch: int = option(16, "captions per step, both sides", min=1)
+    captions_per_image: int = option(FLICKR_CAPTIONS_PER_IMAGE, "caption group size (Flickr8k: 5)", min=1)
+    steps: int = option(20, "timed steps per side", min=1)
+    warmup: int = option(3, "untimed steps first (compilation, allocator)", min=0)
+    seed: int = option(0, "weights, LoRA init, data")
+    group_images: bool = option(True, "ours: vision encoder once per image (--no-group-images: once per caption)")
+    grad_checkpointing: bool = option(False, "ours: activation checkpointing (non-reentrant) in the ViT, Q-Former and LM")
+    compile: bool = option(False, "ours: torch.compile the ViT, Q-Former and LM (in place)")
+    fused_adamw: str = option("auto", "ours: torch AdamW fused kernel (auto: the trainer's choice, fused on CUDA)",
+                          choices=["auto", "on", "off"])
+    baseline: bool = option(True, "also run the notebook baseline (--no-baseline: ours only)")
+    isolate: bool = option(True, "each side in its own process (own peak memory); --no-isolate: in this process")
+    repeat: int = option(0, "runs per side, alternating, the median run (samples/s) shown (0: 3 on CPU, where "
+                     "neighbours add noise; 1 on CUDA)", min=0)
+    flops_only: bool = option(False, "print both sides' FLOPs per step from the formula (real sizes on the meta device) "
+                          "and exit: no training, no memory")
+    time_vision: bool = option(False, "also time the vision encoder's forward (synchronised): the most a feature "
+                           "cache saves")
+    peak_tflops: float = option(0.0, "the device's bf16 dense peak for MFU, when it is not in the built-in table "
+                            "(0: the table's)", min=0.0)
+    deepspeed: str = option("ds_configs/zero2.json", "ours: DeepSpeed config")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
 
-
-def peak_bf16_tflops(device_name: str) -> float | None:
-    """The table's dense bf16 peak for a CUDA device name, or None when it is not in the table."""
-    for _, pattern, peak in PEAK_BF16_TFLOPS:
-        if re.search(pattern, device_name):
-            return peak
-    return None
-
-
-def device_peak_tflops(device: str, override: float | None = None) -> tuple[float | None, str]:
-    """(bf16 dense peak TFLOP/s or None, the device's name). CPUs: no peak (MFU n/a) unless overridden."""
-    if not device.startswith("cuda"):
-        import platform
-
-        return override, f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} cores"
-    name = torch.cuda.get_device_name(torch.device(device))
-    return (override if override is not None else peak_bf16_tflops(name)), name
+    def resolved(self) -> TrainBenchConfig:
+        """`auto` device and repeat 0 made concrete for this machine."""
+        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return dataclasses.replace(self, device=device, repeat=self.repeat or (3 if device == "cpu" else 1))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Micro-batches
 # ---------------------------------------------------------------------------------------------------
 
-def synthetic_batches(processor, model_config, *, n_batches: int, micro_batch: int, captions_per_image: int,
-                      seed: int = 0) -> list[dict]:
-    """Micro-batches as the shard stream makes them: whole caption groups in order, a group straddling
-    two batches when it does not fit; pixel_values one row per image (normalised noise at the model's
-    image size). Captions: 12 +- 4 words (Flickr8k averages ~11) from the tiny tokenizer's vocabulary."""
-    from blip2_dist.data.transforms import CaptionFormat
-    from blip2_dist.models import TINY_CORPUS_WORDS
-
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    fmt = CaptionFormat.from_processor(processor, model_config)
-    size = model_config.vision_config.image_size
-    batches, pending, pixels = [], [], {}
-    while len(batches) < n_batches:
-        image = len(pixels)
-        pixels[image] = torch.randn(3, size, size, generator=gen)
-        captions = [" ".join(rng.choice(TINY_CORPUS_WORDS) for _ in range(max(4, round(rng.gauss(12, 4)))))
-                    for _ in range(captions_per_image)]
-        pending += [(image, c) for c in captions]
-        while len(pending) >= micro_batch and len(batches) < n_batches:
-            take, pending = pending[:micro_batch], pending[micro_batch:]
-            ids = sorted({i for i, _ in take})
-            batches.append({
-                "pixel_values": torch.stack([pixels[i] for i in ids]),  # a straddling image in both batches
-                "image_index": torch.tensor([ids.index(i) for i, _ in take]),
-                **fmt.encode_train([c for _, c in take]),
-            })
-    return batches
-
-
-def batch_counts(batch: dict) -> dict[str, int]:
-    tokens = int(batch["attention_mask"].sum())
-    if batch["labels"].shape[1] != batch["input_ids"].shape[1]:  # T5: the decoder's tokens too
-        tokens += int((batch["labels"] != -100).sum())
-    return {"samples": len(batch["input_ids"]), "images": len(batch["pixel_values"]), "tokens": tokens}
-
-
 def ungrouped(batch: dict) -> dict:
     """One image per caption, as the notebook's dataset yields them."""
     out = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_index")}
     out["pixel_values"] = batch["pixel_values"][batch["image_index"]]
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# FLOP count (the formula in the module docstring)
-# ---------------------------------------------------------------------------------------------------
-
-# Attention modules: (regex on the module name, kind, names of its query/key/value linears)
-_ATTENTIONS = [
-    (r"^vision_model\..*\.self_attn$", "vit", ("qkv", "qkv", "qkv")),
-    (r"^qformer\..*\.crossattention\.attention$", "qf_cross", ("query", "key", "value")),
-    (r"^qformer\..*\.attention\.attention$", "qf_self", ("query", "key", "value")),
-    (r"^language_model\..*\.self_attn$", "lm", ("q_proj", "k_proj", "v_proj")),
-    (r"^language_model\.encoder\..*\.SelfAttention$", "enc", ("q", "k", "v")),
-    (r"^language_model\.decoder\..*\.SelfAttention$", "dec_self", ("q", "k", "v")),
-    (r"^language_model\.decoder\..*\.EncDecAttention$", "dec_cross", ("q", "k", "v")),
-]
-_PARTS = {"vit": "vision", "qf_cross": "qformer", "qf_self": "qformer"}
-_PARALLEL = {"qkv", "query", "key", "value", "q_proj", "k_proj", "v_proj", "q", "k", "v", "wi_0", "wi_1"}
-
-
-@dataclass
-class _Linear:
-    tokens: str          # which token count it sees (keys of the dict in FlopModel.count)
-    size: int            # in * out
-    g_in: bool           # its input carries a gradient
-    g_w: bool            # its weight is trained
-    part: str
-
-
-@dataclass
-class _Attention:
-    kind: str            # vit, qf_self, qf_cross, lm, enc, dec_self, dec_cross
-    width: int           # d (all heads)
-    grads: tuple         # (queries, keys, values) carry a gradient
-
-
-class FlopModel:
-    """The model's matmul inventory, read once from its modules; `count(batch, ...)` per micro-batch.
-
-    Modules are visited in execution order (ViT, Q-Former, projection, LM); a linear's input carries a
-    gradient when something trainable lies upstream of it on its data path: earlier in its own part or
-    in an earlier part, except that the Q-Former's cross-attention keys/values read the ViT output only,
-    and the T5 decoder reads the encoder (and so the image path) only through its cross-attention.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        from blip2_dist.lora import unwrap_blip2
-        from blip2_dist.models import family_of
-
-        blip2 = unwrap_blip2(model)
-        c = blip2.config
-        self.family = family_of(blip2)
-        v = c.vision_config
-        self.patches = (v.image_size // v.patch_size) ** 2
-        self.queries = c.num_query_tokens
-        self.linears: list[_Linear] = []
-        self.attentions: list[_Attention] = []
-        carries = self._walk(blip2)
-        widths = {"vit": v.hidden_size, "qf": c.qformer_config.hidden_size}
-        t = c.text_config
-        lm_width = t.num_heads * t.d_kv if self.family == "t5" else t.hidden_size
-        for name, _ in blip2.named_modules():
-            for pattern, kind, qkv in _ATTENTIONS:
-                if re.match(pattern, name):
-                    width = widths["vit"] if kind == "vit" else widths["qf"] if kind.startswith("qf") else lm_width
-                    grads = tuple(carries.get(f"{name}.{n}", False) for n in qkv)
-                    self.attentions.append(_Attention(kind, width, grads))
-                    break
-
-    def _walk(self, blip2) -> dict[str, bool]:
-        def trained(module) -> bool:
-            return any(p.requires_grad for p in module.parameters())
-
-        lm = blip2.language_model
-        vis_t = trained(blip2.vision_model)
-        qf_in = vis_t or blip2.query_tokens.requires_grad       # the Q-Former's inputs carry a gradient
-        image_t = qf_in or trained(blip2.qformer) or trained(blip2.language_projection)
-        enc_t = self.family == "t5" and trained(lm.get_encoder())
-        running = {"vision": False, "qformer": blip2.query_tokens.requires_grad, "lm": image_t, "dec": False}
-        pending: set[str] = set()   # scopes whose next group sees a gradient from a trained weight
-        group = None
-        crossed = {"qformer": False, "dec": False}  # past the first cross-attention output (image / encoder)
-        carries: dict[str, bool] = {}   # linear (LoRA-wrapped name) -> its output carries a gradient
-        for prefix in ("vision_model", "qformer", "language_projection", "language_model"):
-            for name, m in blip2.get_submodule(prefix).named_modules(prefix=prefix):
-                if isinstance(m, torch.nn.Conv2d):  # the ViT patch embedding; its input is the pixels
-                    self.linears.append(_Linear("patches", m.weight[0].numel() * m.out_channels, False,
-                                                m.weight.requires_grad, "vision"))
-                if not isinstance(m, torch.nn.Linear):
-                    continue
-                parent = re.sub(r"\.(base_layer|lora_[AB]\.[^.]+)$", "", name)
-                # q/k/v (and T5's gated wi_0/wi_1) read the same input: a trained q does not reach k.
-                head, _, last = parent.rpartition(".")
-                this_group = head + "#in" if last in _PARALLEL else parent
-                if this_group != group:
-                    for key in pending:
-                        running[key] = True
-                    pending, group = set(), this_group
-                scope = self._scope(parent)
-                if re.search(r"\.(EncDecAttention\.o|crossattention\.output\.dense)$", parent):
-                    crossed[scope] = True
-                if re.search(r"\.lora_B\.[^.]+$", name):
-                    g_in = True
-                elif scope == "cross_kv":
-                    g_in = vis_t
-                elif scope == "proj":
-                    g_in = qf_in or trained(blip2.qformer)
-                elif scope == "dec_cross_kv":
-                    g_in = image_t or enc_t
-                elif scope == "dec":
-                    g_in = running["dec"] or (crossed["dec"] and (image_t or enc_t))
-                elif scope == "qformer":
-                    g_in = running["qformer"] or (crossed["qformer"] and vis_t)
-                else:
-                    g_in = running[scope]
-                trains = m.weight.requires_grad
-                part = {"vision_model": "vision", "qformer": "qformer",
-                        "language_projection": "projection"}.get(prefix, "language")
-                self.linears.append(_Linear(self._tokens(parent), m.weight.numel(), g_in, trains, part))
-                carries[parent] = carries.get(parent, False) or g_in or trains
-                if trains:  # what follows on this data path now carries a gradient
-                    pending.add({"cross_kv": "qformer", "dec_cross_kv": "dec", "proj": "lm"}.get(scope, scope))
-        return carries
-
-    def _scope(self, name: str) -> str:
-        if name.startswith("vision_model"):
-            return "vision"
-        if name.startswith("qformer"):
-            return "cross_kv" if re.search(r"\.crossattention\.attention\.(key|value)$", name) else "qformer"
-        if name.startswith("language_projection"):
-            return "proj"
-        if self.family == "t5" and (".decoder." in name or name.endswith("lm_head")):
-            return "dec_cross_kv" if re.search(r"\.EncDecAttention\.(k|v)$", name) else "dec"
-        return "lm"
-
-    def _tokens(self, name: str) -> str:
-        scope = self._scope(name)
-        if scope == "vision":
-            return "vit"
-        if scope == "cross_kv":
-            return "qf_image"
-        if scope == "qformer" and re.search(r"\.layer\.\d+\.(intermediate|output)\.dense$", name):
-            return "none"  # the Q-Former's text-only feed-forward: there is no text here
-        if scope in ("qformer", "proj"):
-            return "qf_query"
-        if scope == "dec":
-            return "dec"
-        return "enc" if self.family == "t5" else "lm"  # T5 encoder and cross-attention keys/values
-
-    def count(self, batch: dict, *, n_vision: int, n_qformer: int) -> dict[str, float]:
-        """FLOPs of one micro-batch by part (vision, qformer, projection, language) and in total."""
-        n = len(batch["input_ids"])
-        length, dec = batch["input_ids"].shape[1], batch["labels"].shape[1]
-        vit = self.patches + 1
-        tokens = {"vit": n_vision * vit, "patches": n_vision * self.patches, "qf_query": n_qformer * self.queries,
-                  "qf_image": n_qformer * vit, "none": 0, "lm": n * length, "enc": n * length, "dec": n * dec}
-        scores = {"vit": n_vision * vit * vit, "qf_self": n_qformer * self.queries ** 2,
-                  "qf_cross": n_qformer * self.queries * vit, "lm": n * length ** 2, "enc": n * length ** 2,
-                  "dec_self": n * dec ** 2, "dec_cross": n * dec * length}
-        out = {"vision": 0.0, "qformer": 0.0, "projection": 0.0, "language": 0.0}
-        for lin in self.linears:
-            out[lin.part] += 2.0 * tokens[lin.tokens] * lin.size * (
-                1 + lin.g_in + lin.g_w)
-        for att in self.attentions:
-            q, k, v = att.grads  # backward products: dP (for dQ or dK), dV, dQ, dK; forward has two
-            backward = ((q or k) + v + q + k) / 2
-            out[_PARTS.get(att.kind, "language")] += 4.0 * scores[att.kind] * att.width * (1 + backward)
-        out["total"] = sum(out.values())
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,8 +186,8 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     config.model.grad_checkpointing = cfg.grad_checkpointing
     config.optim.fused_adamw = cfg.fused_adamw
     config.data.micro_batch = cfg.micro_batch
-    config.train.deepspeed, config.train.seed = cfg.deepspeed_config, cfg.seed
-    model, processor = build_model(config, cfg.torch_dtype, device=cfg.device)
+    config.train.deepspeed, config.train.seed = cfg.deepspeed, cfg.seed
+    model, processor, _ = build_model(config, cfg.torch_dtype, device=cfg.device)
     blip2 = unwrap_blip2(model)
     if cfg.compile:
         _compile_parts(blip2)
@@ -431,7 +195,7 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
         torch.cuda.set_device(torch.device(cfg.device))  # DeepSpeed places the engine on the current device
         model.to(cfg.device)
     total = cfg.warmup + cfg.steps
-    ds = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed_config), config, 1, total,
+    ds = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed), config, 1, total,
                                bf16_ok=cfg.torch_dtype == torch.bfloat16)
     engine = build_engine(model, config, ds, total)
     fused = engine.optimizer.optimizer.defaults.get("fused") if hasattr(engine.optimizer, "optimizer") else None
@@ -522,7 +286,7 @@ def _summary(name: str, cfg: TrainBenchConfig, batches: list[dict], times: list[
         for key, value in counted.items():
             executed[key] = executed.get(key, 0.0) + value
         model_flops += flops.count(b, n_vision=n_img, n_qformer=n_img)["total"]  # image path once per image
-    peak, device_name = device_peak_tflops(str(device), cfg.peak_tflops)
+    peak, device_name = device_peak_tflops(str(device), cfg.peak_tflops or None)
     steps = len(times)
     return {
         "side": name, "device": device_name, "steps": steps, "warmup": cfg.warmup,
@@ -547,6 +311,7 @@ def estimate_flops(cfg: TrainBenchConfig, echo=print) -> dict:
     """FLOPs per step of both sides from the formula alone, no timing (`--flops-only`): real
     architectures are built on the meta device (instant, no memory). Ours as the trainer runs it in
     train mode: the real Q-Former's dropout 0.1 keeps it per caption."""
+    cfg = cfg.resolved()
     from blip2_dist.captioning import image_sharing
     from blip2_dist.lora import apply_lora
     from blip2_dist.models import load_model
@@ -615,6 +380,7 @@ def _run_isolated(name: str, cfg: TrainBenchConfig) -> dict:
 
 def run(cfg: TrainBenchConfig, echo=print) -> dict:
     """Both sides, the table, ours/baseline ratios. Returns the report (what --json writes)."""
+    cfg = cfg.resolved()
     if cfg.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     echo(f"train benchmark: {cfg.model}{' (random init)' if cfg.random_init else ''} on {cfg.device}, "
