@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test clean gpu-check docs
+.PHONY: venv demo test lint format clean gpu-check docs
 
 venv: $(STAMP)
 
@@ -22,7 +22,9 @@ demo: $(STAMP)
 	bash launch/demo.sh
 
 # exit 5 = pytest collected no tests: treated as a failure, never a silent pass.
+# ruff first: lint and formatting are part of the test, so CI enforces them.
 test: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
@@ -35,6 +37,12 @@ gpu-check:
 # fails when it is stale).
 docs: $(STAMP)
 	$(PY) -m blip2_dist.commands --markdown > docs/configuration.md
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
