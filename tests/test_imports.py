@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from launch_helpers import REPO
 
 PACKAGE = REPO / "blip2_dist"
@@ -96,3 +98,21 @@ def test_every_module_imports_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_public_api_is_lazy_and_complete():
+    """`import blip2_dist` loads no torch; every name of __all__ resolves to what its module defines;
+    the README's code map names every one of them."""
+    code = ("import sys, blip2_dist; assert 'torch' not in sys.modules, 'torch at import';"
+            "import importlib;"
+            "[print(n) for n in blip2_dist.__all__ if getattr(blip2_dist, n) is not "
+            "getattr(importlib.import_module('blip2_dist.' + blip2_dist._API[n]), n)]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr + proc.stdout
+    import blip2_dist
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    missing = [n for n in blip2_dist.__all__ if n not in readme]
+    assert not missing, f"README's code map lacks {missing}"
+    with pytest.raises(AttributeError):
+        blip2_dist.no_such_name  # noqa: B018
