@@ -28,7 +28,7 @@ from bench_loader import LoaderBenchConfig  # noqa: E402 - siblings in this fold
 from bench_preprocess import PreprocessBenchConfig  # noqa: E402
 from bench_train import TrainBenchConfig  # noqa: E402
 
-from blip2_dist.config import ArgumentParser, add_section_args, option, check_values  # noqa: E402
+from blip2_dist.config import ArgumentParser, add_section_args, check_values, option  # noqa: E402
 from blip2_dist.errors import run_main  # noqa: E402
 
 
@@ -38,16 +38,25 @@ class ReportArgs:
 
 
 COMMANDS = {  # name -> (options, help, description)
-    "loader": (LoaderBenchConfig, "shard stream vs the seed notebook's per-item processor loader",
-               "Images/s and examples/s of TrainStream against the notebook loader. See benchmarks/bench_loader.py."),
-    "train": (TrainBenchConfig, "our trainer step vs the HF PEFT notebook's loop, same model and batch",
-              "Samples/s, tokens/s, s/step, peak memory, TFLOP/s and MFU of our DeepSpeed ZeRO-2 step (vision "
-              "encoder once per image) and of the HF PEFT notebook's plain loop, in one run, with ours/baseline "
-              "ratios. See benchmarks/bench_train.py."),
-    "preprocess": (PreprocessBenchConfig, "our image pixels vs the hub image processor's, on photos",
-                   "Mean and max |difference| (8-bit levels) between ImageTransform (JPEG draft decoding on/off, "
-                   "torch/PIL resize) and BlipImageProcessorPil with the hub settings. "
-                   "See benchmarks/bench_preprocess.py."),
+    "loader": (
+        LoaderBenchConfig,
+        "shard stream vs the seed notebook's per-item processor loader",
+        "Images/s and examples/s of TrainStream against the notebook loader. See benchmarks/bench_loader.py.",
+    ),
+    "train": (
+        TrainBenchConfig,
+        "our trainer step vs the HF PEFT notebook's loop, same model and batch",
+        "Samples/s, tokens/s, s/step, peak memory, TFLOP/s and MFU of our DeepSpeed ZeRO-2 step (vision "
+        "encoder once per image) and of the HF PEFT notebook's plain loop, in one run, with ours/baseline "
+        "ratios. See benchmarks/bench_train.py.",
+    ),
+    "preprocess": (
+        PreprocessBenchConfig,
+        "our image pixels vs the hub image processor's, on photos",
+        "Mean and max |difference| (8-bit levels) between ImageTransform (JPEG draft decoding on/off, "
+        "torch/PIL resize) and BlipImageProcessorPil with the hub settings. "
+        "See benchmarks/bench_preprocess.py.",
+    ),
 }
 
 

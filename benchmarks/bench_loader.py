@@ -93,8 +93,15 @@ def folder_items(folder: str | os.PathLike) -> list[tuple[Path, list[str]]]:
 def pack_folder(items: list[tuple[Path, list[str]]], out: Path, max_side: int | None) -> None:
     """The JPEG folder packed by the packer itself (train split), as `pack --max-side` would."""
     records = [Record(path.stem, "train", caps, path=str(path)) for path, caps in items]
-    pack_records(records, out, source={"layout": "bench", "path": str(items[0][0].parent)}, samples_per_shard=100,
-                 max_side=max_side, workers=1, progress=False)
+    pack_records(
+        records,
+        out,
+        source={"layout": "bench", "path": str(items[0][0].parent)},
+        samples_per_shard=100,
+        max_side=max_side,
+        workers=1,
+        progress=False,
+    )
 
 
 def extract_items(shard_dir: str | os.PathLike, split: str, out: Path) -> list[tuple[Path, list[str]]]:
@@ -142,9 +149,13 @@ def measure_reader(shards_dir: str, repeat: int = 3) -> dict:
         got = list(read_shard(biggest.url, biggest.name, biggest.samples - 1, biggest.samples, SampleLog("bench")))
         skip.append((time.perf_counter() - t0) * 1e3)
         assert len(got) == 1 and n == sum(s.samples for s in shards)
-    return {"images": sum(s.samples for s in shards), "skip_samples": biggest.samples - 1,
-            "skip_mb": os.path.getsize(biggest.url) / 1e6, "cpu_us_per_image": float(np.median(full)),
-            "skip_ms": float(np.median(skip))}
+    return {
+        "images": sum(s.samples for s in shards),
+        "skip_samples": biggest.samples - 1,
+        "skip_mb": os.path.getsize(biggest.url) / 1e6,
+        "cpu_us_per_image": float(np.median(full)),
+        "skip_ms": float(np.median(skip)),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,16 +238,47 @@ def _measure(name: str, workers: int, batches, count) -> Result:
         images, examples = images + n_img, examples + n_ex
     del batches  # workers are joined once the loader is exhausted, so their CPU time is counted
     end, cpu = time.perf_counter(), _cpu_seconds()
-    return Result(name, workers, images, examples, end - t0, cpu - c0, (first or end) - t0,
-                  end - (first or end), cpu - first_cpu, images - n_img0, examples - n_ex0)
+    return Result(
+        name,
+        workers,
+        images,
+        examples,
+        end - t0,
+        cpu - c0,
+        (first or end) - t0,
+        end - (first or end),
+        cpu - first_cpu,
+        images - n_img0,
+        examples - n_ex0,
+    )
 
 
-def measure_stream(shards: str, processor, config, *, workers: int, micro_batch: int, caption_mode: str,
-                   max_batches: int | None, prompt: str = "", normalize: bool = True) -> Result:
+def measure_stream(
+    shards: str,
+    processor,
+    config,
+    *,
+    workers: int,
+    micro_batch: int,
+    caption_mode: str,
+    max_batches: int | None,
+    prompt: str = "",
+    normalize: bool = True,
+) -> Result:
     fmt = CaptionFormat.from_processor(processor, config, prompt=prompt)
     transform = ImageTransform.from_processor(processor)
-    stream = TrainStream(shards, "train", fmt, transform, micro_batch=micro_batch, rank=0, world_size=1,
-                 num_workers=workers, caption_mode=caption_mode, normalize=normalize)
+    stream = TrainStream(
+        shards,
+        "train",
+        fmt,
+        transform,
+        micro_batch=micro_batch,
+        rank=0,
+        world_size=1,
+        num_workers=workers,
+        caption_mode=caption_mode,
+        normalize=normalize,
+    )
     batches = stream.epoch(0)
     if max_batches:
         batches = _take(batches, max_batches)
@@ -278,8 +320,14 @@ class NotebookDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         path, caption = self.pairs[i]
         image = Image.open(path)
-        encoding = self.processor(images=image, text=caption, padding="max_length",
-                                  max_length=self.max_length, truncation=True, return_tensors="pt")
+        encoding = self.processor(
+            images=image,
+            text=caption,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         return {k: v.squeeze(0) for k, v in encoding.items()}
 
 
@@ -287,8 +335,9 @@ def measure_baseline(items, processor, *, workers: int, batch_size: int, max_ite
     dataset = NotebookDataset(items, processor)
     sub = torch.utils.data.Subset(dataset, np.random.default_rng(0).permutation(len(dataset))[:max_items].tolist())
     loader = DataLoader(sub, batch_size=batch_size, num_workers=workers, shuffle=False)
-    return _measure("baseline (notebook)", workers, iter(loader),
-                    lambda b: (b["pixel_values"].shape[0], b["pixel_values"].shape[0]))
+    return _measure(
+        "baseline (notebook)", workers, iter(loader), lambda b: (b["pixel_values"].shape[0], b["pixel_values"].shape[0])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,11 +349,13 @@ def measure_baseline(items, processor, *, workers: int, batch_size: int, max_ite
 class LoaderBenchConfig:
     """`bench.py loader`: its flags are generated from these fields (blip2_dist.config.add_section_args)."""
 
-    images: str = option("", "packed shard folder (manifest.json) or a folder of JPEGs (+ optional captions.json)",
-                     required=True)
+    images: str = option(
+        "", "packed shard folder (manifest.json) or a folder of JPEGs (+ optional captions.json)", required=True
+    )
     synthesize: int = option(0, "first write N Flickr8k-sized (500x375, ~110 KB) synthetic JPEGs into --images", min=0)
-    max_side: int = option(0, "re-encode images to this long side when packing a JPEG folder, as pack --max-side "
-                       "(0 = keep)", min=0)
+    max_side: int = option(
+        0, "re-encode images to this long side when packing a JPEG folder, as pack --max-side (0 = keep)", min=0
+    )
     workers: int = option(2, "DataLoader workers for both loaders", min=0)
     micro_batch: int = option(16, "examples per batch for both loaders", min=1)
     image_size: int = option(224, "model image size (224 or 364 for real BLIP-2)", min=16)
@@ -318,8 +369,9 @@ class LoaderBenchConfig:
     uint8: bool = option(False, "stream hands out uint8 pixels (normalize=False: the trainer normalises on the GPU)")
 
 
-def prepare_inputs(images: str, *, max_side: int | None, shards_out: str | None, need_files: bool,
-                   echo=print) -> tuple[str, list[tuple[Path, list[str]]]]:
+def prepare_inputs(
+    images: str, *, max_side: int | None, shards_out: str | None, need_files: bool, echo=print
+) -> tuple[str, list[tuple[Path, list[str]]]]:
     """(shard folder for the stream, JPEG files + captions for the baseline)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     if (Path(images) / MANIFEST).is_file():
@@ -338,45 +390,78 @@ def run(cfg: LoaderBenchConfig, echo=print) -> dict:
         info = synthesize(cfg.images, cfg.synthesize)
         echo(f"synthesized {info['images']} JPEGs into {cfg.images} (mean {info['mean_kb']:.0f} KB)")
     processor, config = bench_processor(cfg.image_size)
-    shards, items = prepare_inputs(cfg.images, max_side=cfg.max_side or None, shards_out=cfg.shards_out or None,
-                                   need_files=not cfg.skip_baseline, echo=echo)
+    shards, items = prepare_inputs(
+        cfg.images,
+        max_side=cfg.max_side or None,
+        shards_out=cfg.shards_out or None,
+        need_files=not cfg.skip_baseline,
+        echo=echo,
+    )
     shard_bytes = sum(p.stat().st_size for p in Path(shards).glob("*.tar"))
     split = read_manifest(shards)["splits"]["train"]
-    echo(f"stream reads {shards}: {split['images']} images, {split['captions']} captions, "
-         f"{shard_bytes / split['images'] / 1000:.0f} KB/image in the tars; image size {cfg.image_size}; "
-         f"{cfg.workers} workers; micro-batch {cfg.micro_batch}; {cfg.repeat} runs each, median shown; "
-         f"cpu count {os.cpu_count()}")
+    echo(
+        f"stream reads {shards}: {split['images']} images, {split['captions']} captions, "
+        f"{shard_bytes / split['images'] / 1000:.0f} KB/image in the tars; image size {cfg.image_size}; "
+        f"{cfg.workers} workers; micro-batch {cfg.micro_batch}; {cfg.repeat} runs each, median shown; "
+        f"cpu count {os.cpu_count()}"
+    )
     if items:
         sizes = [p.stat().st_size for p, _ in items]
-        echo(f"baseline reads {len(items)} JPEG files from {items[0][0].parent} "
-             f"({np.mean(sizes) / 1000:.0f} KB mean), {min(cfg.baseline_items, len(items) * 5)} items per run")
+        echo(
+            f"baseline reads {len(items)} JPEG files from {items[0][0].parent} "
+            f"({np.mean(sizes) / 1000:.0f} KB mean), {min(cfg.baseline_items, len(items) * 5)} items per run"
+        )
     runs: dict[str, list[Result]] = {"stream": [], "baseline": []}
     for _ in range(cfg.repeat):  # alternate, so a burst of load on the shared machine hits both
-        runs["stream"].append(measure_stream(
-            shards, processor, config, workers=cfg.workers, micro_batch=cfg.micro_batch,
-            caption_mode=cfg.caption_mode, max_batches=cfg.max_batches or None, prompt=cfg.prompt,
-            normalize=not cfg.uint8))
+        runs["stream"].append(
+            measure_stream(
+                shards,
+                processor,
+                config,
+                workers=cfg.workers,
+                micro_batch=cfg.micro_batch,
+                caption_mode=cfg.caption_mode,
+                max_batches=cfg.max_batches or None,
+                prompt=cfg.prompt,
+                normalize=not cfg.uint8,
+            )
+        )
         if not cfg.skip_baseline:
-            runs["baseline"].append(measure_baseline(items, processor, workers=cfg.workers,
-                                                     batch_size=cfg.micro_batch, max_items=cfg.baseline_items))
+            runs["baseline"].append(
+                measure_baseline(
+                    items, processor, workers=cfg.workers, batch_size=cfg.micro_batch, max_items=cfg.baseline_items
+                )
+            )
     rows = [_median(r) for r in runs.values() if r]
     echo(_table(rows))
     report = {"rows": rows, "config": {**asdict(cfg), "shards": shards, "cpu_count": os.cpu_count()}}
     reader = report["reader"] = measure_reader(shards, cfg.repeat)
-    echo(f"reader alone (no decode), median of {cfg.repeat}: {reader['cpu_us_per_image']:.0f} us CPU per image; "
-         f"starting a range {reader['skip_samples']} samples ({reader['skip_mb']:.1f} MB) into a shard: "
-         f"{reader['skip_ms']:.1f} ms (webdataset reads and discards what it skips)")
+    echo(
+        f"reader alone (no decode), median of {cfg.repeat}: {reader['cpu_us_per_image']:.0f} us CPU per image; "
+        f"starting a range {reader['skip_samples']} samples ({reader['skip_mb']:.1f} MB) into a shard: "
+        f"{reader['skip_ms']:.1f} ms (webdataset reads and discards what it skips)"
+    )
     if len(rows) == 2:
-        keys = ("steady_images_per_cpu_s", "steady_examples_per_cpu_s", "images_per_cpu_s", "examples_per_cpu_s",
-                "images_per_s", "examples_per_s")
+        keys = (
+            "steady_images_per_cpu_s",
+            "steady_examples_per_cpu_s",
+            "images_per_cpu_s",
+            "examples_per_cpu_s",
+            "images_per_s",
+            "examples_per_s",
+        )
         r = report["ratio"] = {k: rows[0][k] / rows[1][k] for k in keys}
-        echo(f"stream / baseline per CPU-second, steady state: images x{r['steady_images_per_cpu_s']:.2f}, "
-             f"examples x{r['steady_examples_per_cpu_s']:.2f}; with worker start-up: images "
-             f"x{r['images_per_cpu_s']:.2f}, examples x{r['examples_per_cpu_s']:.2f}; wall: images "
-             f"x{r['images_per_s']:.2f}, examples x{r['examples_per_s']:.2f}")
-    echo(f"H100 feed check (400 examples/s from 16 cores = 25/s per core): the stream gives "
-         f"{rows[0]['steady_examples_per_cpu_s']:.0f} examples and {rows[0]['steady_images_per_cpu_s']:.0f} "
-         f"images per CPU-second")
+        echo(
+            f"stream / baseline per CPU-second, steady state: images x{r['steady_images_per_cpu_s']:.2f}, "
+            f"examples x{r['steady_examples_per_cpu_s']:.2f}; with worker start-up: images "
+            f"x{r['images_per_cpu_s']:.2f}, examples x{r['examples_per_cpu_s']:.2f}; wall: images "
+            f"x{r['images_per_s']:.2f}, examples x{r['examples_per_s']:.2f}"
+        )
+    echo(
+        f"H100 feed check (400 examples/s from 16 cores = 25/s per core): the stream gives "
+        f"{rows[0]['steady_examples_per_cpu_s']:.0f} examples and {rows[0]['steady_images_per_cpu_s']:.0f} "
+        f"images per CPU-second"
+    )
     return report
 
 
@@ -389,16 +474,25 @@ def _median(results: list[Result]) -> dict:
 
 def _table(rows: list[dict]) -> str:
     cols = [  # (header, key, format)
-        ("loader", "name", "22s"), ("imgs", "images", "5d"), ("exs", "examples", "5d"),
-        ("wall s", "wall_s", "6.2f"), ("start s", "startup_s", "7.2f"),
-        ("img/s", "images_per_s", "6.1f"), ("ex/s", "examples_per_s", "7.1f"),
-        ("img/s/wk", "images_per_s_per_worker", "8.1f"), ("ex/s/wk", "examples_per_s_per_worker", "8.1f"),
-        ("img/cpu-s", "images_per_cpu_s", "9.1f"), ("ex/cpu-s", "examples_per_cpu_s", "8.1f"),
+        ("loader", "name", "22s"),
+        ("imgs", "images", "5d"),
+        ("exs", "examples", "5d"),
+        ("wall s", "wall_s", "6.2f"),
+        ("start s", "startup_s", "7.2f"),
+        ("img/s", "images_per_s", "6.1f"),
+        ("ex/s", "examples_per_s", "7.1f"),
+        ("img/s/wk", "images_per_s_per_worker", "8.1f"),
+        ("ex/s/wk", "examples_per_s_per_worker", "8.1f"),
+        ("img/cpu-s", "images_per_cpu_s", "9.1f"),
+        ("ex/cpu-s", "examples_per_cpu_s", "8.1f"),
         ("steady img/cpu-s", "steady_images_per_cpu_s", "16.1f"),
         ("steady ex/cpu-s", "steady_examples_per_cpu_s", "15.1f"),
     ]
-    lines = [" ".join(f"{h:{'<' if f.endswith('s') and k == 'name' else '>'}{f.rstrip('sdf').split('.')[0]}}"
-                      for h, k, f in cols)]
+    lines = [
+        " ".join(
+            f"{h:{'<' if f.endswith('s') and k == 'name' else '>'}{f.rstrip('sdf').split('.')[0]}}" for h, k, f in cols
+        )
+    ]
     for r in rows:
         lines.append(" ".join(format(r[k], f) for _, k, f in cols))
     return "\n".join(lines)

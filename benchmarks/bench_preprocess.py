@@ -48,9 +48,17 @@ class PreprocessBenchConfig:
 def hub_processor(size: int):
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    return BlipImageProcessorPil(size={"height": size, "width": size}, resample=3, do_resize=True,
-                                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                 image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
+    return BlipImageProcessorPil(
+        size={"height": size, "width": size},
+        resample=3,
+        do_resize=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
 
 
 def as_jpeg(image: Image.Image, size: tuple[int, int] | None = None, quality: int = 90) -> bytes:
@@ -100,8 +108,13 @@ def run(paths: list[str | Path], size: int = 224, echo=print) -> dict:
         drafted = row["draft+torch"]["decoded"] != row["full+torch (default)"]["decoded"]
         cells = "".join(f"{row[v]['mean']:>14.3f} / {row[v]['max']:>5.1f}" for v in VARIANTS)
         echo(f"{name + (' *' if drafted else ''):<34}{cells}")
-    summary = {v: {"mean": statistics.fmean(r[v]["mean"] for r in rows.values()),
-                   "max": max(r[v]["max"] for r in rows.values())} for v in VARIANTS}
+    summary = {
+        v: {
+            "mean": statistics.fmean(r[v]["mean"] for r in rows.values()),
+            "max": max(r[v]["max"] for r in rows.values()),
+        }
+        for v in VARIANTS
+    }
     echo(f"{'all photos':<34}" + "".join(f"{s['mean']:>14.3f} / {s['max']:>5.1f}" for s in summary.values()))
     echo("* draft decoding reduced this JPEG before the resize")
     return {"size": size, "photos": rows, "summary": summary}

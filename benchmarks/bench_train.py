@@ -62,8 +62,11 @@ NOTEBOOK_TARGETS = {"opt": ["q_proj", "k_proj"], "t5": ["q", "v"]}
 class TrainBenchConfig:
     """`bench.py train`: its flags are generated from these fields (blip2_dist.config.add_section_args)."""
 
-    model: str = option("tiny-t5", "tiny-t5 / tiny-opt, or a hub id with --random-init (Salesforce/blip2-opt-2.7b, "
-                    "Salesforce/blip2-flan-t5-xl), or a local BLIP-2 directory")
+    model: str = option(
+        "tiny-t5",
+        "tiny-t5 / tiny-opt, or a hub id with --random-init (Salesforce/blip2-opt-2.7b, "
+        "Salesforce/blip2-flan-t5-xl), or a local BLIP-2 directory",
+    )
     random_init: bool = option(False, "build the real architecture of --model with random weights (no download)")
     device: str = option("auto", "cuda, cuda:N or cpu (auto: cuda if available)")
     dtype: str = option("bf16", "weights and compute dtype, both sides", choices=["bf16", "fp32"])
@@ -73,20 +76,34 @@ class TrainBenchConfig:
     warmup: int = option(3, "untimed steps first (compilation, allocator)", min=0)
     seed: int = option(0, "weights, LoRA init, data")
     group_images: bool = option(True, "ours: vision encoder once per image (--no-group-images: once per caption)")
-    grad_checkpointing: bool = option(False, "ours: activation checkpointing (non-reentrant) in the ViT, Q-Former and LM")
+    grad_checkpointing: bool = option(
+        False, "ours: activation checkpointing (non-reentrant) in the ViT, Q-Former and LM"
+    )
     compile: bool = option(False, "ours: torch.compile the ViT, Q-Former and LM (in place)")
-    fused_adamw: str = option("auto", "ours: torch AdamW fused kernel (auto: the trainer's choice, fused on CUDA)",
-                          choices=["auto", "on", "off"])
+    fused_adamw: str = option(
+        "auto",
+        "ours: torch AdamW fused kernel (auto: the trainer's choice, fused on CUDA)",
+        choices=["auto", "on", "off"],
+    )
     baseline: bool = option(True, "also run the notebook baseline (--no-baseline: ours only)")
     isolate: bool = option(True, "each side in its own process (own peak memory); --no-isolate: in this process")
-    repeat: int = option(0, "runs per side, alternating, the median run (samples/s) shown (0: 3 on CPU, where "
-                     "neighbours add noise; 1 on CUDA)", min=0)
-    flops_only: bool = option(False, "print both sides' FLOPs per step from the formula (real sizes on the meta device) "
-                          "and exit: no training, no memory")
-    time_vision: bool = option(False, "also time the vision encoder's forward (synchronised): the most a feature "
-                           "cache saves")
-    peak_tflops: float = option(0.0, "the device's bf16 dense peak for MFU, when it is not in the built-in table "
-                            "(0: the table's)", min=0.0)
+    repeat: int = option(
+        0,
+        "runs per side, alternating, the median run (samples/s) shown (0: 3 on CPU, where "
+        "neighbours add noise; 1 on CUDA)",
+        min=0,
+    )
+    flops_only: bool = option(
+        False,
+        "print both sides' FLOPs per step from the formula (real sizes on the meta device) "
+        "and exit: no training, no memory",
+    )
+    time_vision: bool = option(
+        False, "also time the vision encoder's forward (synchronised): the most a feature cache saves"
+    )
+    peak_tflops: float = option(
+        0.0, "the device's bf16 dense peak for MFU, when it is not in the built-in table (0: the table's)", min=0.0
+    )
     deepspeed: str = option("ds_configs/zero2.json", "ours: DeepSpeed config")
 
     @property
@@ -103,6 +120,7 @@ class TrainBenchConfig:
 # Micro-batches
 # ---------------------------------------------------------------------------------------------------
 
+
 def ungrouped(batch: dict) -> dict:
     """One image per caption, as the notebook's dataset yields them."""
     out = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_index")}
@@ -113,6 +131,7 @@ def ungrouped(batch: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The two sides
 # ---------------------------------------------------------------------------------------------------
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -172,8 +191,8 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     from blip2_dist import dist
 
     os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
-    from blip2_dist.checkpoint import TrainState
     from blip2_dist.captioning import image_sharing
+    from blip2_dist.checkpoint import TrainState
     from blip2_dist.config import Config
     from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config
     from blip2_dist.engine import build_engine, build_model, seed_step, train_step
@@ -195,8 +214,9 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
         torch.cuda.set_device(torch.device(cfg.device))  # DeepSpeed places the engine on the current device
         model.to(cfg.device)
     total = cfg.warmup + cfg.steps
-    ds = fill_deepspeed_config(load_deepspeed_config(cfg.deepspeed), config, 1, total,
-                               bf16_ok=cfg.torch_dtype == torch.bfloat16)
+    ds = fill_deepspeed_config(
+        load_deepspeed_config(cfg.deepspeed), config, 1, total, bf16_ok=cfg.torch_dtype == torch.bfloat16
+    )
     engine = build_engine(model, config, ds, total)
     fused = engine.optimizer.optimizer.defaults.get("fused") if hasattr(engine.optimizer, "optimizer") else None
     batches = _batches(cfg, processor, blip2.config, engine.device, grouped=True)
@@ -212,11 +232,24 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
 
     times, losses = _timed(step, batches, cfg.warmup, engine.device)
     shares = {"vision": share_vision, "qformer": share_vision and share_qformer}
-    return _summary("ours", cfg, batches, times, losses, flops, shares, engine.device, timer, extra={
-        "trainable": _trainable(model), "grouped_vision": share_vision,
-        "grouped_qformer": share_vision and share_qformer, "fused_adamw": fused,
-        "deepspeed": {"zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled()},
-    })
+    return _summary(
+        "ours",
+        cfg,
+        batches,
+        times,
+        losses,
+        flops,
+        shares,
+        engine.device,
+        timer,
+        extra={
+            "trainable": _trainable(model),
+            "grouped_vision": share_vision,
+            "grouped_qformer": share_vision and share_qformer,
+            "fused_adamw": fused,
+            "deepspeed": {"zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled()},
+        },
+    )
 
 
 def run_baseline(cfg: TrainBenchConfig) -> dict:
@@ -226,10 +259,16 @@ def run_baseline(cfg: TrainBenchConfig) -> dict:
     from blip2_dist.models import family_of, load_model
 
     torch.manual_seed(cfg.seed)
-    model, processor = load_model(cfg.model, dtype=cfg.torch_dtype, random_init=cfg.random_init, seed=cfg.seed,
-                                  device=cfg.device if cfg.random_init else None)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
-                      target_modules=NOTEBOOK_TARGETS[family_of(model)])
+    model, processor = load_model(
+        cfg.model,
+        dtype=cfg.torch_dtype,
+        random_init=cfg.random_init,
+        seed=cfg.seed,
+        device=cfg.device if cfg.random_init else None,
+    )
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, bias="none", target_modules=NOTEBOOK_TARGETS[family_of(model)]
+    )
     model = get_peft_model(model, lora).to(cfg.device)
     device = torch.device(cfg.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=False)
@@ -240,8 +279,12 @@ def run_baseline(cfg: TrainBenchConfig) -> dict:
 
     def step(i: int, batch: dict) -> float:
         torch.manual_seed(cfg.seed * 1_000_003 + i)
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        pixel_values=batch["pixel_values"], labels=batch["labels"])
+        outputs = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            labels=batch["labels"],
+        )
         loss = outputs.loss
         loss.backward()
         optimizer.step()
@@ -249,14 +292,29 @@ def run_baseline(cfg: TrainBenchConfig) -> dict:
         return float(loss.detach())
 
     times, losses = _timed(step, batches, cfg.warmup, device)
-    return _summary("baseline", cfg, batches, times, losses, flops, {"vision": False, "qformer": False}, device,
-                    timer, extra={"trainable": _trainable(model), "lora_targets": sorted(lora.target_modules)})
+    return _summary(
+        "baseline",
+        cfg,
+        batches,
+        times,
+        losses,
+        flops,
+        {"vision": False, "qformer": False},
+        device,
+        timer,
+        extra={"trainable": _trainable(model), "lora_targets": sorted(lora.target_modules)},
+    )
 
 
 def _batches(cfg: TrainBenchConfig, processor, model_config, device, grouped: bool) -> list[dict]:
-    batches = synthetic_batches(processor, model_config, n_batches=cfg.warmup + cfg.steps,
-                                micro_batch=cfg.micro_batch, captions_per_image=cfg.captions_per_image,
-                                seed=cfg.seed)
+    batches = synthetic_batches(
+        processor,
+        model_config,
+        n_batches=cfg.warmup + cfg.steps,
+        micro_batch=cfg.micro_batch,
+        captions_per_image=cfg.captions_per_image,
+        seed=cfg.seed,
+    )
     dtype = cfg.torch_dtype
     out = []
     for b in batches:
@@ -272,40 +330,64 @@ def _trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _summary(name: str, cfg: TrainBenchConfig, batches: list[dict], times: list[float], losses: list[float],
-             flops: FlopModel, shares: dict, device, timer: VisionTimer, extra: dict) -> dict:
-    timed = batches[cfg.warmup:]
+def _summary(
+    name: str,
+    cfg: TrainBenchConfig,
+    batches: list[dict],
+    times: list[float],
+    losses: list[float],
+    flops: FlopModel,
+    shares: dict,
+    device,
+    timer: VisionTimer,
+    extra: dict,
+) -> dict:
+    timed = batches[cfg.warmup :]
     seconds = sum(times)
     totals = {k: sum(b["_counts"][k] for b in timed) for k in ("samples", "images", "tokens")}
     executed: dict[str, float] = {}
     model_flops = 0.0
     for b in timed:
         n_img, n_ex = b["_counts"]["images"], b["_counts"]["samples"]
-        counted = flops.count(b, n_vision=n_img if shares["vision"] else n_ex,
-                              n_qformer=n_img if shares["qformer"] else n_ex)
+        counted = flops.count(
+            b, n_vision=n_img if shares["vision"] else n_ex, n_qformer=n_img if shares["qformer"] else n_ex
+        )
         for key, value in counted.items():
             executed[key] = executed.get(key, 0.0) + value
         model_flops += flops.count(b, n_vision=n_img, n_qformer=n_img)["total"]  # image path once per image
     peak, device_name = device_peak_tflops(str(device), cfg.peak_tflops or None)
     steps = len(times)
     return {
-        "side": name, "device": device_name, "steps": steps, "warmup": cfg.warmup,
-        "samples_per_s": totals["samples"] / seconds, "images_per_s": totals["images"] / seconds,
-        "tokens_per_s": totals["tokens"] / seconds, "sec_per_step": seconds / steps,
-        "sec_per_step_median": statistics.median(times), "peak_memory_gib": _peak_memory_gib(device),
-        "samples_per_step": totals["samples"] / steps, "images_per_step": totals["images"] / steps,
-        "flops_per_step": executed["total"] / steps, "model_flops_per_step": model_flops / steps,
+        "side": name,
+        "device": device_name,
+        "steps": steps,
+        "warmup": cfg.warmup,
+        "samples_per_s": totals["samples"] / seconds,
+        "images_per_s": totals["images"] / seconds,
+        "tokens_per_s": totals["tokens"] / seconds,
+        "sec_per_step": seconds / steps,
+        "sec_per_step_median": statistics.median(times),
+        "peak_memory_gib": _peak_memory_gib(device),
+        "samples_per_step": totals["samples"] / steps,
+        "images_per_step": totals["images"] / steps,
+        "flops_per_step": executed["total"] / steps,
+        "model_flops_per_step": model_flops / steps,
         "flops_share": {k: v / executed["total"] for k, v in executed.items() if k != "total"},
-        "tflops": executed["total"] / seconds / 1e12, "model_tflops": model_flops / seconds / 1e12,
-        "peak_tflops": peak, "mfu": model_flops / seconds / 1e12 / peak if peak else None,
-        "first_loss": losses[0], "last_loss": losses[-1],
-        "vision_time_share": sum(timer.seconds[cfg.warmup:]) / seconds if timer.seconds else None, **extra,
+        "tflops": executed["total"] / seconds / 1e12,
+        "model_tflops": model_flops / seconds / 1e12,
+        "peak_tflops": peak,
+        "mfu": model_flops / seconds / 1e12 / peak if peak else None,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "vision_time_share": sum(timer.seconds[cfg.warmup :]) / seconds if timer.seconds else None,
+        **extra,
     }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------------
+
 
 def estimate_flops(cfg: TrainBenchConfig, echo=print) -> dict:
     """FLOPs per step of both sides from the formula alone, no timing (`--flops-only`): real
@@ -316,21 +398,29 @@ def estimate_flops(cfg: TrainBenchConfig, echo=print) -> dict:
     from blip2_dist.lora import apply_lora
     from blip2_dist.models import load_model
 
-    model, processor = load_model(cfg.model, dtype=cfg.torch_dtype, random_init=cfg.random_init,
-                                  device="meta" if cfg.random_init else None)
+    model, processor = load_model(
+        cfg.model, dtype=cfg.torch_dtype, random_init=cfg.random_init, device="meta" if cfg.random_init else None
+    )
     model = apply_lora(model).train()
     share_vision, share_qformer = image_sharing(model) if cfg.group_images else (False, False)
     flops = FlopModel(model)
-    batches = synthetic_batches(processor, model.config, n_batches=cfg.steps, micro_batch=cfg.micro_batch,
-                                captions_per_image=cfg.captions_per_image, seed=cfg.seed)
+    batches = synthetic_batches(
+        processor,
+        model.config,
+        n_batches=cfg.steps,
+        micro_batch=cfg.micro_batch,
+        captions_per_image=cfg.captions_per_image,
+        seed=cfg.seed,
+    )
     sides = {"ours": (share_vision, share_vision and share_qformer), "baseline": (False, False)}
     out = {}
     for side, (vision, qformer) in sides.items():
         total: dict[str, float] = {}
         for b in batches:
             c = batch_counts(b)
-            counted = flops.count(b, n_vision=c["images"] if vision else c["samples"],
-                                  n_qformer=c["images"] if qformer else c["samples"])
+            counted = flops.count(
+                b, n_vision=c["images"] if vision else c["samples"], n_qformer=c["images"] if qformer else c["samples"]
+            )
             for key, value in counted.items():
                 total[key] = total.get(key, 0.0) + value / len(batches)
         out[side] = total
@@ -338,9 +428,11 @@ def estimate_flops(cfg: TrainBenchConfig, echo=print) -> dict:
         echo(f"{side}: {total['total'] / 1e12:.4g} TFLOP per step of {cfg.micro_batch} captions ({share})")
     out["ratio"] = out["baseline"]["total"] / out["ours"]["total"]
     out["grouped_vision"], out["grouped_qformer"] = share_vision, share_vision and share_qformer
-    echo(f"baseline/ours FLOPs per step: x{out['ratio']:.2f} (the speed-up when both are compute-bound "
-         f"at the same utilisation); vision encoder share of ours: "
-         f"{100 * out['ours']['vision'] / out['ours']['total']:.0f}%")
+    echo(
+        f"baseline/ours FLOPs per step: x{out['ratio']:.2f} (the speed-up when both are compute-bound "
+        f"at the same utilisation); vision encoder share of ours: "
+        f"{100 * out['ours']['vision'] / out['ours']['total']:.0f}%"
+    )
     return out
 
 
@@ -383,10 +475,12 @@ def run(cfg: TrainBenchConfig, echo=print) -> dict:
     cfg = cfg.resolved()
     if cfg.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    echo(f"train benchmark: {cfg.model}{' (random init)' if cfg.random_init else ''} on {cfg.device}, "
-         f"{cfg.dtype}, micro-batch {cfg.micro_batch} captions ({cfg.captions_per_image} per image), "
-         f"{cfg.warmup} warm-up + {cfg.steps} timed steps; ours: group_images={cfg.group_images}, "
-         f"grad_checkpointing={cfg.grad_checkpointing}, compile={cfg.compile}, fused_adamw={cfg.fused_adamw}")
+    echo(
+        f"train benchmark: {cfg.model}{' (random init)' if cfg.random_init else ''} on {cfg.device}, "
+        f"{cfg.dtype}, micro-batch {cfg.micro_batch} captions ({cfg.captions_per_image} per image), "
+        f"{cfg.warmup} warm-up + {cfg.steps} timed steps; ours: group_images={cfg.group_images}, "
+        f"grad_checkpointing={cfg.grad_checkpointing}, compile={cfg.compile}, fused_adamw={cfg.fused_adamw}"
+    )
     runs: dict[str, list[dict]] = {name: [] for name in (("ours", "baseline") if cfg.baseline else ("ours",))}
     for i in range(cfg.repeat):  # alternate, so a burst of load on a shared machine hits both sides
         for name, done in runs.items():
@@ -396,33 +490,52 @@ def run(cfg: TrainBenchConfig, echo=print) -> dict:
     for done in runs.values():
         ordered = sorted(done, key=lambda r: r["samples_per_s"])
         rows.append({**ordered[len(ordered) // 2], "samples_per_s_all_runs": [r["samples_per_s"] for r in done]})
-    report = {"config": dataclasses.asdict(cfg), "rows": rows, "torch": torch.__version__,
-              "cpu_count": os.cpu_count()}
+    report = {"config": dataclasses.asdict(cfg), "rows": rows, "torch": torch.__version__, "cpu_count": os.cpu_count()}
     echo(format_table(rows))
     for row in rows:
         share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["flops_share"].items())
-        echo(f"  {row['side']}: FLOPs/step {row['flops_per_step']:.4g} ({share}), model FLOPs/step "
-             f"{row['model_flops_per_step']:.4g}; trainable params {row['trainable']:,}; "
-             f"loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}"
-             + (f"; vision encoder {100 * row['vision_time_share']:.0f}% of step time"
-                if row["vision_time_share"] is not None else ""))
+        echo(
+            f"  {row['side']}: FLOPs/step {row['flops_per_step']:.4g} ({share}), model FLOPs/step "
+            f"{row['model_flops_per_step']:.4g}; trainable params {row['trainable']:,}; "
+            f"loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}"
+            + (
+                f"; vision encoder {100 * row['vision_time_share']:.0f}% of step time"
+                if row["vision_time_share"] is not None
+                else ""
+            )
+        )
     if len(rows) == 2:
         ours, base = rows
-        keys = ("samples_per_s", "images_per_s", "tokens_per_s", "sec_per_step", "peak_memory_gib", "tflops",
-                "model_tflops")
+        keys = (
+            "samples_per_s",
+            "images_per_s",
+            "tokens_per_s",
+            "sec_per_step",
+            "peak_memory_gib",
+            "tflops",
+            "model_tflops",
+        )
         ratio = report["ratio"] = {k: ours[k] / base[k] for k in keys}
-        echo(f"ours/baseline: samples/s x{ratio['samples_per_s']:.2f}, images/s x{ratio['images_per_s']:.2f}, "
-             f"tokens/s x{ratio['tokens_per_s']:.2f}, s/step x{ratio['sec_per_step']:.2f}, peak memory "
-             f"x{ratio['peak_memory_gib']:.2f}, achieved TFLOP/s x{ratio['tflops']:.2f}, "
-             f"model TFLOP/s (and MFU) x{ratio['model_tflops']:.2f}")
+        echo(
+            f"ours/baseline: samples/s x{ratio['samples_per_s']:.2f}, images/s x{ratio['images_per_s']:.2f}, "
+            f"tokens/s x{ratio['tokens_per_s']:.2f}, s/step x{ratio['sec_per_step']:.2f}, peak memory "
+            f"x{ratio['peak_memory_gib']:.2f}, achieved TFLOP/s x{ratio['tflops']:.2f}, "
+            f"model TFLOP/s (and MFU) x{ratio['model_tflops']:.2f}"
+        )
     return report
 
 
 _COLUMNS = [  # (header, key, format)
-    ("side", "side", "<9"), ("samples/s", "samples_per_s", ">10.2f"), ("images/s", "images_per_s", ">9.2f"),
-    ("tokens/s", "tokens_per_s", ">10.1f"), ("s/step", "sec_per_step", ">8.4f"),
-    ("median", "sec_per_step_median", ">8.4f"), ("peak GiB", "peak_memory_gib", ">8.2f"),
-    ("TFLOP/s", "tflops", ">9.4f"), ("model TFLOP/s", "model_tflops", ">13.4f"), ("MFU", "mfu", ">6"),
+    ("side", "side", "<9"),
+    ("samples/s", "samples_per_s", ">10.2f"),
+    ("images/s", "images_per_s", ">9.2f"),
+    ("tokens/s", "tokens_per_s", ">10.1f"),
+    ("s/step", "sec_per_step", ">8.4f"),
+    ("median", "sec_per_step_median", ">8.4f"),
+    ("peak GiB", "peak_memory_gib", ">8.2f"),
+    ("TFLOP/s", "tflops", ">9.4f"),
+    ("model TFLOP/s", "model_tflops", ">13.4f"),
+    ("MFU", "mfu", ">6"),
 ]
 
 
@@ -439,6 +552,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(" ".join(cells))
     if rows:
         peak = rows[0]["peak_tflops"]
-        lines.append(f"device: {rows[0]['device']}; bf16 dense peak: "
-                     f"{f'{peak:g} TFLOP/s' if peak else 'n/a, so MFU n/a'}")
+        lines.append(
+            f"device: {rows[0]['device']}; bf16 dense peak: {f'{peak:g} TFLOP/s' if peak else 'n/a, so MFU n/a'}"
+        )
     return "\n".join(lines)

@@ -29,16 +29,50 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PLANS = {
-    "gpu": dict(models=["Salesforce/blip2-opt-2.7b", "Salesforce/blip2-flan-t5-xl"], random_init=True,
-                micro_batches=[20, 40], bench_steps=8, bench_warmup=3, device="cuda", isolate=True,
-                run_model="Salesforce/blip2-flan-t5-xl", checkpoint_step=20, total_steps=30, train_micro=8,
-                eval_images=16, n_train=400),
-    "dry": dict(models=["tiny-t5"], random_init=False, micro_batches=[20], bench_steps=2,
-                bench_warmup=1, device="cpu", isolate=False,
-                run_model="tiny-t5", checkpoint_step=3, total_steps=5, train_micro=4, eval_images=4, n_train=24),
+    "gpu": dict(
+        models=["Salesforce/blip2-opt-2.7b", "Salesforce/blip2-flan-t5-xl"],
+        random_init=True,
+        micro_batches=[20, 40],
+        bench_steps=8,
+        bench_warmup=3,
+        device="cuda",
+        isolate=True,
+        run_model="Salesforce/blip2-flan-t5-xl",
+        checkpoint_step=20,
+        total_steps=30,
+        train_micro=8,
+        eval_images=16,
+        n_train=400,
+    ),
+    "dry": dict(
+        models=["tiny-t5"],
+        random_init=False,
+        micro_batches=[20],
+        bench_steps=2,
+        bench_warmup=1,
+        device="cpu",
+        isolate=False,
+        run_model="tiny-t5",
+        checkpoint_step=3,
+        total_steps=5,
+        train_micro=4,
+        eval_images=4,
+        n_train=24,
+    ),
 }
-ROW_KEYS = ("samples_per_s", "images_per_s", "sec_per_step", "tflops", "model_tflops", "mfu", "peak_memory_gib",
-            "peak_tflops", "trainable", "first_loss", "last_loss")
+ROW_KEYS = (
+    "samples_per_s",
+    "images_per_s",
+    "sec_per_step",
+    "tflops",
+    "model_tflops",
+    "mfu",
+    "peak_memory_gib",
+    "peak_tflops",
+    "trainable",
+    "first_loss",
+    "last_loss",
+)
 
 
 class Check:
@@ -62,8 +96,9 @@ class Check:
         if self.dry:
             env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
         with open(log, "w") as sink:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -85,8 +120,12 @@ class Check:
 def environment(dry: bool) -> dict:
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device": "cpu (dry run)" if dry else None}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": "cpu (dry run)" if dry else None,
+    }
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name(0)
         env["bf16"] = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -104,10 +143,28 @@ def bench(check: Check, plan: dict) -> None:
         for micro in plan["micro_batches"]:
             name = f"{model.rsplit('/', 1)[-1]}-mb{micro}"
             out = check.out / f"bench-{name}.json"
-            cmd = [sys.executable, "benchmarks/bench.py", "train", "--model", model, "--device", plan["device"],
-                   "--dtype", "bf16", "--micro-batch", str(micro), "--steps", str(plan["bench_steps"]),
-                   "--warmup", str(plan["bench_warmup"]), "--repeat", "1", "--json", str(out),
-                   "--isolate" if plan["isolate"] else "--no-isolate"]
+            cmd = [
+                sys.executable,
+                "benchmarks/bench.py",
+                "train",
+                "--model",
+                model,
+                "--device",
+                plan["device"],
+                "--dtype",
+                "bf16",
+                "--micro-batch",
+                str(micro),
+                "--steps",
+                str(plan["bench_steps"]),
+                "--warmup",
+                str(plan["bench_warmup"]),
+                "--repeat",
+                "1",
+                "--json",
+                str(out),
+                "--isolate" if plan["isolate"] else "--no-isolate",
+            ]
             if plan["random_init"]:
                 cmd.append("--random-init")
             entry = {"model": model, "micro_batch": micro, **check.run(cmd, check.out / f"bench-{name}.log", 110)}
@@ -128,22 +185,60 @@ def real_run(check: Check, plan: dict) -> None:
     write_synthetic(shards, n_train=plan["n_train"], n_val=plan["eval_images"], n_test=0, samples_per_shard=100)
     from blip2_dist.dist import free_port
 
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-                str(free_port()), "launch/train.py"]
-    common = ["--deepspeed", "ds_configs/zero2.json", "--model", plan["run_model"], "--data", str(shards),
-              "--output-dir", str(run_dir), "--micro-batch", str(plan["train_micro"]), "--num-workers", "2",
-              "--save-steps", str(plan["checkpoint_step"]), "--warmup-steps", "5", "--log-steps", "5",
-              "--num-beams", "2", "--max-new-tokens", "20", "--min-length", "1", "--eval-batch", "8"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+    ]
+    common = [
+        "--deepspeed",
+        "ds_configs/zero2.json",
+        "--model",
+        plan["run_model"],
+        "--data",
+        str(shards),
+        "--output-dir",
+        str(run_dir),
+        "--micro-batch",
+        str(plan["train_micro"]),
+        "--num-workers",
+        "2",
+        "--save-steps",
+        str(plan["checkpoint_step"]),
+        "--warmup-steps",
+        "5",
+        "--log-steps",
+        "5",
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "20",
+        "--min-length",
+        "1",
+        "--eval-batch",
+        "8",
+    ]
     if plan["random_init"]:
         common.append("--random-init")
-    first = check.run([*launcher, *common, "--max-steps", str(plan["checkpoint_step"]), "--skip-eval"],
-                      check.out / "run-first.log", 150)
+    first = check.run(
+        [*launcher, *common, "--max-steps", str(plan["checkpoint_step"]), "--skip-eval"],
+        check.out / "run-first.log",
+        150,
+    )
     check.report["run"]["first"] = first
     check.save()
     if first["exit"] != 0:
         return
-    second = check.run([*launcher, *common, "--max-steps", str(plan["total_steps"]), "--resume", "auto"],
-                       check.out / "run-resumed.log", 150)
+    second = check.run(
+        [*launcher, *common, "--max-steps", str(plan["total_steps"]), "--resume", "auto"],
+        check.out / "run-resumed.log",
+        150,
+    )
     log = Path(second["log"]).read_text(errors="replace")
     second["resumed_from_step"] = plan["checkpoint_step"] if f"at step {plan['checkpoint_step']}" in log else None
     final = run_dir / "final_state.json"
@@ -157,8 +252,9 @@ def real_run(check: Check, plan: dict) -> None:
     resolved = run_dir / "config.json"
     if resolved.is_file():
         ds = json.loads(resolved.read_text())["deepspeed_resolved"]
-        second["precision"] = "bf16" if ds.get("bf16", {}).get("enabled") else (
-            "fp16" if ds.get("fp16", {}).get("enabled") else "fp32")
+        second["precision"] = (
+            "bf16" if ds.get("bf16", {}).get("enabled") else ("fp16" if ds.get("fp16", {}).get("enabled") else "fp32")
+        )
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
     second["checkpoints"] = checkpoints
     check.report["run"]["resumed"] = second
@@ -167,10 +263,15 @@ def real_run(check: Check, plan: dict) -> None:
 
 def passed(report: dict, plan: dict) -> bool:
     bench_ok = len(report["bench"]) == len(plan["models"]) * len(plan["micro_batches"]) and all(
-        e["exit"] == 0 for e in report["bench"])
+        e["exit"] == 0 for e in report["bench"]
+    )
     second = report["run"].get("resumed", {})
-    run_ok = (second.get("exit") == 0 and second.get("resumed_from_step") == plan["checkpoint_step"]
-              and second.get("final_step") == plan["total_steps"] and "eval" in second)
+    run_ok = (
+        second.get("exit") == 0
+        and second.get("resumed_from_step") == plan["checkpoint_step"]
+        and second.get("final_step") == plan["total_steps"]
+        and "eval" in second
+    )
     return bench_ok and run_ok
 
 
@@ -190,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     bench(check, plan)
     check.report["ok"] = passed(check.report, plan)
     check.save()
-    print(f"gpu_check: {'ok' if check.report['ok'] else 'FAILED'} in {check.report['seconds']} s; "
-          f"report: {check.out / 'gpu_check.json'}")
+    print(
+        f"gpu_check: {'ok' if check.report['ok'] else 'FAILED'} in {check.report['seconds']} s; "
+        f"report: {check.out / 'gpu_check.json'}"
+    )
     return 0 if check.report["ok"] else 1
 
 

@@ -51,8 +51,13 @@ RECORD_KEYS = ("step", "caption_format", "generation", "training", "metrics")
 
 
 def save_adapter(
-    model: nn.Module, processor: Blip2Processor, out_dir: str | os.PathLike, base_name: str, *,
-    seed: int | None = None, record: dict | None = None,
+    model: nn.Module,
+    processor: Blip2Processor,
+    out_dir: str | os.PathLike,
+    base_name: str,
+    *,
+    seed: int | None = None,
+    record: dict | None = None,
 ) -> Path:
     """Write a loadable adapter directory (see the module docstring); call on one rank only.
 
@@ -150,23 +155,24 @@ def resolve_inference(
     if prompt is None:
         prompt = rec_prompt if rec_prompt is not None else ""
     elif rec_prompt is not None and prompt != rec_prompt:
-        notes.append(f"--prompt {prompt!r} differs from the prompt the adapter was trained with ({rec_prompt!r}): "
-                     "captions and scores usually get worse")
+        notes.append(
+            f"--prompt {prompt!r} differs from the prompt the adapter was trained with ({rec_prompt!r}): "
+            "captions and scores usually get worse"
+        )
     rec_gen = recorded.get("generation") or {}
     generation = {**EvalArgs().generation(), **rec_gen}
     for key, value in given.items():
         if key in rec_gen and rec_gen[key] != value:
-            notes.append(f"{key}={value!r} differs from the recorded {key}={rec_gen[key]!r} (what training "
-                         "evaluated with)")
+            notes.append(
+                f"{key}={value!r} differs from the recorded {key}={rec_gen[key]!r} (what training evaluated with)"
+            )
         generation[key] = value
     return prompt, generation, notes
 
 
 def _base_state_dict(base: Blip2ForConditionalGeneration) -> dict[str, torch.Tensor]:
     # The state dict without LoRA: drop lora_* tensors, peft's ".base_layer." back to the plain name.
-    return {
-        k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k
-    }
+    return {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
 
 
 def _save_tiny_base(base, name: str, seed: int, dest: Path, skip: set[str]) -> None:
@@ -200,8 +206,13 @@ def load_extras(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def load_for_inference(
-    base: str | None, adapter_dir: str | os.PathLike | None, *, dtype: torch.dtype = torch.bfloat16,
-    merge: bool = False, device: str | torch.device | None = None, dispatch: dict | None = None,
+    base: str | None,
+    adapter_dir: str | os.PathLike | None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    merge: bool = False,
+    device: str | torch.device | None = None,
+    dispatch: dict | None = None,
 ) -> tuple[nn.Module, Blip2Processor]:
     """Base (via load_model) + adapter + extras, in eval mode with nothing trainable.
 

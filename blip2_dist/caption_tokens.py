@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb_mod
 
-
 PTB_TOKENIZER = "ptb"  # Stanford PTBTokenizer (CoreNLP 3.4.1), as COCOEvalCap runs it
 
 
@@ -83,10 +82,20 @@ def ptb_tokenize_many(batches: Sequence[Sequence[str]], timeout: float | None = 
             with tempfile.NamedTemporaryFile("wb", suffix=".ptb.txt", delete=False) as f:
                 f.write("\n".join(captions).encode())
             files.append(f.name)
-            cmd = [java, "-cp", _PTB_JAR, "edu.stanford.nlp.process.PTBTokenizer",
-                   "-preserveLines", "-lowerCase", f.name]
-            procs.append(subprocess.Popen(cmd, cwd=_PTB_DIR, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            cmd = [
+                java,
+                "-cp",
+                _PTB_JAR,
+                "edu.stanford.nlp.process.PTBTokenizer",
+                "-preserveLines",
+                "-lowerCase",
+                f.name,
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=_PTB_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+            )
         deadline = time.monotonic() + timeout
         outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:
@@ -103,8 +112,7 @@ def ptb_tokenize_many(batches: Sequence[Sequence[str]], timeout: float | None = 
         lines = out.decode().split("\n")
         if len(lines) != len(captions):
             raise RuntimeError(f"PTBTokenizer returned {len(lines)} lines for {len(captions)} captions")
-        result.append([" ".join(w for w in line.rstrip().split(" ") if w not in _PUNCTUATIONS)
-                       for line in lines])
+        result.append([" ".join(w for w in line.rstrip().split(" ") if w not in _PUNCTUATIONS) for line in lines])
     return result
 
 

@@ -101,9 +101,7 @@ def image_sharing(model: nn.Module) -> tuple[bool, bool]:
     return True, not has_active_dropout(blip2.qformer)
 
 
-def grouped_image_features(
-    model: nn.Module, pixel_values: torch.Tensor, image_index: torch.Tensor
-) -> torch.Tensor:
+def grouped_image_features(model: nn.Module, pixel_values: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
     """Language-model inputs (projected query outputs) [n_examples, Q, D] with the vision encoder run on
     the n_images rows of pixel_values only; the Q-Former once per image or per example (`image_sharing`).
 
@@ -123,8 +121,10 @@ def grouped_image_features(
     image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
     query_tokens = blip2.query_tokens.expand(image_embeds.shape[0], -1, -1)
     query_output = blip2.qformer(
-        query_embeds=query_tokens, encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_attention_mask, return_dict=True,
+        query_embeds=query_tokens,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_attention_mask,
+        return_dict=True,
     ).last_hidden_state
     if query_output.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
         query_output = query_output.to(image_embeds.dtype)
@@ -135,8 +135,12 @@ def grouped_image_features(
 
 
 def generate_captions(
-    model: nn.Module, processor: Blip2Processor, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None, **gen_kwargs,
+    model: nn.Module,
+    processor: Blip2Processor,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **gen_kwargs,
 ) -> list[str]:
     """Captions for a batch (one image per input_ids row), prompt removed, stripped. Call model.eval() first.
 
@@ -168,11 +172,13 @@ def generate_captions(
     # text_config.bos_token_id, which T5 configs lack.
     with torch.no_grad():
         output = inner.generate(
-            pixel_values=pixel_values.to(device, weight.dtype), input_ids=input_ids,
-            attention_mask=attention_mask, **gen_kwargs,
+            pixel_values=pixel_values.to(device, weight.dtype),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **gen_kwargs,
         )
     if decoder_only:  # OPT returns prompt + continuation
-        output = output[:, input_ids.shape[1]:]
+        output = output[:, input_ids.shape[1] :]
     ends = gen_kwargs["eos_token_id"]
     ends = set(ends) if isinstance(ends, (list, tuple)) else {ends}
     rows = [_cut_at(row.tolist(), ends) for row in output]

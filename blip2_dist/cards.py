@@ -73,13 +73,24 @@ def _facts(meta: dict, kind: str) -> str:
     training = meta.get("training") or {}
     rows = [("base model", _code(meta.get("base_model"))), ("family", meta.get("family", "?"))]
     if training:
-        rows.append(("data", f"{_code(training.get('data'))}, trained on split `{training.get('train_split')}`, "
-                             f"evaluated on `{training.get('eval_split')}`"))
-        batch = (f"{training.get('micro_batch')} captions x {training.get('grad_accum')} accumulation x "
-                 f"{training.get('world_size')} ranks = {training.get('global_batch')} per step")
+        rows.append(
+            (
+                "data",
+                f"{_code(training.get('data'))}, trained on split `{training.get('train_split')}`, "
+                f"evaluated on `{training.get('eval_split')}`",
+            )
+        )
+        batch = (
+            f"{training.get('micro_batch')} captions x {training.get('grad_accum')} accumulation x "
+            f"{training.get('world_size')} ranks = {training.get('global_batch')} per step"
+        )
         rows.append(("batch", batch))
-        rows.append(("optimizer", f"lr {training.get('lr')}, {training.get('precision')}, "
-                                  f"DeepSpeed {_code(training.get('deepspeed'))}"))
+        rows.append(
+            (
+                "optimizer",
+                f"lr {training.get('lr')}, {training.get('precision')}, DeepSpeed {_code(training.get('deepspeed'))}",
+            )
+        )
     rows.append(("LoRA", _lora_line(meta.get("lora"), meta.get("extras") or [])))
     rows.append(("prompt", _quoted(fmt.get("prompt", "")) + " (pass it as the processor's `text`)"))
     if "end_of_caption" in fmt:
@@ -103,8 +114,10 @@ def _metrics(meta: dict) -> str:
     head = "| " + " | ".join(values) + " |"
     sep = "|" + "---|" * len(values)
     row = "| " + " | ".join(f"{v:.4f}" for v in values.values()) + " |"
-    note = (f"Split `{metrics.get('split')}`, {metrics.get('images', '?')} images, step {metrics.get('step')}; "
-            "COCO caption toolkit (fractions: BLEU-4 0.438 = \"43.8\")")
+    note = (
+        f"Split `{metrics.get('split')}`, {metrics.get('images', '?')} images, step {metrics.get('step')}; "
+        'COCO caption toolkit (fractions: BLEU-4 0.438 = "43.8")'
+    )
     note += "; `loss`: teacher-forced loss on the split's reference captions." if "loss" in values else "."
     return f"## Metrics\n\n{note}\n\n{head}\n{sep}\n{row}\n"
 
@@ -114,23 +127,29 @@ def _usage(meta: dict, kind: str) -> str:
     if kind == "adapter":
         ours = "python launch/caption.py --adapter THIS_FOLDER photos/   # uses the prompt and settings recorded here"
         imports = "from peft import PeftModel\nfrom safetensors.torch import load_file\n"
-        load = ("base = Blip2ForConditionalGeneration.from_pretrained(BASE, dtype=torch.bfloat16)\n"
-                "model = PeftModel.from_pretrained(base, FOLDER).eval()\n"
-                "# if FOLDER has extra_trainable.safetensors (trained query tokens, projection, Q-Former):\n"
-                "# base.load_state_dict(load_file(f\"{FOLDER}/extra_trainable.safetensors\"), strict=False)\n"
-                "processor = Blip2Processor.from_pretrained(FOLDER)")
+        load = (
+            "base = Blip2ForConditionalGeneration.from_pretrained(BASE, dtype=torch.bfloat16)\n"
+            "model = PeftModel.from_pretrained(base, FOLDER).eval()\n"
+            "# if FOLDER has extra_trainable.safetensors (trained query tokens, projection, Q-Former):\n"
+            '# base.load_state_dict(load_file(f"{FOLDER}/extra_trainable.safetensors"), strict=False)\n'
+            "processor = Blip2Processor.from_pretrained(FOLDER)"
+        )
         settings = ", ".join(f"{k}={v!r}" for k, v in (meta.get("generation") or {}).items())
         call = f"ids = model.generate(**inputs, {settings})" if settings else "ids = model.generate(**inputs)"
     else:
         ours = "python launch/caption.py --model THIS_FOLDER photos/   # uses the prompt and settings recorded here"
         imports = ""
-        load = ("model = Blip2ForConditionalGeneration.from_pretrained(FOLDER, dtype=torch.bfloat16).eval()\n"
-                "processor = Blip2Processor.from_pretrained(FOLDER)")
-        call = ("# Pass the generation config explicitly: BLIP-2's generate() hands generation to its language\n"
-                "# model, which does not read this folder's generation_config.json (transformers 5).\n"
-                "ids = model.generate(**inputs, generation_config=model.generation_config)")
+        load = (
+            "model = Blip2ForConditionalGeneration.from_pretrained(FOLDER, dtype=torch.bfloat16).eval()\n"
+            "processor = Blip2Processor.from_pretrained(FOLDER)"
+        )
+        call = (
+            "# Pass the generation config explicitly: BLIP-2's generate() hands generation to its language\n"
+            "# model, which does not read this folder's generation_config.json (transformers 5).\n"
+            "ids = model.generate(**inputs, generation_config=model.generation_config)"
+        )
     decoder_only = meta.get("family") == "opt"
-    cut = "ids = ids[:, inputs[\"input_ids\"].shape[1]:]  # OPT returns the prompt first\n" if decoder_only else ""
+    cut = 'ids = ids[:, inputs["input_ids"].shape[1]:]  # OPT returns the prompt first\n' if decoder_only else ""
     return f"""## Use
 
 With blip2-dist:

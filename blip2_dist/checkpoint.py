@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from blip2_dist import dist
-from blip2_dist.io import write_json_atomic, write_text_atomic
 from blip2_dist.errors import UserError
+from blip2_dist.io import write_json_atomic, write_text_atomic
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -39,25 +39,25 @@ _TAG = re.compile(r"step_\d{8}")
 class TrainState:
     """Everything beyond the engine's tensors that an exact resume needs."""
 
-    step: int = 0               # optimizer steps done
-    epoch: int = 0              # current epoch
-    batch_in_epoch: int = 0     # micro-batches of `epoch` consumed (the loader's position)
-    micro_per_epoch: int = 0    # the epoch length that position refers to (detects a changed launch shape)
-    world_size: int = 0         # ranks that wrote the checkpoint (ZeRO partitions optimizer state by it)
-    examples_seen: int = 0      # captions, all ranks
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # micro-batches of `epoch` consumed (the loader's position)
+    micro_per_epoch: int = 0  # the epoch length that position refers to (detects a changed launch shape)
+    world_size: int = 0  # ranks that wrote the checkpoint (ZeRO partitions optimizer state by it)
+    examples_seen: int = 0  # captions, all ranks
     nonfinite_skipped: int = 0
-    losses: list[float] = field(default_factory=list)   # mean loss of every optimizer step
+    losses: list[float] = field(default_factory=list)  # mean loss of every optimizer step
     best_metric: float | None = None
     best_step: int | None = None
     eval_pending: bool = False  # a stop signal interrupted the evaluation at `step`: run it on resume
-    evals_since_best: int = 0   # evaluations in a row without a better --best-metric (early stopping)
+    evals_since_best: int = 0  # evaluations in a row without a better --best-metric (early stopping)
     stopped_early: bool = False
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> "TrainState":
+    def from_state_dict(cls, d: dict) -> TrainState:
         return cls(**d)
 
 
@@ -80,7 +80,8 @@ def file_sizes(path: Path) -> dict[str, int]:
     """Every file under a checkpoint folder (relative path -> bytes), COMPLETE itself excluded."""
     return {
         str(f.relative_to(path)): f.stat().st_size
-        for f in sorted(path.rglob("*")) if f.is_file() and f.name != COMPLETE
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != COMPLETE
     }
 
 
@@ -134,8 +135,9 @@ def plan_resume(output_dir: str | Path, resume: str) -> ResumePlan:
         return ResumePlan(path, [f"--resume {resume}: resuming from {path}"])
     if not root.is_dir():
         why = f"{out} does not exist" if not out.exists() else f"{out} has no checkpoints folder"
-        return ResumePlan(None, [f"--resume auto: starting fresh: {why} (check --output-dir if you meant "
-                                 "to continue a run)"])
+        return ResumePlan(
+            None, [f"--resume auto: starting fresh: {why} (check --output-dir if you meant to continue a run)"]
+        )
     notes: list[str] = []
     candidates = checkpoint_folders(root)[::-1]  # newest first
     latest = root / LATEST
@@ -158,9 +160,12 @@ def _newer_than(chosen: Path, candidates: list[Path]) -> list[str]:
     notes = []
     for path in sorted(c for c in candidates if c.name > chosen.name):
         reason = unusable_reason(path)
-        notes.append(f"warning: checkpoint {path} {reason}: skipped, left in place" if reason else
-                     f"note: checkpoint {path} is newer than the one {LATEST} names, not used (from before a resume "
-                     f"at an earlier step, or a crash before {LATEST} was updated)")
+        notes.append(
+            f"warning: checkpoint {path} {reason}: skipped, left in place"
+            if reason
+            else f"note: checkpoint {path} is newer than the one {LATEST} names, not used (from before a resume "
+            f"at an earlier step, or a crash before {LATEST} was updated)"
+        )
     return notes
 
 
@@ -193,8 +198,11 @@ class Checkpointer:
             print(f"warning: checkpoint folder {path} already existed: moved to {aside} (not deleted)", flush=True)
         dist.barrier()
         engine.save_checkpoint(
-            str(self.root), tag=tag, client_state={"train_state": state.state_dict()},
-            save_latest=False, exclude_frozen_parameters=True,
+            str(self.root),
+            tag=tag,
+            client_state={"train_state": state.state_dict()},
+            save_latest=False,
+            exclude_frozen_parameters=True,
         )
         self.export_adapter(path / "adapter")
         if self.is_main:
@@ -216,17 +224,24 @@ class Checkpointer:
         saved = json.loads((path / "train_state.json").read_text()).get("world_size", 0)
         same_world = saved in (0, dist.get_world_size())
         if not same_world:
-            dist.print0(f"warning: {path} was written by {saved} ranks, this run has {dist.get_world_size()}: "
-                        "weights, LR schedule and position restored, optimizer moments restart")
+            dist.print0(
+                f"warning: {path} was written by {saved} ranks, this run has {dist.get_world_size()}: "
+                "weights, LR schedule and position restored, optimizer moments restart"
+            )
         try:
             load_path, client = engine.load_checkpoint(
-                str(path.parent), tag=path.name, load_module_strict=False,
-                load_optimizer_states=same_world, load_lr_scheduler_states=True,
+                str(path.parent),
+                tag=path.name,
+                load_module_strict=False,
+                load_optimizer_states=same_world,
+                load_lr_scheduler_states=True,
             )
         except Exception as e:  # noqa: BLE001 - DeepSpeed raises bare AssertionErrors, torch zip errors...
             detail = " ".join(str(e).split())[:300] or "no message"
-            raise UserError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {detail}); a file in it "
-                            "is damaged: resume from another one with --resume STEP") from e
+            raise UserError(
+                f"checkpoint {path} cannot be loaded ({type(e).__name__}: {detail}); a file in it "
+                "is damaged: resume from another one with --resume STEP"
+            ) from e
         if load_path is None:
             raise UserError(f"DeepSpeed found no checkpoint to load in {path}")
         state = TrainState.from_state_dict(client["train_state"])

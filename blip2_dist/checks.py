@@ -21,10 +21,10 @@ from pathlib import Path
 
 from blip2_dist.checkpoint import ResumePlan, plan_resume
 from blip2_dist.config import Config, check_values
-from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config, precision_of
 from blip2_dist.data.reader import check_data, is_manifest, split_sources
 from blip2_dist.data.shards import manifest_location, read_manifest, split_shards
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, local_path
+from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config, precision_of
 from blip2_dist.errors import UserError
 from blip2_dist.models import REAL_TEXT, TINY_MODELS
 
@@ -39,8 +39,9 @@ class TrainingPlan:
     resume: ResumePlan
 
 
-def check_training(cfg: Config, world_size: int, rank: int = 0,
-                   precisions: tuple[bool, bool] = (True, False)) -> TrainingPlan:
+def check_training(
+    cfg: Config, world_size: int, rank: int = 0, precisions: tuple[bool, bool] = (True, False)
+) -> TrainingPlan:
     """Every check of a training run; see the module docstring. precisions: (bf16, fp16) the device
     has (blip2_dist.engine.device_precisions)."""
     for section in (cfg.model, cfg.data, cfg.optim, cfg.eval, cfg.train):
@@ -96,8 +97,7 @@ def check_splits(data: str, splits: dict[str, str], retry: RetryPolicy = DEFAULT
             for shard in split_shards(manifest, split, spec):
                 path = local_path(shard["path"])
                 if path is not None and not path.is_file():
-                    raise UserError(f"--data {data}: shard {path} is listed in {manifest_location(spec)} "
-                                    "but missing")
+                    raise UserError(f"--data {data}: shard {path} is listed in {manifest_location(spec)} but missing")
                 if path is not None and path.stat().st_size == 0:
                     raise UserError(f"--data {data}: shard {path} is empty (0 bytes)")
 
@@ -116,15 +116,26 @@ def check_train_plan(cfg: Config, world_size: int, rank: int) -> None:
     from blip2_dist.data.stream import TrainStream  # torch, but no model and no process group
 
     try:
-        stream = TrainStream(cfg.data.data, cfg.data.train_split, None, None, micro_batch=cfg.data.micro_batch,
-                             rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
-                             caption_mode=cfg.data.caption_mode, shuffle_buffer=cfg.data.shuffle_buffer,
-                             retry=RetryPolicy(retries=cfg.data.data_retries))
+        stream = TrainStream(
+            cfg.data.data,
+            cfg.data.train_split,
+            None,
+            None,
+            micro_batch=cfg.data.micro_batch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.data.num_workers,
+            caption_mode=cfg.data.caption_mode,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            retry=RetryPolicy(retries=cfg.data.data_retries),
+        )
     except ValueError as e:
         raise UserError(f"--data {cfg.data.data}: {e}") from None
     if stream.steps_per_epoch < cfg.optim.grad_accum:
-        raise UserError(f"one epoch gives {stream.steps_per_epoch} micro-batches per rank, fewer than "
-                        f"--grad-accum {cfg.optim.grad_accum}")
+        raise UserError(
+            f"one epoch gives {stream.steps_per_epoch} micro-batches per rank, fewer than "
+            f"--grad-accum {cfg.optim.grad_accum}"
+        )
 
 
 # ---- paths written ----------------------------------------------------------------------------
@@ -165,8 +176,10 @@ def check_model(name: str, flag: str = "--model") -> None:
     if path.is_dir():
         config = path / "config.json"
         if not config.is_file():
-            raise UserError(f"{flag} {name}: this folder has no config.json, so it is not a saved model "
-                            "(save_pretrained writes one)")
+            raise UserError(
+                f"{flag} {name}: this folder has no config.json, so it is not a saved model "
+                "(save_pretrained writes one)"
+            )
         try:
             model_type = json.loads(config.read_text()).get("model_type")
         except (OSError, ValueError) as e:
@@ -188,31 +201,39 @@ def _check_hub_id(name: str, flag: str) -> None:
     try:
         huggingface_hub.utils.validate_repo_id(name)
     except errors.HFValidationError:
-        raise UserError(f"{flag} {name}: neither a folder nor a valid hub id (like Salesforce/blip2-opt-2.7b)") \
-            from None
+        raise UserError(
+            f"{flag} {name}: neither a folder nor a valid hub id (like Salesforce/blip2-opt-2.7b)"
+        ) from None
     if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
         return
     if constants.HF_HUB_OFFLINE:
-        raise UserError(f"{flag} {name}: not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
-                        f"is set: download it where the hub is reachable (hf download {name}) and pass the folder")
+        raise UserError(
+            f"{flag} {name}: not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+            f"is set: download it where the hub is reachable (hf download {name}) and pass the folder"
+        )
     try:
         huggingface_hub.model_info(name, timeout=15)
     except errors.RepositoryNotFoundError:
-        raise UserError(f"{flag} {name}: no such model on the Hugging Face hub (or it is private: log in "
-                        "with `hf auth login`)") from None
+        raise UserError(
+            f"{flag} {name}: no such model on the Hugging Face hub (or it is private: log in with `hf auth login`)"
+        ) from None
     except errors.GatedRepoError:
         raise UserError(f"{flag} {name}: a gated model: accept its terms on the hub and log in") from None
     except Exception as e:  # noqa: BLE001 - no network, DNS, proxy, TLS: all mean "cannot reach the hub"
-        raise UserError(f"{flag} {name}: not a local folder, not in the Hugging Face cache, and the hub cannot "
-                        f"be reached ({type(e).__name__}: {e}); download it elsewhere and pass the folder") from None
+        raise UserError(
+            f"{flag} {name}: not a local folder, not in the Hugging Face cache, and the hub cannot "
+            f"be reached ({type(e).__name__}: {e}); download it elsewhere and pass the folder"
+        ) from None
 
 
 def check_random_init(name: str) -> None:
     if name in TINY_MODELS or name in REAL_TEXT:
         return
     if not (Path(os.path.expanduser(name)) / "config.json").is_file():
-        raise UserError(f"--random-init --model {name}: not a known architecture ({', '.join(REAL_TEXT)}) "
-                        "nor a folder with a config.json")
+        raise UserError(
+            f"--random-init --model {name}: not a known architecture ({', '.join(REAL_TEXT)}) "
+            "nor a folder with a config.json"
+        )
 
 
 def check_adapter(path: str, model: str | None) -> None:
@@ -224,7 +245,9 @@ def check_adapter(path: str, model: str | None) -> None:
     if not folder.is_dir():
         raise UserError(f"--adapter {path} is a file; pass the adapter folder")
     if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {path}: not an adapter folder (no adapter_config.json); training writes "
-                        "them to OUTPUT_DIR/best and OUTPUT_DIR/checkpoints/step_N/adapter")
+        raise UserError(
+            f"--adapter {path}: not an adapter folder (no adapter_config.json); training writes "
+            "them to OUTPUT_DIR/best and OUTPUT_DIR/checkpoints/step_N/adapter"
+        )
     if model is None and not (folder / "blip2_dist_adapter.json").is_file():
         raise UserError(f"--adapter {path} records no base model (no blip2_dist_adapter.json): pass --model")

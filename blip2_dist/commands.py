@@ -16,7 +16,14 @@ import sys
 from dataclasses import MISSING, dataclass
 
 from blip2_dist.config import (
-    GENERATION_FIELDS, SECTIONS, DataArgs, EvalArgs, ModelArgs, Parsed, markdown_reference, option,
+    GENERATION_FIELDS,
+    SECTIONS,
+    DataArgs,
+    EvalArgs,
+    ModelArgs,
+    Parsed,
+    markdown_reference,
+    option,
 )
 from blip2_dist.data.flickr8k import LAYOUTS
 from blip2_dist.data.hf_datasets import CAPTION_COLUMNS
@@ -31,10 +38,15 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 @dataclass
 class InferenceArgs:
-    adapter: str | None = option(None, "adapter directory saved by training (omit for zero-shot); without --model "
-                                 "its base model is loaded")
-    dtype: str = option("bfloat16", "inference dtype (bfloat16: the precision training runs and evaluates in, on "
-                        "GPUs and DeepSpeed's CPU accelerator alike)", choices=list(DTYPE_NAMES))
+    adapter: str | None = option(
+        None, "adapter directory saved by training (omit for zero-shot); without --model its base model is loaded"
+    )
+    dtype: str = option(
+        "bfloat16",
+        "inference dtype (bfloat16: the precision training runs and evaluates in, on "
+        "GPUs and DeepSpeed's CPU accelerator alike)",
+        choices=list(DTYPE_NAMES),
+    )
 
 
 def base_model(parsed: Parsed) -> str | None:
@@ -48,9 +60,12 @@ def base_model(parsed: Parsed) -> str | None:
 class EvaluateArgs:
     split: str = option("val", "split to evaluate")
     output_dir: str = option("", "where results go (empty: ADAPTER/eval-SPLIT, or runs/eval-SPLIT without --adapter)")
-    tensorboard_dir: str = option("", "TensorBoard run folder (empty: OUTPUT_DIR/tensorboard); its name is the run's "
-                                  "name in TensorBoard, e.g. RUN/tensorboard/before-training beside the trainer's "
-                                  "RUN/tensorboard/training")
+    tensorboard_dir: str = option(
+        "",
+        "TensorBoard run folder (empty: OUTPUT_DIR/tensorboard); its name is the run's "
+        "name in TensorBoard, e.g. RUN/tensorboard/before-training beside the trainer's "
+        "RUN/tensorboard/training",
+    )
 
 
 @dataclass
@@ -63,18 +78,28 @@ class CaptionArgs:
 @dataclass
 class SamplingArgs:
     do_sample: bool = option(False, "sample instead of searching (with --top-p: nucleus)")
-    top_p: float | None = option(None, "nucleus sampling: keep the smallest token set of this total probability "
-                                 "(needs --do-sample)", gt=0.0, max=1.0)
+    top_p: float | None = option(
+        None,
+        "nucleus sampling: keep the smallest token set of this total probability (needs --do-sample)",
+        gt=0.0,
+        max=1.0,
+    )
     num_return_sequences: int = option(1, "captions per image (at most --num-beams unless sampling)", min=1)
     seed: int = option(0, "random seed for --do-sample")
 
 
 @dataclass
 class PlacementArgs:
-    device_map: str | None = option(None, "spread the layers over the GPUs, then CPU memory, then disk "
-                                    "(--offload-folder)", choices=["auto", "balanced", "balanced_low_0", "sequential"])
-    max_memory: str | None = option(None, "memory per device for --device-map, e.g. 0=20GiB,cpu=60GiB (sizes in "
-                                    "bytes or with a unit)", metavar="DEVICE=SIZE,...")
+    device_map: str | None = option(
+        None,
+        "spread the layers over the GPUs, then CPU memory, then disk (--offload-folder)",
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+    )
+    max_memory: str | None = option(
+        None,
+        "memory per device for --device-map, e.g. 0=20GiB,cpu=60GiB (sizes in bytes or with a unit)",
+        metavar="DEVICE=SIZE,...",
+    )
     offload_folder: str | None = option(None, "where --device-map puts the layers that fit nowhere else")
 
 
@@ -85,8 +110,9 @@ class PlacementArgs:
 class ExportArgs:
     adapter: str = option(MISSING, "adapter folder saved by training (RUN/best, RUN/checkpoints/step_N/adapter)")
     out: str = option(MISSING, "folder to write; must not exist unless --overwrite")
-    dtype: str = option("bfloat16", "dtype of the saved weights (not of a computation: no auto)",
-                        choices=sorted(DTYPE_NAMES))
+    dtype: str = option(
+        "bfloat16", "dtype of the saved weights (not of a computation: no auto)", choices=sorted(DTYPE_NAMES)
+    )
     overwrite: bool = option(False, "replace --out if it is an earlier export")
 
 
@@ -95,20 +121,27 @@ class ExportArgs:
 
 @dataclass
 class PackOutputArgs:
-    out: str = option(MISSING, "output folder for the shards and manifest.json: missing, empty, or holding a pack "
-                      "written here before (replaced when the new one is complete)", metavar="DIR")
-    overwrite: bool = option(False, "write into a --out that holds other files: files named like the pack's are "
-                             "replaced, the rest kept")
+    out: str = option(
+        MISSING,
+        "output folder for the shards and manifest.json: missing, empty, or holding a pack "
+        "written here before (replaced when the new one is complete)",
+        metavar="DIR",
+    )
+    overwrite: bool = option(
+        False, "write into a --out that holds other files: files named like the pack's are replaced, the rest kept"
+    )
 
 
 @dataclass
 class PackArgs:
     samples_per_shard: int = option(1000, "images per shard", metavar="N", aliases=["--images-per-shard"])
-    max_side: int | None = option(None, "re-encode images whose long side exceeds N to N (none: keep the original "
-                                  "bytes)", metavar="N")
+    max_side: int | None = option(
+        None, "re-encode images whose long side exceeds N to N (none: keep the original bytes)", metavar="N"
+    )
     quality: int = option(DEFAULT_QUALITY, "JPEG quality when re-encoding", metavar="Q")
-    workers: int | None = option(None, "image reading/decoding/re-encoding threads (none: CPU count, at most 8; "
-                                 "1 = no pool)", metavar="N")
+    workers: int | None = option(
+        None, "image reading/decoding/re-encoding threads (none: CPU count, at most 8; 1 = no pool)", metavar="N"
+    )
     skip_bad: bool = option(False, "pack the rest when input is bad; list what was left out in the manifest")
     progress: bool = option(True, "progress bar (off anyway when stderr is not a terminal)")
 
@@ -118,34 +151,44 @@ class Flickr8kSource:
     source: str = option(MISSING, "the folder where Flickr8k was unzipped", positional=True)
     format: str | None = option(None, "force the layout (none: detected)", choices=list(LAYOUTS))
     images: str | None = option(None, "the image folder, if it can't be found beside the text files", metavar="DIR")
-    splits: str | None = option(None, "kaggle layout: folder with Flickr_8k.{train,dev,test}Images.txt (none: sha1 "
-                                "hash split 6:1:1)", metavar="DIR")
+    splits: str | None = option(
+        None,
+        "kaggle layout: folder with Flickr_8k.{train,dev,test}Images.txt (none: sha1 hash split 6:1:1)",
+        metavar="DIR",
+    )
 
 
 @dataclass
 class HfSource:
     path: str = option(MISSING, "an imagefolder (images + metadata.jsonl) or a save_to_disk folder", positional=True)
     image_column: str = option("image", "image column")
-    caption_column: list[str] | None = option(None, "caption column(s), each a string or a list of strings (none: "
-                                              f"first of {', '.join(CAPTION_COLUMNS)})", nargs="+")
+    caption_column: list[str] | None = option(
+        None,
+        f"caption column(s), each a string or a list of strings (none: first of {', '.join(CAPTION_COLUMNS)})",
+        nargs="+",
+    )
     split_column: str | None = option(None, "column naming each row's split (train/validation|val|dev/test)")
-    split_ratio: str | None = option(None, "re-split by a hash of the image id, e.g. 0.8,0.1,0.1 (none: the "
-                                     "dataset's own splits)", metavar="A,B,C")
-    cache_dir: str | None = option(None, "datasets cache for the imagefolder loader (none: HF_DATASETS_CACHE)",
-                                   metavar="DIR")
+    split_ratio: str | None = option(
+        None, "re-split by a hash of the image id, e.g. 0.8,0.1,0.1 (none: the dataset's own splits)", metavar="A,B,C"
+    )
+    cache_dir: str | None = option(
+        None, "datasets cache for the imagefolder loader (none: HF_DATASETS_CACHE)", metavar="DIR"
+    )
 
 
 @dataclass
 class KarpathySource:
     source: str = option(MISSING, "the json, or the folder holding it and the images", positional=True)
-    images: str | None = option(None, "the image folder (COCO: the folder holding train2014/ and val2014/)",
-                                metavar="DIR")
+    images: str | None = option(
+        None, "the image folder (COCO: the folder holding train2014/ and val2014/)", metavar="DIR"
+    )
 
 
 @dataclass
 class CocoSource:
-    source: str = option(MISSING, "the folder holding annotations/ and train2014/ val2014/ (or train2017/ "
-                         "val2017/)", positional=True)
+    source: str = option(
+        MISSING, "the folder holding annotations/ and train2014/ val2014/ (or train2017/ val2017/)", positional=True
+    )
     year: int | None = option(None, "which release (none: the one present)", choices=[2014, 2017])
     images: str | None = option(None, "the folder holding train{YEAR}/ and val{YEAR}/", metavar="DIR")
 
@@ -156,19 +199,20 @@ SHARD_URLS_HELP = "shard URLs with {a..b} patterns (paths, http(s)://, pipe:CMD)
 @dataclass
 class Img2datasetSource:
     shards: str = option(MISSING, SHARD_URLS_HELP, positional=True)
-    group_by: str | None = option(None, "json field naming the image (none: image_id if present, else url)",
-                                  metavar="FIELD")
+    group_by: str | None = option(
+        None, "json field naming the image (none: image_id if present, else url)", metavar="FIELD"
+    )
     split: str = option("train", "the split of every image", choices=list(SPLITS))
-    split_ratio: str | None = option(None, "or split by a hash of the image id, e.g. 0.98,0.01,0.01",
-                                     metavar="A,B,C")
+    split_ratio: str | None = option(None, "or split by a hash of the image id, e.g. 0.98,0.01,0.01", metavar="A,B,C")
     retries: int = option(5, "failed remote reads in a row retried with backoff")
 
 
 @dataclass
 class IndexArgs:
     shards: str = option(MISSING, SHARD_URLS_HELP, positional=True)
-    out: str = option(MISSING, "the manifest to write (a .json path, or a folder for DIR/manifest.json); other "
-                      "splits in it are kept")
+    out: str = option(
+        MISSING, "the manifest to write (a .json path, or a folder for DIR/manifest.json); other splits in it are kept"
+    )
     split: str = option("train", "the split these shards are", choices=list(SPLITS))
     workers: int | None = option(None, "shards read at once (none: CPU count, at most 4)")
     retries: int = option(5, "failed remote reads in a row retried with backoff")
@@ -217,9 +261,14 @@ COMMANDS: dict[str, dict[str, tuple[type, tuple[str, ...] | None]]] = {
         "placement": (PlacementArgs, None),
     },
     "export (launch/export.py)": {"export": (ExportArgs, None)},
-    **{f"pack {name} (blip2-pack {name})": {"source": (cls, None), "output": (PackOutputArgs, None),
-                                            "pack": (PackArgs, None)}
-       for name, (cls, _) in PACK_SOURCES.items()},
+    **{
+        f"pack {name} (blip2-pack {name})": {
+            "source": (cls, None),
+            "output": (PackOutputArgs, None),
+            "pack": (PackArgs, None),
+        }
+        for name, (cls, _) in PACK_SOURCES.items()
+    },
     "pack index (blip2-pack index)": {"index": (IndexArgs, None)},
     "pack synthetic (blip2-pack synthetic)": {"output": (PackOutputArgs, None), "synthetic": (SyntheticArgs, None)},
 }

@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, get_args, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from blip2_dist.errors import UsageError, UserError
 
@@ -46,46 +47,75 @@ def option(default: Any, help: str, **meta: Any) -> Any:
 
 @dataclass
 class ModelArgs:
-    model: str = option(DEFAULT_MODEL, "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt "
-                        "(evaluate, caption: the adapter's base when --adapter is given without --model)")
+    model: str = option(
+        DEFAULT_MODEL,
+        "BLIP-2 to fine-tune: hub id, local directory, or tiny-t5 / tiny-opt "
+        "(evaluate, caption: the adapter's base when --adapter is given without --model)",
+    )
     random_init: bool = option(False, "build the named architecture with random weights, no download (benchmarks only)")
     lora_r: int = option(16, "LoRA rank", min=1)
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", min=1)
     lora_dropout: float = option(0.05, "dropout on the LoRA path", min=0.0, lt=1.0)
-    lora_targets: list[str] | None = option(None, "language-model modules to adapt (default T5: q v; OPT: q_proj v_proj)", nargs="+")
-    qformer_lora_targets: list[str] | None = option(None, "Q-Former modules to adapt with LoRA too (e.g. query value)", nargs="+")
-    vision_lora_targets: list[str] | None = option(None, "vision-encoder modules to adapt with LoRA too (e.g. qkv)", nargs="+")
+    lora_targets: list[str] | None = option(
+        None, "language-model modules to adapt (default T5: q v; OPT: q_proj v_proj)", nargs="+"
+    )
+    qformer_lora_targets: list[str] | None = option(
+        None, "Q-Former modules to adapt with LoRA too (e.g. query value)", nargs="+"
+    )
+    vision_lora_targets: list[str] | None = option(
+        None, "vision-encoder modules to adapt with LoRA too (e.g. qkv)", nargs="+"
+    )
     train_qformer: bool = option(False, "train the Q-Former, query tokens and projection fully")
     train_query_tokens: bool = option(False, "train the query tokens (saved beside the adapter)")
-    train_language_projection: bool = option(False, "train the Q-Former -> language-model projection "
-                                         "(saved beside the adapter)")
-    group_images: bool = option(True, "run the vision encoder (and a frozen Q-Former) once per image, not once per caption")
-    grad_checkpointing: bool = option(False, "activation checkpointing (non-reentrant) in every BLIP-2 part: less memory, more compute")
+    train_language_projection: bool = option(
+        False, "train the Q-Former -> language-model projection (saved beside the adapter)"
+    )
+    group_images: bool = option(
+        True, "run the vision encoder (and a frozen Q-Former) once per image, not once per caption"
+    )
+    grad_checkpointing: bool = option(
+        False, "activation checkpointing (non-reentrant) in every BLIP-2 part: less memory, more compute"
+    )
 
 
 @dataclass
 class DataArgs:
-    data: str = option("shards/flickr8k", "a shard folder with manifest.json (python -m blip2_dist.data.pack_cli); a "
-                   "manifest's path or URL (http(s)://, file:, pipe:CMD); or shard URLs with {a..b} patterns; "
-                   "several joined by '::' (docs/data.md)")
-    data_retries: int = option(5, "remote shards and manifests: failed reads in a row (dropped connection, 5xx, "
-                           "pipe: command error, stall) retried with backoff before the run stops naming the URL",
-                           min=0)
+    data: str = option(
+        "shards/flickr8k",
+        "a shard folder with manifest.json (python -m blip2_dist.data.pack_cli); a "
+        "manifest's path or URL (http(s)://, file:, pipe:CMD); or shard URLs with {a..b} patterns; "
+        "several joined by '::' (docs/data.md)",
+    )
+    data_retries: int = option(
+        5,
+        "remote shards and manifests: failed reads in a row (dropped connection, 5xx, "
+        "pipe: command error, stall) retried with backoff before the run stops naming the URL",
+        min=0,
+    )
     train_split: str = option("train", "split to train on")
     eval_split: str = option("val", "split to evaluate on during training")
     micro_batch: int = option(16, "captions per micro-batch per rank", min=1)
     num_workers: int = option(2, "loader worker processes per rank (0 = in the main process)", min=0)
-    caption_mode: str = option("all", "all: every caption once per epoch; random: one random caption per image per epoch", choices=["all", "random"])
-    prompt: str = option("", 'text prompt before the caption (LAVIS uses "a photo of"; evaluate, caption: the '
-                         "adapter's recorded prompt when not given)")
+    caption_mode: str = option(
+        "all",
+        "all: every caption once per epoch; random: one random caption per image per epoch",
+        choices=["all", "random"],
+    )
+    prompt: str = option(
+        "",
+        'text prompt before the caption (LAVIS uses "a photo of"; evaluate, caption: the '
+        "adapter's recorded prompt when not given)",
+    )
     max_caption_tokens: int = option(64, "captions longer than this many tokens are truncated (counted)", min=1)
     shuffle_buffer: int = option(1000, "images in each worker's shuffle buffer", min=1)
-    augment: bool = option(False, "training-time image augmentation (off by default: flips contradict left/right captions)")
+    augment: bool = option(
+        False, "training-time image augmentation (off by default: flips contradict left/right captions)"
+    )
 
 
 @dataclass
 class OptimArgs:
-    lr: float = option(1e-4, "peak learning rate (fills DeepSpeed's \"auto\")", gt=0.0)
+    lr: float = option(1e-4, 'peak learning rate (fills DeepSpeed\'s "auto")', gt=0.0)
     weight_decay: float = option(0.05, "AdamW weight decay; never applied to biases and norms", min=0.0)
     adam_betas: list[float] = option([0.9, 0.999], "AdamW betas", nargs=2, min=0.0, lt=1.0)
     adam_eps: float = option(1e-8, "AdamW epsilon", gt=0.0)
@@ -93,7 +123,9 @@ class OptimArgs:
     min_lr_ratio: float = option(0.0, "cosine decays to lr * min_lr_ratio", min=0.0, max=1.0)
     grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", min=0.0)
-    fused_adamw: str = option("auto", "torch's fused AdamW kernel: auto (on CUDA), on, off", choices=["auto", "on", "off"])
+    fused_adamw: str = option(
+        "auto", "torch's fused AdamW kernel: auto (on CUDA), on, off", choices=["auto", "on", "off"]
+    )
 
 
 @dataclass
@@ -105,7 +137,9 @@ class EvalArgs:
     length_penalty: float = option(1.0, "beam search length penalty (> 1 favours longer captions, < 1 shorter)")
     eval_batch: int = option(16, "images per generation batch per rank", min=1)
     max_eval_images: int = option(0, "evaluate only the first N images of the split (0 = all)", min=0)
-    best_metric: str = option("CIDEr", "metric that picks the best checkpoint (loss: the validation loss, lower is better)")
+    best_metric: str = option(
+        "CIDEr", "metric that picks the best checkpoint (loss: the validation loss, lower is better)"
+    )
     gallery_images: int = option(24, "images shown in the HTML gallery and TensorBoard", min=0)
 
     def generation(self) -> dict[str, Any]:
@@ -126,27 +160,38 @@ GENERATION_FIELDS = {
 @dataclass
 class TrainArgs:
     output_dir: str = option("runs/blip2", "run directory: checkpoints, adapters, TensorBoard, eval results")
-    deepspeed: str = option("ds_configs/zero2.json", "DeepSpeed JSON config (\"auto\" values are filled from these flags)")
-    allow_fp16_t5: bool = option(False, "train a FLAN-T5 model in fp16 although its activations overflow fp16 "
-                             "(transformers issue 23918); without it fp16 + T5 is refused")
+    deepspeed: str = option(
+        "ds_configs/zero2.json", 'DeepSpeed JSON config ("auto" values are filled from these flags)'
+    )
+    allow_fp16_t5: bool = option(
+        False,
+        "train a FLAN-T5 model in fp16 although its activations overflow fp16 "
+        "(transformers issue 23918); without it fp16 + T5 is refused",
+    )
     epochs: int = option(1, "epochs to train (ignored when --max-steps is set)", min=1)
     max_steps: int = option(0, "optimizer steps to train (0 = use --epochs)", min=0)
     save_steps: int = option(500, "checkpoint every N optimizer steps (and at the end)", min=1)
     eval_steps: int = option(0, "evaluate every N optimizer steps (0 = only at the end)", min=0)
     keep_last: int = option(2, "checkpoints kept (the best adapter is kept apart)", min=1)
-    resume: str = option("", "auto (the newest usable checkpoint in --output-dir, else a fresh start, said "
-                     "loudly), a step number (its checkpoint in --output-dir), or a checkpoint path")
+    resume: str = option(
+        "",
+        "auto (the newest usable checkpoint in --output-dir, else a fresh start, said "
+        "loudly), a step number (its checkpoint in --output-dir), or a checkpoint path",
+    )
     seed: int = option(42, "seed for data order, LoRA init and dropout")
     log_steps: int = option(10, "TensorBoard scalars every N optimizer steps", min=1)
     max_nonfinite: int = option(0, "micro-batches with a NaN/inf loss skipped before the run stops", min=0)
     skip_eval: bool = option(False, "no evaluation during or after training")
-    dist_timeout: float = option(600.0, "seconds a collective waits for the other ranks before this rank fails (exit 76)",
-                             gt=0.0)
+    dist_timeout: float = option(
+        600.0, "seconds a collective waits for the other ranks before this rank fails (exit 76)", gt=0.0
+    )
     heartbeat_timeout: float = option(
-        60.0, "seconds a dead or cut-off rank is waited for before all ranks exit 76 (0 = off)", min=0.0)
+        60.0, "seconds a dead or cut-off rank is waited for before all ranks exit 76 (0 = off)", min=0.0
+    )
     sample_log: bool = option(False, "log every trained example (image id, caption) to OUTPUT_DIR/samples/rank-N.jsonl")
     early_stop_patience: int = option(
-        0, "stop after N evaluations in a row without a better --best-metric (0 = never); best/ keeps the best adapter")
+        0, "stop after N evaluations in a row without a better --best-metric (0 = never); best/ keeps the best adapter"
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -238,8 +283,7 @@ def _fields(cls: type, only: Sequence[str] | None) -> list[dataclasses.Field]:
     return [by_name[name] for name in only]
 
 
-def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str,
-                     only: Sequence[str] | None = None) -> None:
+def add_section_args(parser: argparse.ArgumentParser, cls: type, title: str, only: Sequence[str] | None = None) -> None:
     """One flag per field of `cls` (or of the fields named in `only`), defaults suppressed so that what
     the user set is told apart from the defaults (section_from, given_options)."""
     group = parser.add_argument_group(title)
@@ -281,8 +325,11 @@ def section_from(cls: type, args: argparse.Namespace, file_values: dict | None =
     return obj
 
 
-def build_parser(description: str, sections: tuple[str, ...] | dict[str, type] = tuple(SECTIONS),
-                 only: dict[str, Sequence[str]] | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    description: str,
+    sections: tuple[str, ...] | dict[str, type] = tuple(SECTIONS),
+    only: dict[str, Sequence[str]] | None = None,
+) -> argparse.ArgumentParser:
     """--config, --debug and the flags of every section: training's (names in SECTIONS) or a command's
     own `{title: dataclass}`; `only`: {title: the fields of that section this command takes}."""
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,8 +357,12 @@ class Parsed:
     only: dict[str, Sequence[str]]  # per section title: the fields the command takes (absent: all)
 
 
-def parse_sections(argv: Sequence[str] | None, description: str, sections: dict[str, type],
-                   only: dict[str, Sequence[str]] | None = None) -> Parsed:
+def parse_sections(
+    argv: Sequence[str] | None,
+    description: str,
+    sections: dict[str, type],
+    only: dict[str, Sequence[str]] | None = None,
+) -> Parsed:
     """A command's options: defaults <- --config file <- command-line flags, each section checked."""
     args = build_parser(description, sections, only).parse_args(argv)
     file = _read_file(args.config) if args.config else {}
@@ -368,8 +419,9 @@ def parse_config(argv: list[str] | None, description: str, sections: tuple[str, 
     return Config(**parsed.sections)
 
 
-def save_config(path: str | Path, sections: dict[str, Any], only: dict[str, Sequence[str]] | None = None,
-                **extra: Any) -> Path:
+def save_config(
+    path: str | Path, sections: dict[str, Any], only: dict[str, Sequence[str]] | None = None, **extra: Any
+) -> Path:
     """A command's resolved options as JSON, nested by section like a --config file (`only`: the fields
     the command takes, per section; `extra`: what it resolved beyond its flags), written atomically."""
     from blip2_dist.io import write_json_atomic

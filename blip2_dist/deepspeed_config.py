@@ -18,7 +18,9 @@ def _fill(section: dict, key: str, value: Any, path: str) -> None:
     current = section.get(key, "auto")
     if current == "auto":
         section[key] = value
-    elif current != value and not (isinstance(value, float) and isinstance(current, (int, float)) and abs(current - value) < 1e-12):
+    elif current != value and not (
+        isinstance(value, float) and isinstance(current, (int, float)) and abs(current - value) < 1e-12
+    ):
         raise ValueError(
             f"DeepSpeed config sets {path}.{key}={current!r} but the run's settings give {value!r}: "
             f'set it to "auto" or make the flags agree'
@@ -39,7 +41,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 def choose_precision(ds: dict, bf16_ok: bool, fp16_ok: bool) -> str:
-    """"bf16", "fp16" or "fp32" from the JSON's `bf16` / `fp16` sections and what the device can do.
+    """ "bf16", "fp16" or "fp32" from the JSON's `bf16` / `fp16` sections and what the device can do.
 
     "auto" picks bf16 where the device has it, else fp16 (V100, T4: no bf16) where the JSON's fp16
     section says "auto", else fp32. An explicit true is taken as is, and is an error on a device
@@ -51,8 +53,10 @@ def choose_precision(ds: dict, bf16_ok: bool, fp16_ok: bool) -> str:
         raise ValueError('DeepSpeed config enables both bf16 and fp16: enable one (or set both to "auto")')
     if forced:
         if not able[forced[0]]:
-            raise ValueError(f"DeepSpeed config enables {forced[0]} but this device has no {forced[0]} support: "
-                             f'set {forced[0]}.enabled to "auto"')
+            raise ValueError(
+                f"DeepSpeed config enables {forced[0]} but this device has no {forced[0]} support: "
+                f'set {forced[0]}.enabled to "auto"'
+            )
         return forced[0]
     for p in ("bf16", "fp16"):
         if wanted[p] == "auto" and able[p]:
@@ -79,38 +83,51 @@ def check_optimizer_sections(ds: dict, path: str = "DeepSpeed config") -> None:
     if opt is not None:
         kind = str(opt.get("type", ""))
         if kind.lower() not in _ADAM_TYPES:
-            raise ValueError(f'{path}: optimizer.type {kind!r} is not supported: the trainer runs AdamW; set '
-                             '"type": "AdamW" or remove the optimizer section (AdamW from the flags)')
+            raise ValueError(
+                f"{path}: optimizer.type {kind!r} is not supported: the trainer runs AdamW; set "
+                '"type": "AdamW" or remove the optimizer section (AdamW from the flags)'
+            )
         params = dict(opt.get("params", {}))
         if params.get("adam_w_mode", True) is not True:
-            raise ValueError(f"{path}: optimizer.params.adam_w_mode=false (Adam with L2 regularisation) is not "
-                             "supported: the trainer runs AdamW (decoupled weight decay)")
+            raise ValueError(
+                f"{path}: optimizer.params.adam_w_mode=false (Adam with L2 regularisation) is not "
+                "supported: the trainer runs AdamW (decoupled weight decay)"
+            )
         params.pop("adam_w_mode", None)
         params.pop("torch_adam", None)  # the trainer's AdamW is torch's anyway
         unknown = sorted(set(params) - _ADAM_PARAMS)
         if unknown and not offloaded:
-            raise ValueError(f"{path}: optimizer.params {unknown} would be ignored: the trainer builds "
-                             f"torch.optim.AdamW from {sorted(_ADAM_PARAMS)} only; remove them")
+            raise ValueError(
+                f"{path}: optimizer.params {unknown} would be ignored: the trainer builds "
+                f"torch.optim.AdamW from {sorted(_ADAM_PARAMS)} only; remove them"
+            )
     sched = ds.get("scheduler")
     if sched is not None:
         kind = str(sched.get("type", ""))
         if kind != "WarmupCosineLR":
-            raise ValueError(f"{path}: scheduler.type {kind!r} is not supported: the trainer's schedule is a "
-                             "linear warm-up then cosine (WarmupCosineLR); use that type or remove the "
-                             "scheduler section (then --warmup-steps and --min-lr-ratio shape it)")
+            raise ValueError(
+                f"{path}: scheduler.type {kind!r} is not supported: the trainer's schedule is a "
+                "linear warm-up then cosine (WarmupCosineLR); use that type or remove the "
+                "scheduler section (then --warmup-steps and --min-lr-ratio shape it)"
+            )
         params = dict(sched.get("params", {}))
         for key, same in (("warmup_type", "linear"), ("warmup_min_ratio", 0)):
             if key in params and params.pop(key) != same:
-                raise ValueError(f"{path}: scheduler.params.{key} other than {same!r} is not supported: the "
-                                 "trainer warms up linearly from 0 to the peak LR")
+                raise ValueError(
+                    f"{path}: scheduler.params.{key} other than {same!r} is not supported: the "
+                    "trainer warms up linearly from 0 to the peak LR"
+                )
         unknown = sorted(set(params) - _COSINE_PARAMS)
         if unknown:
-            raise ValueError(f"{path}: scheduler.params {unknown} would be ignored: the trainer reads "
-                             f"{sorted(_COSINE_PARAMS)} only; remove them")
+            raise ValueError(
+                f"{path}: scheduler.params {unknown} would be ignored: the trainer reads "
+                f"{sorted(_COSINE_PARAMS)} only; remove them"
+            )
 
 
-def fill_deepspeed_config(ds: dict, cfg: Config, world_size: int, total_steps: int | None, bf16_ok: bool,
-                          fp16_ok: bool = False) -> dict:
+def fill_deepspeed_config(
+    ds: dict, cfg: Config, world_size: int, total_steps: int | None, bf16_ok: bool, fp16_ok: bool = False
+) -> dict:
     """Resolve every "auto" the way the HF Trainer does (batch sizes, lr, warm-up, steps, clipping,
     precision: see choose_precision). total_steps None: not known yet (checks only)."""
     ds = json.loads(json.dumps(ds))  # deep copy
@@ -140,7 +157,7 @@ def fill_deepspeed_config(ds: dict, cfg: Config, world_size: int, total_steps: i
         _fill(params, "cos_min_ratio", o.min_lr_ratio, "scheduler.params")
     leftover = [k for k, v in _walk(ds) if v == "auto" and not (total_steps is None and k.startswith("scheduler."))]
     if leftover:
-        raise ValueError(f"DeepSpeed config: no value for \"auto\" at {', '.join(leftover)}")
+        raise ValueError(f'DeepSpeed config: no value for "auto" at {", ".join(leftover)}')
     return ds
 
 

@@ -76,9 +76,11 @@ def rank_placement() -> dict:
     """Where this rank runs and what it may use: host name, CPUs in its affinity mask (what Slurm's
     --cpus-per-task gave it, when the cluster binds tasks), torch's intra-op threads."""
     return {
-        "rank": get_rank(), "host": socket.gethostname(),
+        "rank": get_rank(),
+        "host": socket.gethostname(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "slurm_cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK"),
+        "torch_threads": torch.get_num_threads(),
+        "slurm_cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK"),
     }
 
 

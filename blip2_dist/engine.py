@@ -16,13 +16,12 @@ import math
 import torch
 
 from blip2_dist import dist
+from blip2_dist.captioning import caption_loss
 from blip2_dist.checkpoint import TrainState
 from blip2_dist.config import Config
 from blip2_dist.errors import AgreedError, UserError
-from blip2_dist.captioning import caption_loss
 from blip2_dist.lora import apply_lora, unwrap_blip2
 from blip2_dist.models import load_model
-
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -92,8 +91,9 @@ def check_fp16_family(precision: str, family: str | None, cfg: Config) -> None:
 def build_model(cfg: Config, dtype: torch.dtype, device: torch.device | str | None = None):
     """Base model (random-init ones built on `device` directly: no CPU init of billions of weights) + LoRA."""
     m = cfg.model
-    model, processor = load_model(m.model, dtype=dtype, random_init=m.random_init, seed=cfg.train.seed,
-                                  device=device if m.random_init else None)
+    model, processor = load_model(
+        m.model, dtype=dtype, random_init=m.random_init, seed=cfg.train.seed, device=device if m.random_init else None
+    )
     torch.manual_seed(cfg.train.seed)  # LoRA init identical on every rank
     model = apply_lora(model, m)
     if m.grad_checkpointing:
@@ -127,8 +127,11 @@ def build_engine(model, cfg: Config, ds: dict, total_steps: int):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, min_ratio))
 
     engine, _, _, _ = deepspeed.initialize(
-        model=wrapped, optimizer=optimizer, model_parameters=groups if offloaded else None,
-        lr_scheduler=scheduler, config=ds,
+        model=wrapped,
+        optimizer=optimizer,
+        model_parameters=groups if offloaded else None,
+        lr_scheduler=scheduler,
+        config=ds,
     )
     return engine
 

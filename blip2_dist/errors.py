@@ -40,7 +40,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_ERROR = 1

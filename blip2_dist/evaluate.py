@@ -21,27 +21,31 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from blip2_dist import dist
+from blip2_dist.caption_tokens import normalize_caption
 from blip2_dist.captioning import caption_forward, generate_captions
 from blip2_dist.config import Config, EvalArgs
-from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
-from blip2_dist.io import write_json_atomic
 from blip2_dist.data.eval_stream import EvalStream
+from blip2_dist.data.reader import SampleLog, parse_sample, read_shard, resolve_shards
 from blip2_dist.data.transforms import IGNORE_INDEX, CaptionFormat, ImageTransform
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
 from blip2_dist.errors import UserError
 from blip2_dist.gallery import (
-    caption_card, gallery_markdown, save_gallery_images, write_eval_page, write_run_page,
+    caption_card,
+    gallery_markdown,
+    save_gallery_images,
+    write_eval_page,
+    write_run_page,
 )
-from blip2_dist.caption_tokens import normalize_caption
+from blip2_dist.io import write_json_atomic
 from blip2_dist.lora import unwrap_blip2
 from blip2_dist.meteor import warm_up_meteor
 from blip2_dist.metrics import score_captions_detailed
@@ -67,8 +71,11 @@ def generation_kwargs(args: EvalArgs) -> dict:
 
 def generation_record(args: EvalArgs, fmt: CaptionFormat) -> dict:
     """The generation settings as results.json records them, the end-of-caption token included."""
-    return {**asdict(args), "eos_token_id": fmt.end_id,
-            "end_of_caption": fmt.tokenizer.convert_ids_to_tokens(fmt.end_id)}
+    return {
+        **asdict(args),
+        "eos_token_id": fmt.end_id,
+        "end_of_caption": fmt.tokenizer.convert_ids_to_tokens(fmt.end_id),
+    }
 
 
 def _dummy_batch(fmt: CaptionFormat, size: int) -> dict:
@@ -94,9 +101,16 @@ def reference_loss(model, fmt: CaptionFormat, batch: dict) -> tuple[float, int]:
     return float(total), int((labels != IGNORE_INDEX).sum())
 
 
-def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args: EvalArgs, device: torch.device,
-                  lockstep: bool, should_stop: Callable[[], bool] | None = None,
-                  ) -> tuple[dict[str, str], dict[str, list[str]], list, list]:
+def generate_rank(
+    model,
+    processor,
+    stream: EvalStream,
+    fmt: CaptionFormat,
+    args: EvalArgs,
+    device: torch.device,
+    lockstep: bool,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict[str, str], dict[str, list[str]], list, list]:
     """This rank's captions, gallery images and [summed reference loss, tokens]. With `lockstep`
     (ZeRO-3: parameters are gathered collectively), a rank without batches keeps running dummy
     generations and losses until every rank is done.
@@ -133,8 +147,12 @@ def generate_rank(model, processor, stream: EvalStream, fmt: CaptionFormat, args
         b = batch if real else dummy
         with _gathered_query_tokens(model, enabled=lockstep):
             captions = generate_captions(
-                model, processor, b["pixel_values"].to(device, dtype), b["input_ids"].to(device),
-                b["attention_mask"].to(device), **gen,
+                model,
+                processor,
+                b["pixel_values"].to(device, dtype),
+                b["input_ids"].to(device),
+                b["attention_mask"].to(device),
+                **gen,
             )
             batch_loss, tokens = reference_loss(model, fmt, b)
         if not real:
@@ -192,16 +210,30 @@ def merge_exactly_once(gathered: list[tuple[dict, dict]], expected: list[str]) -
             problems.append(f"{len(ids)} {what}: {', '.join(map(repr, ids[:10]))}{' ...' if len(ids) > 10 else ''}")
     if problems:
         hint = " (an image the loader could not read is missing: a warning above names its shard and key)"
-        raise ExactlyOnceError("evaluation did not see every image exactly once: " + "; ".join(problems)
-                               + (hint if missing else ""))
+        raise ExactlyOnceError(
+            "evaluation did not see every image exactly once: " + "; ".join(problems) + (hint if missing else "")
+        )
     return preds, refs
 
 
-def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, out_dir: str | Path,
-                   step: int = 0, writer=None, lockstep: bool = False, num_workers: int = 1,
-                   prompt: str = "", should_stop: Callable[[], bool] | None = None,
-                   retry: RetryPolicy = DEFAULT_RETRY, max_caption_tokens: int = 64, source: dict | None = None,
-                   run_page: str | None = None) -> dict[str, float]:
+def evaluate_model(
+    model,
+    processor,
+    data_dir: str,
+    split: str,
+    args: EvalArgs,
+    out_dir: str | Path,
+    step: int = 0,
+    writer=None,
+    lockstep: bool = False,
+    num_workers: int = 1,
+    prompt: str = "",
+    should_stop: Callable[[], bool] | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    max_caption_tokens: int = 64,
+    source: dict | None = None,
+    run_page: str | None = None,
+) -> dict[str, float]:
     """Generate and take the reference loss on every rank, gather, check, score on rank 0; the metrics
     ("loss" included) are returned on all ranks. `should_stop`: see generate_rank (EvaluationInterrupted
     on every rank). `retry`: remote reads. source: what is evaluated, for results.json and the gallery
@@ -211,20 +243,30 @@ def evaluate_model(model, processor, data_dir: str, split: str, args: EvalArgs, 
     device = next(model.parameters()).device
     fmt = CaptionFormat.from_processor(processor, model.config, prompt=prompt, max_caption_tokens=max_caption_tokens)
     stream = EvalStream(
-        data_dir, split, fmt, ImageTransform.from_processor(processor), batch_size=args.eval_batch,
-        rank=dist.get_rank(), world_size=dist.get_world_size(), num_workers=num_workers,
-        max_images=args.max_eval_images or None, retry=retry,
+        data_dir,
+        split,
+        fmt,
+        ImageTransform.from_processor(processor),
+        batch_size=args.eval_batch,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        num_workers=num_workers,
+        max_images=args.max_eval_images or None,
+        retry=retry,
     )
     if dist.get_rank() == 0:
-        print(f"eval step {step} [{split}]: captioning {stream.total_images} images on {dist.get_world_size()} "
-              "rank(s)", flush=True)
+        print(
+            f"eval step {step} [{split}]: captioning {stream.total_images} images on {dist.get_world_size()} rank(s)",
+            flush=True,
+        )
         warm_up_meteor()  # the JVM (~6-11 s) starts while the captions are generated
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            preds, refs, gallery, loss = generate_rank(model, processor, stream, fmt, args, device, lockstep,
-                                                       should_stop)
+            preds, refs, gallery, loss = generate_rank(
+                model, processor, stream, fmt, args, device, lockstep, should_stop
+            )
     finally:
         model.train(was_training)
     gathered = dist.all_gather_object((preds, refs, loss, gallery))
@@ -268,23 +310,41 @@ def _score_and_write(gathered, data_dir, split, args, fmt, out_dir: Path, step, 
     source = context["source"]
     label = source.get("label") or f"step {step}"
     write_json_atomic(out_dir / "predictions.json", {k: normalize_caption(v) for k, v in sorted(preds.items())})
-    write_json_atomic(out_dir / "results.json", {
-        "label": label, "source": source, "step": step, "split": split, "images": len(preds),
-        "metrics": metrics,
-        "loss": {"value": metrics["loss"], "tokens": tokens, "captions": sum(map(len, refs.values()))},
-        "prompt": context["prompt"], "generation": generation_record(args, fmt), "scoring": _jsonable(info),
-        "gallery": saved,
-        "per_image": {k: {"prediction": preds[k], "references": refs[k]} for k in sorted(preds)},
-    })
+    write_json_atomic(
+        out_dir / "results.json",
+        {
+            "label": label,
+            "source": source,
+            "step": step,
+            "split": split,
+            "images": len(preds),
+            "metrics": metrics,
+            "loss": {"value": metrics["loss"], "tokens": tokens, "captions": sum(map(len, refs.values()))},
+            "prompt": context["prompt"],
+            "generation": generation_record(args, fmt),
+            "scoring": _jsonable(info),
+            "gallery": saved,
+            "per_image": {k: {"prediction": preds[k], "references": refs[k]} for k in sorted(preds)},
+        },
+    )
     per_image = info.get("per_image", {})
-    items = [{**s, "generated": preds[s["image_id"]], "references": refs[s["image_id"]],
-              "CIDEr": _fmt(per_image.get(s["image_id"], {}).get("CIDEr"))} for s in saved]
+    items = [
+        {
+            **s,
+            "generated": preds[s["image_id"]],
+            "references": refs[s["image_id"]],
+            "CIDEr": _fmt(per_image.get(s["image_id"], {}).get("CIDEr")),
+        }
+        for s in saved
+    ]
     header = _gallery_header(label, split, step, len(preds), context["prompt"], args, metrics, source)
     write_eval_page(out_dir, items, header, context["run_page"])
     _log_tensorboard(writer, split, step, metrics, gallery, items, header)
     line = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-    print(f"eval step {step} [{split}, {len(preds)} images, {time.perf_counter() - context['t0']:.1f}s]: {line}",
-          flush=True)
+    print(
+        f"eval step {step} [{split}, {len(preds)} images, {time.perf_counter() - context['t0']:.1f}s]: {line}",
+        flush=True,
+    )
     return metrics
 
 
@@ -294,8 +354,13 @@ def _fmt(value) -> str:
 
 def _gallery_header(label, split, step, images, prompt, args: EvalArgs, metrics, source) -> dict:
     return {
-        "evaluated": label, "model": source.get("model"), "adapter": source.get("adapter"), "split": split,
-        "step": step, "images": images, "prompt": repr(prompt) if prompt else "(none)",
+        "evaluated": label,
+        "model": source.get("model"),
+        "adapter": source.get("adapter"),
+        "split": split,
+        "step": step,
+        "images": images,
+        "prompt": repr(prompt) if prompt else "(none)",
         "generation": ", ".join(f"{k}={v}" for k, v in args.generation().items()),
         "metrics": " · ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
     }
@@ -307,8 +372,13 @@ def _log_tensorboard(writer, split, step, metrics, gallery, items, header) -> No
     label = header["evaluated"]
     title = f"{split} · step {step}" + ("" if label == f"step {step}" else f" · {label}")
     for (image_id, chw), item in zip(gallery, items):
-        card = caption_card(chw, item["generated"], item["references"], title=title,
-                            score=f"CIDEr {item['CIDEr']}" if item["CIDEr"] else "")
+        card = caption_card(
+            chw,
+            item["generated"],
+            item["references"],
+            title=title,
+            score=f"CIDEr {item['CIDEr']}" if item["CIDEr"] else "",
+        )
         writer.image(f"gallery/{group}/{image_id}", card, step)
     writer.text(f"gallery/{group}", gallery_markdown(items, header), step)
     writer.flush()
@@ -319,16 +389,33 @@ def _jsonable(obj):
 
 
 def evaluate_in_training(
-    model, processor, cfg: Config, run_dir: Path, step: int, writer: NullWriter, *, lockstep: bool,
+    model,
+    processor,
+    cfg: Config,
+    run_dir: Path,
+    step: int,
+    writer: NullWriter,
+    *,
+    lockstep: bool,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Called by the trainer on every rank at --eval-steps and at the end: the run's --eval-split into
     `run_dir/eval/<step>`; rank 0 then refreshes the run's comparison page (run_dir/gallery.html).
     `lockstep`: every rank runs every batch together (ZeRO-3, whose forwards are collective)."""
     metrics = evaluate_model(
-        model, processor, cfg.data.data, cfg.data.eval_split, cfg.eval, run_dir / "eval" / f"{step:08d}", step=step,
-        writer=writer, lockstep=lockstep, num_workers=min(cfg.data.num_workers, 1),
-        prompt=cfg.data.prompt, should_stop=should_stop, retry=RetryPolicy(retries=cfg.data.data_retries),
+        model,
+        processor,
+        cfg.data.data,
+        cfg.data.eval_split,
+        cfg.eval,
+        run_dir / "eval" / f"{step:08d}",
+        step=step,
+        writer=writer,
+        lockstep=lockstep,
+        num_workers=min(cfg.data.num_workers, 1),
+        prompt=cfg.data.prompt,
+        should_stop=should_stop,
+        retry=RetryPolicy(retries=cfg.data.data_retries),
         max_caption_tokens=cfg.data.max_caption_tokens,
         source={"label": f"step {step}", "model": cfg.model.model, "adapter": "(training)"},
         run_page="../../gallery.html",

@@ -48,8 +48,12 @@ CARRIED = ("base_model", "family", "lora", "extras", "step", "caption_format", "
 
 
 def export_merged(
-    adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
-    overwrite: bool = False, command: str | None = None,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    overwrite: bool = False,
+    command: str | None = None,
 ) -> Path:
     """Write the merged model folder (see the module docstring) and return its path.
 
@@ -67,8 +71,11 @@ def export_merged(
     model.generation_config = merged_generation_config(model, processor, meta.get("generation"), end_ids)
     _align_text_eos(model, end_ids)
     export_meta = {
-        "format": 1, "kind": "merged", "dtype": str(dtype).removeprefix("torch."),
-        "adapter": str(adapter), "command": command,
+        "format": 1,
+        "kind": "merged",
+        "dtype": str(dtype).removeprefix("torch."),
+        "adapter": str(adapter),
+        "command": command,
         **{k: meta[k] for k in CARRIED if k in meta},
     }
     export_meta.setdefault("caption_format", {}).setdefault("end_of_caption_ids", end_ids)
@@ -90,11 +97,15 @@ def export_merged(
 
 def _adapter_meta(adapter: Path) -> dict:
     if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected a folder saved by "
-                        "training, e.g. RUN/best or RUN/checkpoints/step_N/adapter)")
+        raise UserError(
+            f"--adapter {adapter}: no adapter_config.json there (expected a folder saved by "
+            "training, e.g. RUN/best or RUN/checkpoints/step_N/adapter)"
+        )
     if not (adapter / ADAPTER_META).is_file():
-        raise UserError(f"--adapter {adapter}: no {ADAPTER_META}, so its base model is unknown "
-                        "(export adapters saved by blip2-dist training)")
+        raise UserError(
+            f"--adapter {adapter}: no {ADAPTER_META}, so its base model is unknown "
+            "(export adapters saved by blip2-dist training)"
+        )
     meta = read_meta(adapter)
     if meta.get("random_init"):
         raise UserError(f"--adapter {adapter} was trained on a random-init base (benchmarks only): nothing to export")
@@ -112,8 +123,10 @@ def _check_destination(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace an earlier export, or choose a new folder")
     if not (out / EXPORT_META).is_file():
-        raise UserError(f"--out {out} exists and is not an export of ours (no {EXPORT_META}); "
-                        "--overwrite replaces only earlier exports")
+        raise UserError(
+            f"--out {out} exists and is not an export of ours (no {EXPORT_META}); "
+            "--overwrite replaces only earlier exports"
+        )
 
 
 def end_of_caption_ids(meta: dict, processor, config) -> list[int]:
@@ -129,8 +142,10 @@ def merged_generation_config(model, processor, generation: dict | None, end_ids:
     text = model.config.text_config
     settings = {**EvalArgs().generation(), **(generation or {})}
     config = GenerationConfig(
-        bos_token_id=getattr(text, "bos_token_id", None), eos_token_id=end_ids[0] if len(end_ids) == 1 else end_ids,
-        pad_token_id=processor.tokenizer.pad_token_id, **settings,
+        bos_token_id=getattr(text, "bos_token_id", None),
+        eos_token_id=end_ids[0] if len(end_ids) == 1 else end_ids,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        **settings,
     )
     if family_of(model) == "t5":
         config.decoder_start_token_id = text.decoder_start_token_id

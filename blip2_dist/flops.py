@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; matched in order
 # against torch.cuda.get_device_name(). `--peak-tflops` overrides.
 PEAK_BF16_TFLOPS: list[tuple[str, str, float]] = [
@@ -67,13 +66,11 @@ def device_peak_tflops(device: str, override: float | None = None) -> tuple[floa
     return (override if override is not None else peak_bf16_tflops(name)), name
 
 
-
 def batch_counts(batch: dict) -> dict[str, int]:
     tokens = int(batch["attention_mask"].sum())
     if batch["labels"].shape[1] != batch["input_ids"].shape[1]:  # T5: the decoder's tokens too
         tokens += int((batch["labels"] != -100).sum())
     return {"samples": len(batch["input_ids"]), "images": len(batch["pixel_values"]), "tokens": tokens}
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,18 +93,18 @@ _PARALLEL = {"qkv", "query", "key", "value", "q_proj", "k_proj", "v_proj", "q", 
 
 @dataclass
 class _Linear:
-    tokens: str          # which token count it sees (keys of the dict in FlopModel.count)
-    size: int            # in * out
-    g_in: bool           # its input carries a gradient
-    g_w: bool            # its weight is trained
+    tokens: str  # which token count it sees (keys of the dict in FlopModel.count)
+    size: int  # in * out
+    g_in: bool  # its input carries a gradient
+    g_w: bool  # its weight is trained
     part: str
 
 
 @dataclass
 class _Attention:
-    kind: str            # vit, qf_self, qf_cross, lm, enc, dec_self, dec_cross
-    width: int           # d (all heads)
-    grads: tuple         # (queries, keys, values) carry a gradient
+    kind: str  # vit, qf_self, qf_cross, lm, enc, dec_self, dec_cross
+    width: int  # d (all heads)
+    grads: tuple  # (queries, keys, values) carry a gradient
 
 
 class FlopModel:
@@ -149,19 +146,22 @@ class FlopModel:
 
         lm = blip2.language_model
         vis_t = trained(blip2.vision_model)
-        qf_in = vis_t or blip2.query_tokens.requires_grad       # the Q-Former's inputs carry a gradient
+        qf_in = vis_t or blip2.query_tokens.requires_grad  # the Q-Former's inputs carry a gradient
         image_t = qf_in or trained(blip2.qformer) or trained(blip2.language_projection)
         enc_t = self.family == "t5" and trained(lm.get_encoder())
         running = {"vision": False, "qformer": blip2.query_tokens.requires_grad, "lm": image_t, "dec": False}
-        pending: set[str] = set()   # scopes whose next group sees a gradient from a trained weight
+        pending: set[str] = set()  # scopes whose next group sees a gradient from a trained weight
         group = None
         crossed = {"qformer": False, "dec": False}  # past the first cross-attention output (image / encoder)
-        carries: dict[str, bool] = {}   # linear (LoRA-wrapped name) -> its output carries a gradient
+        carries: dict[str, bool] = {}  # linear (LoRA-wrapped name) -> its output carries a gradient
         for prefix in ("vision_model", "qformer", "language_projection", "language_model"):
             for name, m in blip2.get_submodule(prefix).named_modules(prefix=prefix):
                 if isinstance(m, torch.nn.Conv2d):  # the ViT patch embedding; its input is the pixels
-                    self.linears.append(_Linear("patches", m.weight[0].numel() * m.out_channels, False,
-                                                m.weight.requires_grad, "vision"))
+                    self.linears.append(
+                        _Linear(
+                            "patches", m.weight[0].numel() * m.out_channels, False, m.weight.requires_grad, "vision"
+                        )
+                    )
                 if not isinstance(m, torch.nn.Linear):
                     continue
                 parent = re.sub(r"\.(base_layer|lora_[AB]\.[^.]+)$", "", name)
@@ -190,8 +190,9 @@ class FlopModel:
                 else:
                     g_in = running[scope]
                 trains = m.weight.requires_grad
-                part = {"vision_model": "vision", "qformer": "qformer",
-                        "language_projection": "projection"}.get(prefix, "language")
+                part = {"vision_model": "vision", "qformer": "qformer", "language_projection": "projection"}.get(
+                    prefix, "language"
+                )
                 self.linears.append(_Linear(self._tokens(parent), m.weight.numel(), g_in, trains, part))
                 carries[parent] = carries.get(parent, False) or g_in or trains
                 if trains:  # what follows on this data path now carries a gradient
@@ -228,20 +229,31 @@ class FlopModel:
         n = len(batch["input_ids"])
         length, dec = batch["input_ids"].shape[1], batch["labels"].shape[1]
         vit = self.patches + 1
-        tokens = {"vit": n_vision * vit, "patches": n_vision * self.patches, "qf_query": n_qformer * self.queries,
-                  "qf_image": n_qformer * vit, "none": 0, "lm": n * length, "enc": n * length, "dec": n * dec}
-        scores = {"vit": n_vision * vit * vit, "qf_self": n_qformer * self.queries ** 2,
-                  "qf_cross": n_qformer * self.queries * vit, "lm": n * length ** 2, "enc": n * length ** 2,
-                  "dec_self": n * dec ** 2, "dec_cross": n * dec * length}
+        tokens = {
+            "vit": n_vision * vit,
+            "patches": n_vision * self.patches,
+            "qf_query": n_qformer * self.queries,
+            "qf_image": n_qformer * vit,
+            "none": 0,
+            "lm": n * length,
+            "enc": n * length,
+            "dec": n * dec,
+        }
+        scores = {
+            "vit": n_vision * vit * vit,
+            "qf_self": n_qformer * self.queries**2,
+            "qf_cross": n_qformer * self.queries * vit,
+            "lm": n * length**2,
+            "enc": n * length**2,
+            "dec_self": n * dec**2,
+            "dec_cross": n * dec * length,
+        }
         out = {"vision": 0.0, "qformer": 0.0, "projection": 0.0, "language": 0.0}
         for lin in self.linears:
-            out[lin.part] += 2.0 * tokens[lin.tokens] * lin.size * (
-                1 + lin.g_in + lin.g_w)
+            out[lin.part] += 2.0 * tokens[lin.tokens] * lin.size * (1 + lin.g_in + lin.g_w)
         for att in self.attentions:
             q, k, v = att.grads  # backward products: dP (for dQ or dK), dV, dQ, dK; forward has two
             backward = ((q or k) + v + q + k) / 2
             out[_PARTS.get(att.kind, "language")] += 4.0 * scores[att.kind] * att.width * (1 + backward)
         out["total"] = sum(out.values())
         return out
-
-

@@ -49,8 +49,9 @@ def _wrap(text: str, font, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def caption_card(chw: np.ndarray, generated: str, references: list[str], title: str = "",
-                 score: str = "") -> np.ndarray:
+def caption_card(
+    chw: np.ndarray, generated: str, references: list[str], title: str = "", score: str = ""
+) -> np.ndarray:
     """The image (scaled to CARD_WIDTH) above its labelled captions: a CHW uint8 array for TensorBoard."""
     image = Image.fromarray(np.transpose(chw, (1, 2, 0)))
     scale = CARD_WIDTH / image.width
@@ -111,8 +112,11 @@ _STYLE = (
 
 
 def _meta_table(header: dict) -> str:
-    rows = "".join(f"<tr><td><b>{html.escape(str(k))}</b></td><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in header.items() if v not in (None, ""))
+    rows = "".join(
+        f"<tr><td><b>{html.escape(str(k))}</b></td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in header.items()
+        if v not in (None, "")
+    )
     return f"<table class='meta'>{rows}</table>"
 
 
@@ -131,11 +135,12 @@ def write_eval_page(out_dir: Path, items: list[dict], header: dict, run_page: st
             f"</small></div><div class='lbl'>generated</div><div class='gen'>{generated}"
             f"{score}</div><div class='lbl'>references</div><ul>{refs}</ul></div>"
         )
-    link = (f"<p><a href='{html.escape(run_page)}'>all evaluations of this run, side by side</a></p>"
-            if run_page else "")
+    link = f"<p><a href='{html.escape(run_page)}'>all evaluations of this run, side by side</a></p>" if run_page else ""
     title = html.escape(str(header.get("evaluated", "evaluation")))
-    page = (f"<!doctype html><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>"
-            f"<h2>{title}</h2>{link}{_meta_table(header)}{''.join(cards)}")
+    page = (
+        f"<!doctype html><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>"
+        f"<h2>{title}</h2>{link}{_meta_table(header)}{''.join(cards)}"
+    )
     path = out_dir / PAGE
     path.write_text(page, encoding="utf-8")
     return path
@@ -166,10 +171,12 @@ def write_run_page(run_dir: str | os.PathLike) -> Path | None:
     for split in sorted({r.get("split") for _, r in evals}, key=str):
         chosen = [(d, r) for d, r in evals if r.get("split") == split]
         sections.append(_split_table(run, split, chosen))
-    page = (f"<!doctype html><meta charset='utf-8'><title>captions: {html.escape(run.name)}</title>"
-            f"<style>{_STYLE}</style><h2>Captions across evaluations: {html.escape(str(run))}</h2>"
-            "<p>Each column is one evaluation (its own page is linked in the header); each row one image of the "
-            "latest evaluation's gallery, with its reference captions.</p>" + "".join(sections))
+    page = (
+        f"<!doctype html><meta charset='utf-8'><title>captions: {html.escape(run.name)}</title>"
+        f"<style>{_STYLE}</style><h2>Captions across evaluations: {html.escape(str(run))}</h2>"
+        "<p>Each column is one evaluation (its own page is linked in the header); each row one image of the "
+        "latest evaluation's gallery, with its reference captions.</p>" + "".join(sections)
+    )
     path = run / PAGE
     tmp = path.with_name(PAGE + ".tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -184,20 +191,29 @@ def _split_table(run: Path, split: str, evals: list[tuple[Path, dict]]) -> str:
         metrics = r.get("metrics", {})
         summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("CIDEr", "BLEU-4", "loss") if k in metrics)
         link = os.path.relpath(folder / PAGE, run)
-        heads.append(f"<th><a href='{html.escape(link)}'>{html.escape(r.get('label') or folder.name)}</a>"
-                     f"<br><small>step {r.get('step')} · {html.escape(summary)}</small></th>")
+        heads.append(
+            f"<th><a href='{html.escape(link)}'>{html.escape(r.get('label') or folder.name)}</a>"
+            f"<br><small>step {r.get('step')} · {html.escape(summary)}</small></th>"
+        )
     rows = []
     for item in latest.get("gallery", []):
         image_id = item["image_id"]
         src = os.path.relpath(latest_dir / item["file"], run)
         references = latest["per_image"].get(image_id, {}).get("references", [])
         refs = "".join(f"<li>{html.escape(c)}</li>" for c in references)
-        cells = [f"<td><img src='{html.escape(src)}'><br><small>{html.escape(image_id)}</small></td>",
-                 f"<td><div class='lbl'>references</div><ul>{refs}</ul></td>"]
+        cells = [
+            f"<td><img src='{html.escape(src)}'><br><small>{html.escape(image_id)}</small></td>",
+            f"<td><div class='lbl'>references</div><ul>{refs}</ul></td>",
+        ]
         for _, r in evals:
             entry = r["per_image"].get(image_id)
             caption = html.escape(entry["prediction"] or "(empty)") if entry else "—"
             cells.append(f"<td><div class='lbl'>generated</div><div class='gen'>{caption}</div></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<h3>split {html.escape(str(split))}</h3><table class='cmp'><tr><th>image</th><th></th>"
-            + "".join(heads) + "</tr>" + "".join(rows) + "</table>")
+    return (
+        f"<h3>split {html.escape(str(split))}</h3><table class='cmp'><tr><th>image</th><th></th>"
+        + "".join(heads)
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+    )

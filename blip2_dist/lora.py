@@ -156,7 +156,10 @@ def apply_lora(model: nn.Module, settings: ModelArgs | None = None) -> PeftModel
     check_lora(settings)
     freeze_base(base)
     config = LoraConfig(  # no task_type: BLIP-2 is no CAUSAL_LM/SEQ_2_SEQ_LM for peft (peft issue 2528)
-        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        bias="none",
         target_modules=lora_target_regex(base, settings),
     )
     peft_model = get_peft_model(base, config)

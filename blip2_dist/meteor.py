@@ -26,7 +26,6 @@ from typing import Any
 
 from pycocoevalcap.meteor import meteor as _meteor_mod
 
-
 _METEOR_DIR = os.path.dirname(os.path.abspath(_meteor_mod.__file__))
 
 
@@ -42,12 +41,16 @@ class _ToolkitMeteor(_meteor_mod.Meteor):
     """
 
     def __init__(self, java: str, cmd: Sequence[str] | None = None):  # no super(): it Popens itself
-        self.meteor_cmd = list(cmd) if cmd else [
-            java, "-jar", "-Xmx2G", _meteor_mod.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        self.meteor_cmd = (
+            list(cmd)
+            if cmd
+            else [java, "-jar", "-Xmx2G", _meteor_mod.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        )
         self.owner_pid = os.getpid()
         self.stderr_file = tempfile.TemporaryFile()
-        self.meteor_p = subprocess.Popen(self.meteor_cmd, cwd=_METEOR_DIR, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=self.stderr_file)
+        self.meteor_p = subprocess.Popen(
+            self.meteor_cmd, cwd=_METEOR_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr_file
+        )
         self.lock = threading.Lock()
 
     def stderr_tail(self, limit: int = 1500) -> str:

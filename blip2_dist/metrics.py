@@ -52,7 +52,12 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as _spice_models_mod
 
 from blip2_dist.caption_tokens import (
-    FALLBACK_TOKENIZER, PTB_TOKENIZER, java_available, normalize_caption, ptb_tokenize_many, python_tokenize,
+    FALLBACK_TOKENIZER,
+    PTB_TOKENIZER,
+    java_available,
+    normalize_caption,
+    ptb_tokenize_many,
+    python_tokenize,
 )
 from blip2_dist.meteor import MeteorError, get_meteor
 
@@ -80,8 +85,9 @@ def _check_inputs(predictions: Mapping, references: Mapping) -> list:
         for ids, what in ((missing, "without a prediction"), (extra, "without references")):
             if ids:
                 shown = sorted(ids, key=_id_key)[:5]
-                parts.append(f"{len(ids)} image(s) {what}: {', '.join(map(repr, shown))}"
-                             + (" ..." if len(ids) > 5 else ""))
+                parts.append(
+                    f"{len(ids)} image(s) {what}: {', '.join(map(repr, shown))}" + (" ..." if len(ids) > 5 else "")
+                )
         raise ValueError("predictions and references cover different images: " + "; ".join(parts))
     if not predictions:
         raise ValueError("nothing to score: predictions and references are empty")
@@ -110,8 +116,10 @@ def _tokenize(ids, predictions, references, info) -> tuple[dict, dict]:
     owners = [k for k in ids for _ in references[k]]
     blank_refs = list(dict.fromkeys(k for k, r in zip(owners, ref_caps) if not r))
     if blank_refs:
-        msg = (f"{len(blank_refs)} image(s) have an empty reference string (ROUGE-L then gives an empty "
-               f"prediction 1.0, as the toolkit does): {blank_refs[:5]!r}")
+        msg = (
+            f"{len(blank_refs)} image(s) have an empty reference string (ROUGE-L then gives an empty "
+            f"prediction 1.0, as the toolkit does): {blank_refs[:5]!r}"
+        )
         warnings.warn(msg, stacklevel=3)
         info["warnings"].append(msg)
     tok_refs = tok_preds = None
@@ -154,8 +162,15 @@ def score_captions_detailed(
     meteor/spice=False skip those scorers; meteor_timeout overrides the per-call METEOR timeout.
     """
     ids = _check_inputs(predictions, references)
-    info: dict[str, Any] = {"tokenizer": None, "paper_comparable": None, "scorers": [],
-                            "unavailable": {}, "warnings": [], "num_images": len(ids), "timings_s": {}}
+    info: dict[str, Any] = {
+        "tokenizer": None,
+        "paper_comparable": None,
+        "scorers": [],
+        "unavailable": {},
+        "warnings": [],
+        "num_images": len(ids),
+        "timings_s": {},
+    }
     t0 = time.perf_counter()
     gts, res = _tokenize(ids, predictions, references, info)
     info["timings_s"]["tokenize"] = time.perf_counter() - t0
@@ -218,7 +233,8 @@ def _run_spice(enabled, gts, res, info, record) -> None:
         info["unavailable"][SPICE_KEY] = (
             f"Stanford CoreNLP jars {', '.join(_SPICE_JARS)} not in {_SPICE_LIB} (SPICE downloads them at "
             "first use, which fails offline; run `python -m pycocoevalcap.spice.get_stanford_models` "
-            "where there is network)")
+            "where there is network)"
+        )
         return
     if not java_available():
         info["unavailable"][SPICE_KEY] = "no `java` on PATH"

@@ -97,14 +97,30 @@ def _tiny_text_config(family: str, tokenizer: PreTrainedTokenizerFast):
     vocab = len(tokenizer)
     if family == "opt":
         return OPTConfig(
-            vocab_size=vocab, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-            max_position_embeddings=256, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+            dropout=0.0,
+            attention_dropout=0.0,
             **ids,
         )
     return T5Config(
-        vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-        num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=True,
-        decoder_start_token_id=tokenizer.pad_token_id, **ids,
+        vocab_size=vocab,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=True,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **ids,
     )
 
 
@@ -120,16 +136,28 @@ def build_tiny(family: str, seed: int = 0) -> tuple[Blip2ForConditionalGeneratio
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = Blip2Config(
         vision_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            image_size=TINY_IMAGE_SIZE, patch_size=8, attention_dropout=0.0,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=8,
+            attention_dropout=0.0,
             # Blip2VisionConfig's default initializer_range is 1e-10: a frozen random ViT would then give
             # every image the same features (~5e-9 apart) and nothing image-specific could be learnt.
             initializer_range=0.02,
         ),
         qformer_config=dict(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            encoder_hidden_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            cross_attention_frequency=1, vocab_size=128, max_position_embeddings=64,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            encoder_hidden_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            cross_attention_frequency=1,
+            vocab_size=128,
+            max_position_embeddings=64,
         ),
         text_config=_tiny_text_config(family, tokenizer).to_dict(),
         num_query_tokens=TINY_NUM_QUERY_TOKENS,
@@ -185,35 +213,63 @@ def family_from_name(name: str) -> str | None:
 # The hub's text vocab may be padded after `<image>` was added (OPT 50272 -> 50304 in newer
 # revisions): a 0.1M-parameter difference that no benchmark sees.
 REAL_VISION = dict(
-    hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
-    image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
+    hidden_size=1408,
+    intermediate_size=6144,
+    num_hidden_layers=39,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    layer_norm_eps=1e-6,
+    qkv_bias=True,
+    hidden_act="gelu",
     initializer_range=0.02,  # random weights of a realistic scale (the hub config says 1e-10)
 )
 REAL_QFORMER = dict(
-    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    cross_attention_frequency=2, encoder_hidden_size=1408, vocab_size=30522, max_position_embeddings=512,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    cross_attention_frequency=2,
+    encoder_hidden_size=1408,
+    vocab_size=30522,
+    max_position_embeddings=512,
 )
 _OPT = dict(
-    model_type="opt", vocab_size=50272, max_position_embeddings=2048, activation_function="relu",
-    do_layer_norm_before=True, enable_bias=True, dropout=0.1, attention_dropout=0.0,
+    model_type="opt",
+    vocab_size=50272,
+    max_position_embeddings=2048,
+    activation_function="relu",
+    do_layer_norm_before=True,
+    enable_bias=True,
+    dropout=0.1,
+    attention_dropout=0.0,
 )
 # tie_word_embeddings=False: FLAN-T5 has its own lm_head and no output scaling (see untie_t5_head).
 _FLAN_T5 = dict(
-    model_type="t5", vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", dropout_rate=0.1,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
-    is_encoder_decoder=True, tie_word_embeddings=False,
+    model_type="t5",
+    vocab_size=32128,
+    d_kv=64,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.1,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+    is_encoder_decoder=True,
+    tie_word_embeddings=False,
 )
 REAL_TEXT = {
     "Salesforce/blip2-opt-2.7b": dict(
-        _OPT, hidden_size=2560, word_embed_proj_dim=2560, ffn_dim=10240, num_hidden_layers=32,
-        num_attention_heads=32),
+        _OPT, hidden_size=2560, word_embed_proj_dim=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32
+    ),
     "Salesforce/blip2-opt-6.7b": dict(
-        _OPT, hidden_size=4096, word_embed_proj_dim=4096, ffn_dim=16384, num_hidden_layers=32,
-        num_attention_heads=32),
+        _OPT, hidden_size=4096, word_embed_proj_dim=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32
+    ),
     "Salesforce/blip2-flan-t5-xl": dict(
-        _FLAN_T5, d_model=2048, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32),
+        _FLAN_T5, d_model=2048, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32
+    ),
     "Salesforce/blip2-flan-t5-xxl": dict(
-        _FLAN_T5, d_model=4096, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64),
+        _FLAN_T5, d_model=4096, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64
+    ),
 }
 REAL_NUM_QUERY_TOKENS = 32
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -239,8 +295,9 @@ def random_init_config(name: str) -> Blip2Config:
         )
     tokenizer = build_tiny_tokenizer(family)
     image_token_id = len(tokenizer)  # Blip2Processor appends "<image>" to the tokenizer: next id
-    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-               bos_token_id=tokenizer.bos_token_id)
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     if config is not None:
         config.text_config.update(ids)
         config.vision_config.initializer_range = REAL_VISION["initializer_range"]
@@ -249,8 +306,11 @@ def random_init_config(name: str) -> Blip2Config:
     if family == "t5":
         ids["decoder_start_token_id"] = tokenizer.pad_token_id
     return Blip2Config(
-        vision_config=dict(REAL_VISION), qformer_config=dict(REAL_QFORMER), text_config={**text, **ids},
-        num_query_tokens=REAL_NUM_QUERY_TOKENS, image_token_index=image_token_id,
+        vision_config=dict(REAL_VISION),
+        qformer_config=dict(REAL_QFORMER),
+        text_config={**text, **ids},
+        num_query_tokens=REAL_NUM_QUERY_TOKENS,
+        image_token_index=image_token_id,
     )
 
 
@@ -261,7 +321,10 @@ def random_init_processor(config: Blip2Config) -> Blip2Processor:
     """
     size = config.vision_config.image_size
     image_processor = BlipImageProcessorPil(
-        size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3,
+        size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
         do_convert_rgb=True,
     )
     processor = Blip2Processor(
@@ -319,6 +382,7 @@ def count_parameters(name: str) -> int:
 # Loading
 # ---------------------------------------------------------------------------------------------------
 
+
 class ModelNotAvailableError(OSError):
     """A model that is neither a local directory nor reachable on the Hugging Face hub."""
 
@@ -345,8 +409,10 @@ def load_model(
     """
     if dispatch:
         if name in TINY_MODELS or random_init:
-            raise UserError(f"a device map needs a saved model directory or hub id, not {name!r}"
-                             f"{' with random_init' if random_init else ''}")
+            raise UserError(
+                f"a device map needs a saved model directory or hub id, not {name!r}"
+                f"{' with random_init' if random_init else ''}"
+            )
         if device is not None:
             raise UserError("pass either device or a device map (dispatch), not both")
     if name in TINY_MODELS:

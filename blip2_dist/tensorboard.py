@@ -97,16 +97,29 @@ def hparams_of(cfg: Config, world_size: int, total_steps: int, precision: str) -
     """The settings that tell runs apart, for TensorBoard's HParams tab."""
     m, o = cfg.model, cfg.optim
     return {
-        "model": m.model, "lr": o.lr, "lora_r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
+        "model": m.model,
+        "lr": o.lr,
+        "lora_r": m.lora_r,
+        "lora_alpha": m.lora_alpha,
+        "lora_dropout": m.lora_dropout,
         "lora_targets": ",".join(m.lora_targets or ["default"]),
         "qformer_lora_targets": ",".join(m.qformer_lora_targets or []),
         "vision_lora_targets": ",".join(m.vision_lora_targets or []),
-        "train_qformer": m.train_qformer, "train_query_tokens": m.train_query_tokens,
-        "micro_batch": cfg.data.micro_batch, "grad_accum": o.grad_accum, "world_size": world_size,
-        "global_batch": cfg.data.micro_batch * o.grad_accum * world_size, "steps": total_steps,
-        "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "prompt": cfg.data.prompt,
-        "caption_mode": cfg.data.caption_mode, "num_beams": cfg.eval.num_beams, "seed": cfg.train.seed,
-        "precision": precision, "deepspeed": cfg.train.deepspeed,
+        "train_qformer": m.train_qformer,
+        "train_query_tokens": m.train_query_tokens,
+        "micro_batch": cfg.data.micro_batch,
+        "grad_accum": o.grad_accum,
+        "world_size": world_size,
+        "global_batch": cfg.data.micro_batch * o.grad_accum * world_size,
+        "steps": total_steps,
+        "warmup_steps": o.warmup_steps,
+        "weight_decay": o.weight_decay,
+        "prompt": cfg.data.prompt,
+        "caption_mode": cfg.data.caption_mode,
+        "num_beams": cfg.eval.num_beams,
+        "seed": cfg.train.seed,
+        "precision": precision,
+        "deepspeed": cfg.train.deepspeed,
     }
 
 

@@ -28,12 +28,19 @@ from blip2_dist.adapters import caption_format_record, save_adapter
 from blip2_dist.checkpoint import Checkpointer, TrainState
 from blip2_dist.checks import TrainingPlan, check_training
 from blip2_dist.config import Config
-from blip2_dist.deepspeed_config import fill_deepspeed_config, precision_of
 from blip2_dist.data.stream import TrainStream
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 from blip2_dist.data.urls import RetryPolicy
+from blip2_dist.deepspeed_config import fill_deepspeed_config, precision_of
 from blip2_dist.engine import (
-    DTYPES, build_engine, build_model, check_fp16_family, device_precisions, seed_step, to_device, train_step,
+    DTYPES,
+    build_engine,
+    build_model,
+    check_fp16_family,
+    device_precisions,
+    seed_step,
+    to_device,
+    train_step,
 )
 from blip2_dist.errors import EXIT_PREEMPTED, UsageError, write_exit_report
 from blip2_dist.io import write_json_atomic
@@ -65,8 +72,8 @@ class StopFlag:
 class Plan:
     """Step counts decided before training, identical on every rank."""
 
-    micro_per_epoch: int     # micro-batches each rank takes per epoch
-    steps_per_epoch: int     # optimizer steps per epoch
+    micro_per_epoch: int  # micro-batches each rank takes per epoch
+    steps_per_epoch: int  # optimizer steps per epoch
     total_steps: int
 
 
@@ -74,9 +81,7 @@ def plan_steps(cfg: Config, loader_steps: int) -> Plan:
     accum = cfg.optim.grad_accum
     steps_per_epoch = loader_steps // accum
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"one epoch gives {loader_steps} micro-batches per rank, fewer than --grad-accum {accum}"
-        )
+        raise ValueError(f"one epoch gives {loader_steps} micro-batches per rank, fewer than --grad-accum {accum}")
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     return Plan(steps_per_epoch * accum, steps_per_epoch, total)
 
@@ -130,9 +135,16 @@ def training_record(cfg: Config, world_size: int, precision: str) -> dict:
     """What an adapter records about the run that made it (for its model card)."""
     micro, accum = cfg.data.micro_batch, cfg.optim.grad_accum
     return {
-        "data": cfg.data.data, "train_split": cfg.data.train_split, "eval_split": cfg.data.eval_split,
-        "micro_batch": micro, "grad_accum": accum, "world_size": world_size, "global_batch": micro * accum * world_size,
-        "lr": cfg.optim.lr, "precision": precision, "deepspeed": cfg.train.deepspeed,
+        "data": cfg.data.data,
+        "train_split": cfg.data.train_split,
+        "eval_split": cfg.data.eval_split,
+        "micro_batch": micro,
+        "grad_accum": accum,
+        "world_size": world_size,
+        "global_batch": micro * accum * world_size,
+        "lr": cfg.optim.lr,
+        "precision": precision,
+        "deepspeed": cfg.train.deepspeed,
         "command": command_line(),
     }
 
@@ -150,16 +162,18 @@ class Trainer:
         self.info = dist.init_distributed(cfg.train.dist_timeout)  # binds this rank's GPU first
         # Right after the process group: a rank that dies from here on (even while the others
         # load the model or wait in DeepSpeed's first broadcast) ends every rank in bounded time.
-        self.watchdog = Watchdog(self.info.rank, self.info.world_size, *dist.store_address(),
-                                 timeout_s=cfg.train.heartbeat_timeout)
+        self.watchdog = Watchdog(
+            self.info.rank, self.info.world_size, *dist.store_address(), timeout_s=cfg.train.heartbeat_timeout
+        )
         self.watchdog.start()
         self.out = Path(cfg.train.output_dir)
         self.is_main = self.info.is_main
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.precision = precision_of(fill_deepspeed_config(ds_raw, cfg, self.info.world_size, None,
-                                                            *device_precisions()))
+        self.precision = precision_of(
+            fill_deepspeed_config(ds_raw, cfg, self.info.world_size, None, *device_precisions())
+        )
         model, self.processor = build_model(cfg, DTYPES[self.precision], dist.device_for(self.info))
         check_fp16_family(self.precision, family_of(model), cfg)
         dist.print0(describe_trainable(model))
@@ -168,15 +182,22 @@ class Trainer:
         )
         self.transform = ImageTransform.from_processor(self.processor, augment=cfg.data.augment)
         self.stream = TrainStream(
-            cfg.data.data, cfg.data.train_split, self.fmt, self.transform,
-            micro_batch=cfg.data.micro_batch, rank=self.info.rank, world_size=self.info.world_size,
-            num_workers=cfg.data.num_workers, seed=cfg.train.seed, caption_mode=cfg.data.caption_mode,
-            shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=torch.cuda.is_available(),
+            cfg.data.data,
+            cfg.data.train_split,
+            self.fmt,
+            self.transform,
+            micro_batch=cfg.data.micro_batch,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+            caption_mode=cfg.data.caption_mode,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            pin_memory=torch.cuda.is_available(),
             retry=RetryPolicy(retries=cfg.data.data_retries),
         )
         self.plan = plan_steps(cfg, self.stream.steps_per_epoch)
-        self.ds = fill_deepspeed_config(ds_raw, cfg, self.info.world_size, self.plan.total_steps,
-                                        *device_precisions())
+        self.ds = fill_deepspeed_config(ds_raw, cfg, self.info.world_size, self.plan.total_steps, *device_precisions())
         self.engine = build_engine(model, cfg, dict(self.ds), self.plan.total_steps)
         # from_pretrained hands the model over in eval mode (dropout off, activation checkpointing idle) while
         # peft's new LoRA layers are in train mode: train everything from step 1, as after an evaluation.
@@ -191,7 +212,7 @@ class Trainer:
         self.stop = StopFlag()
         self.example_log = ExampleLog(self.out / "samples", self.info.rank, cfg.train.sample_log)
         self.last_eval: dict | None = None  # {"split", "step", "values"} of the latest evaluation
-        self.log_window: list[float] = []   # step losses since the last TensorBoard point
+        self.log_window: list[float] = []  # step losses since the last TensorBoard point
 
     def _export_adapter(self, out_dir: Path) -> None:
         """Collective. Under ZeRO-3 parameters are partitioned: gather them (all of them, since a
@@ -202,25 +223,37 @@ class Trainer:
         params = list(self.model.parameters()) if gather else []
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
             if self.is_main:
-                save_adapter(self.model, self.processor, out_dir, base_name=self.cfg.model.model,
-                             record=self._adapter_record())
+                save_adapter(
+                    self.model, self.processor, out_dir, base_name=self.cfg.model.model, record=self._adapter_record()
+                )
 
     def _adapter_record(self) -> dict:
         """Prompt, caption format, generation settings, run facts, and the metrics of this step if evaluated."""
         step = self.state.step
         evaluated = self.last_eval if self.last_eval and self.last_eval["step"] == step else None
         return {
-            "step": step, "caption_format": caption_format_record(self.fmt), "generation": self.cfg.eval.generation(),
-            "training": training_record(self.cfg, self.info.world_size, self.precision), "metrics": evaluated,
+            "step": step,
+            "caption_format": caption_format_record(self.fmt),
+            "generation": self.cfg.eval.generation(),
+            "training": training_record(self.cfg, self.info.world_size, self.precision),
+            "metrics": evaluated,
         }
 
     def _write_config(self) -> None:
         placement = dist.rank_placement()
-        print(f"rank {self.info.rank}/{self.info.world_size} on {placement['host']}: {placement['cpus']} CPUs, "
-              f"{placement['torch_threads']} torch threads", flush=True)
-        resolved = {**self.cfg.to_dict(), "deepspeed_resolved": self.ds, "world_size": self.info.world_size,
-                    "plan": vars(self.plan), "dropped_examples_per_epoch": self.stream.dropped_examples_per_epoch,
-                    "ranks": dist.all_gather_object(placement)}
+        print(
+            f"rank {self.info.rank}/{self.info.world_size} on {placement['host']}: {placement['cpus']} CPUs, "
+            f"{placement['torch_threads']} torch threads",
+            flush=True,
+        )
+        resolved = {
+            **self.cfg.to_dict(),
+            "deepspeed_resolved": self.ds,
+            "world_size": self.info.world_size,
+            "plan": vars(self.plan),
+            "dropped_examples_per_epoch": self.stream.dropped_examples_per_epoch,
+            "ranks": dist.all_gather_object(placement),
+        }
         if self.is_main:
             write_json_atomic(self.out / "config.json", resolved)
         self.writer.text("config", "```\n" + _json(resolved) + "\n```")
@@ -230,8 +263,10 @@ class Trainer:
         if path is not None:
             self.state = self.checkpointer.load(self.engine, path)
             self.saved_step = self.state.step
-            dist.print0(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
-                        f"micro-batch {self.state.batch_in_epoch})")
+            dist.print0(
+                f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                f"micro-batch {self.state.batch_in_epoch})"
+            )
             self._rescale_position()
         self.state.micro_per_epoch = self.plan.micro_per_epoch
         self.state.world_size = self.info.world_size
@@ -244,8 +279,10 @@ class Trainer:
         if old and old != new:
             accum = self.cfg.optim.grad_accum
             state.batch_in_epoch = min(new, state.batch_in_epoch * new // old) // accum * accum
-            dist.print0(f"warning: the launch shape changed since the checkpoint ({old} -> {new} micro-batches "
-                        f"per epoch): continuing at micro-batch {state.batch_in_epoch}, data order not replayed")
+            dist.print0(
+                f"warning: the launch shape changed since the checkpoint ({old} -> {new} micro-batches "
+                f"per epoch): continuing at micro-batch {state.batch_in_epoch}, data order not replayed"
+            )
 
     def fit(self) -> int:
         """Returns the process exit code: 0 done, EXIT_PREEMPTED saved after a signal."""
@@ -256,8 +293,14 @@ class Trainer:
         if self._run_pending_eval():
             return EXIT_PREEMPTED
         # In a log file (SLURM, CI) a bar update every 30 s instead of every step.
-        bar = tqdm(total=plan.total_steps, initial=state.step, disable=not self.is_main, desc="train",
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+        bar = tqdm(
+            total=plan.total_steps,
+            initial=state.step,
+            disable=not self.is_main,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30,
+        )
         meter, window = ThroughputMeter(), []
         while state.step < plan.total_steps and not state.stopped_early:
             if state.batch_in_epoch >= plan.micro_per_epoch:
@@ -268,7 +311,11 @@ class Trainer:
                 if state.batch_in_epoch >= plan.micro_per_epoch or state.step >= plan.total_steps:
                     break
                 wait = time.perf_counter() - t_wait
-                seed_step(cfg.train.seed, self.info.rank, state.step * cfg.optim.grad_accum + state.batch_in_epoch % cfg.optim.grad_accum)
+                seed_step(
+                    cfg.train.seed,
+                    self.info.rank,
+                    state.step * cfg.optim.grad_accum + state.batch_in_epoch % cfg.optim.grad_accum,
+                )
                 loss = train_step(self.engine, to_device(batch, self.engine.device), state, cfg)
                 self.example_log.write(state, batch)
                 state.batch_in_epoch += 1
@@ -333,8 +380,12 @@ class Trainer:
         finite = [v for v in self.log_window if math.isfinite(v)]
         self.log_window = []
         grad_norm = self.engine.get_global_grad_norm()
-        values = {"Train/loss": sum(finite) / len(finite) if finite else float("nan"), "Train/lr": self._lr(),
-                  "progress/epoch": self.state.epoch, "progress/captions_seen": self.state.examples_seen}
+        values = {
+            "Train/loss": sum(finite) / len(finite) if finite else float("nan"),
+            "Train/lr": self._lr(),
+            "progress/epoch": self.state.epoch,
+            "progress/captions_seen": self.state.examples_seen,
+        }
         if grad_norm is not None:
             values["optim/grad_norm"] = float(grad_norm)
         values.update({f"perf/{k}": v for k, v in meter.summary(self.info.world_size).items()})
@@ -345,8 +396,9 @@ class Trainer:
     def _describe_run_to_tensorboard(self) -> None:
         """HParams (the settings, ranked by the best metrics) and the custom-scalars layout."""
         metrics = [f"best/{m}" for m in EVAL_METRICS] + ["best/step", "Train/loss"]
-        self.writer.hparams_start(hparams_of(self.cfg, self.info.world_size, self.plan.total_steps, self.precision),
-                                  metrics)
+        self.writer.hparams_start(
+            hparams_of(self.cfg, self.info.world_size, self.plan.total_steps, self.precision), metrics
+        )
         self.writer.layout(tensorboard_layout(self.cfg.data.eval_split, self.cfg.eval.best_metric))
 
     def _maybe_stop_or_save(self) -> bool:
@@ -354,8 +406,11 @@ class Trainer:
         if self.stop.agreed():
             self._save_and_stop()
             return True
-        if state.step % self.cfg.train.save_steps == 0 and state.step < self.plan.total_steps \
-                and not state.stopped_early:  # an early stop saves in _finish
+        if (
+            state.step % self.cfg.train.save_steps == 0
+            and state.step < self.plan.total_steps
+            and not state.stopped_early
+        ):  # an early stop saves in _finish
             self.checkpointer.save(self.engine, state)
         return False
 
@@ -389,19 +444,28 @@ class Trainer:
 
         try:
             metrics = evaluate_in_training(
-                self.model, self.processor, self.cfg, self.out, self.state.step, self.writer,
-                lockstep=self.engine.zero_optimization_stage() == 3, should_stop=lambda: self.stop.requested,
+                self.model,
+                self.processor,
+                self.cfg,
+                self.out,
+                self.state.step,
+                self.writer,
+                lockstep=self.engine.zero_optimization_stage() == 3,
+                should_stop=lambda: self.stop.requested,
             )
         except EvaluationInterrupted:
             self.state.eval_pending = True
-            dist.print0(f"evaluation at step {self.state.step} interrupted by a stop signal: "
-                        "it runs when the run resumes")
+            dist.print0(
+                f"evaluation at step {self.state.step} interrupted by a stop signal: it runs when the run resumes"
+            )
             return None
         state, key = self.state, self.cfg.eval.best_metric
         self.last_eval = {"split": self.cfg.data.eval_split, "step": state.step, "values": metrics}
         if metrics and key not in metrics:
-            dist.print0(f"warning: --best-metric {key} was not computed in this evaluation (see results.json "
-                        "'scoring'): no best adapter from it")
+            dist.print0(
+                f"warning: --best-metric {key} was not computed in this evaluation (see results.json "
+                "'scoring'): no best adapter from it"
+            )
         if metrics and key in metrics and improved(key, metrics[key], state.best_metric):
             state.best_metric, state.best_step, state.evals_since_best = metrics[key], state.step, 0
             self.writer.scalars({**metrics, "step": state.step}, state.step, prefix="best/")
@@ -419,9 +483,11 @@ class Trainer:
             return
         if dist.all_reduce_max(1.0 if state.evals_since_best >= patience else 0.0) > 0:
             state.stopped_early = True
-            dist.print0(f"early stop at step {state.step}: no better {self.cfg.eval.best_metric} in {patience} "
-                        f"evaluations (best {state.best_metric} at step {state.best_step}); best adapter in "
-                        f"{self.out / 'best'}")
+            dist.print0(
+                f"early stop at step {state.step}: no better {self.cfg.eval.best_metric} in {patience} "
+                f"evaluations (best {state.best_metric} at step {state.best_step}); best adapter in "
+                f"{self.out / 'best'}"
+            )
 
     def _finish(self) -> int:
         state = self.state
@@ -436,11 +502,18 @@ class Trainer:
             self.writer.close()
             return EXIT_PREEMPTED
         if self.is_main:
-            write_json_atomic(self.out / "final_state.json", {
-                "step": state.step, "epoch": state.epoch, "loss_history": state.losses,
-                "examples_seen": state.examples_seen, "best_metric": state.best_metric,
-                "best_step": state.best_step, "stopped_early": state.stopped_early,
-            })
+            write_json_atomic(
+                self.out / "final_state.json",
+                {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss_history": state.losses,
+                    "examples_seen": state.examples_seen,
+                    "best_metric": state.best_metric,
+                    "best_step": state.best_step,
+                    "stopped_early": state.stopped_early,
+                },
+            )
         self.writer.hparams_end()
         self.writer.close()
         dist.print0(f"done: {state.step} steps, final loss {state.losses[-1]:.4f}, run in {self.out}")

@@ -55,16 +55,16 @@ class Watchdog:
         # Beat often enough that one late beat is no alarm.
         self.interval_s = min(5.0, max(0.2, self.timeout_s / 10))
         self.prefix = ""
-        self._store = None                      # the beat thread's client; only that thread uses it
+        self._store = None  # the beat thread's client; only that thread uses it
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
-        self._lock = threading.Lock()           # stop() and a verdict never cross: after stop() no exit
+        self._lock = threading.Lock()  # stop() and a verdict never cross: after stop() no exit
         # Written by the beat thread, read by the judge.
-        self._answered = 0.0                    # when the store last answered a whole round
-        self._counts: dict[int, int] = {}       # watched rank -> its counter
-        self._moved: dict[int, float] = {}      # watched rank -> when its counter last moved
-        self._done: set[int] = set()            # watched ranks that finished
-        self._verdict: str | None = None        # lost ranks, as rank 0 published them
+        self._answered = 0.0  # when the store last answered a whole round
+        self._counts: dict[int, int] = {}  # watched rank -> its counter
+        self._moved: dict[int, float] = {}  # watched rank -> when its counter last moved
+        self._done: set[int] = set()  # watched ranks that finished
+        self._verdict: str | None = None  # lost ranks, as rank 0 published them
         # Rank 0's judge asks the beat thread to publish a verdict, and waits for that at most a while.
         self._to_publish: tuple[str, int] | None = None
         self._published = threading.Event()
@@ -122,8 +122,13 @@ class Watchdog:
         if self._store is None:
             import torch.distributed as tdist
 
-            self._store = tdist.TCPStore(self.host, self.port, is_master=False, wait_for_workers=False,
-                                         timeout=datetime.timedelta(seconds=max(1.0, self.timeout_s / 2)))
+            self._store = tdist.TCPStore(
+                self.host,
+                self.port,
+                is_master=False,
+                wait_for_workers=False,
+                timeout=datetime.timedelta(seconds=max(1.0, self.timeout_s / 2)),
+            )
         store = self._store
         store.add(self._key("beat", self.rank), 1)
         if self.rank != 0 and self._verdict is None and store.check([self._key("lost")]):
@@ -160,8 +165,10 @@ class Watchdog:
         if self._verdict is not None:
             self._lost(f"rank 0 reports rank(s) {self._verdict} lost")
         if now - self._answered > self.timeout_s:
-            self._lost(f"no answer from the job's store at {self.host}:{self.port} for {self.timeout_s:.0f} s: "
-                       "rank 0, its node or this node's network is lost")
+            self._lost(
+                f"no answer from the job's store at {self.host}:{self.port} for {self.timeout_s:.0f} s: "
+                "rank 0, its node or this node's network is lost"
+            )
         lost = [r for r, moved in dict(self._moved).items() if now - moved > self.timeout_s and r not in self._done]
         if not lost:
             return

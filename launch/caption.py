@@ -44,8 +44,10 @@ def expand_paths(args: list[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                print(f"warning: {arg}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})",
-                      file=sys.stderr)
+                print(
+                    f"warning: {arg}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                    file=sys.stderr,
+                )
         elif any(ch in arg for ch in "*?["):
             found = sorted(Path(m) for m in glob.glob(arg, recursive=True))
             if not found:
@@ -75,8 +77,9 @@ def sampling_options(s: SamplingArgs, num_beams: int) -> dict:
     if s.top_p is not None and not s.do_sample:
         raise UsageError("--top-p applies to sampling: add --do-sample")
     if not s.do_sample and s.num_return_sequences > num_beams:
-        raise UsageError(f"--num-return-sequences {s.num_return_sequences} needs --num-beams >= it "
-                         f"(now {num_beams}) or --do-sample")
+        raise UsageError(
+            f"--num-return-sequences {s.num_return_sequences} needs --num-beams >= it (now {num_beams}) or --do-sample"
+        )
     options = {"num_return_sequences": s.num_return_sequences}
     if s.do_sample:
         options["do_sample"] = True
@@ -121,14 +124,16 @@ def main(argv=None) -> int:
     paths = check(p)
     inf, cap, sampling = p.sections["inference"], p.sections["caption"], p.sections["sampling"]
     prompt = p.sections["data"].prompt if "prompt" in p.given else None
-    prompt, generation, notes = resolve_inference(recorded_inference(inf.adapter or base_model(p)), prompt=prompt,
-                                                  given=given_generation(p))
+    prompt, generation, notes = resolve_inference(
+        recorded_inference(inf.adapter or base_model(p)), prompt=prompt, given=given_generation(p)
+    )
     generation.update(sampling_options(sampling, generation["num_beams"]))
     dispatch = dispatch_options(p.sections["placement"])
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
-    model, processor = load_for_inference(base_model(p), inf.adapter, dtype=getattr(torch, inf.dtype),
-                                          dispatch=dispatch)
+    model, processor = load_for_inference(
+        base_model(p), inf.adapter, dtype=getattr(torch, inf.dtype), dispatch=dispatch
+    )
     if dispatch is None:
         model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = input_device(model)
@@ -149,8 +154,14 @@ def main(argv=None) -> int:
             continue
         pixels = transform.batch_from_pil(images)
         prompts = fmt.encode_prompts(len(images))
-        captions = generate_captions(model, processor, pixels, prompts["input_ids"].to(device),
-                                     prompts["attention_mask"].to(device), **generation)
+        captions = generate_captions(
+            model,
+            processor,
+            pixels,
+            prompts["input_ids"].to(device),
+            prompts["attention_mask"].to(device),
+            **generation,
+        )
         n = sampling.num_return_sequences
         for i, path in enumerate(batch_paths):
             mine = captions[i * n : (i + 1) * n]  # generate returns each image's sequences together

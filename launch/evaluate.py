@@ -23,14 +23,19 @@ from blip2_dist.adapters import load_for_inference, read_meta, recorded_inferenc
 from blip2_dist.checks import check_adapter, check_model, check_output_dir, check_splits
 from blip2_dist.commands import base_model, sections_of
 from blip2_dist.config import (
-    DEFAULT_MODEL, GENERATION_FIELDS, DataArgs, EvalArgs, Parsed, parse_sections, save_config,
+    DEFAULT_MODEL,
+    GENERATION_FIELDS,
+    DataArgs,
+    EvalArgs,
+    Parsed,
+    parse_sections,
+    save_config,
 )
+from blip2_dist.data.urls import RetryPolicy
 from blip2_dist.errors import run_main
 from blip2_dist.evaluate import evaluate_model
 from blip2_dist.gallery import write_run_page
 from blip2_dist.tensorboard import build_writer
-from blip2_dist.data.urls import RetryPolicy
-
 
 EVAL_CONFIG = "eval_config.json"  # not config.json: that name marks a training run's or a model's folder
 
@@ -71,8 +76,9 @@ def main(argv=None) -> int:
     data, inf, ev = p.sections["data"], p.sections["inference"], p.sections["evaluate"]
     folder = inf.adapter or base_model(p)
     flags = {key: getattr(p.sections["eval"], name) for name, key in GENERATION_FIELDS.items() if name in p.given}
-    prompt, generation, notes = resolve_inference(recorded_inference(folder), given=flags,
-                                                  prompt=data.prompt if "prompt" in p.given else None)
+    prompt, generation, notes = resolve_inference(
+        recorded_inference(folder), given=flags, prompt=data.prompt if "prompt" in p.given else None
+    )
     info = dist.init_distributed()
     for note in notes:
         dist.print0(f"warning: {note}")
@@ -86,12 +92,28 @@ def main(argv=None) -> int:
     max_caption_tokens = (meta.get("caption_format") or {}).get("max_caption_tokens", DataArgs().max_caption_tokens)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(out / EVAL_CONFIG, {**p.sections, "eval": eval_args}, p.only,
-                    resolved={"prompt": prompt, "model": source["model"], "max_caption_tokens": max_caption_tokens})
-    evaluate_model(model, processor, data.data, ev.split, eval_args, out, step=meta.get("step") or 0,
-                   writer=writer, num_workers=data.num_workers, prompt=prompt,
-                   retry=RetryPolicy(retries=data.data_retries), max_caption_tokens=max_caption_tokens,
-                   source=source, run_page="../gallery.html" if in_run else None)
+        save_config(
+            out / EVAL_CONFIG,
+            {**p.sections, "eval": eval_args},
+            p.only,
+            resolved={"prompt": prompt, "model": source["model"], "max_caption_tokens": max_caption_tokens},
+        )
+    evaluate_model(
+        model,
+        processor,
+        data.data,
+        ev.split,
+        eval_args,
+        out,
+        step=meta.get("step") or 0,
+        writer=writer,
+        num_workers=data.num_workers,
+        prompt=prompt,
+        retry=RetryPolicy(retries=data.data_retries),
+        max_caption_tokens=max_caption_tokens,
+        source=source,
+        run_page="../gallery.html" if in_run else None,
+    )
     writer.close()
     if info.is_main and in_run:
         write_run_page(out.parent)

@@ -34,8 +34,10 @@ def main(argv=None) -> int:
     except ModelNotAvailableError as e:  # a base that is not on this machine: one line, not a traceback
         raise UserError(str(e)) from e
     save_config(out / EXPORT_CONFIG, parsed.sections)
-    print(f"merged model in {out}: Blip2ForConditionalGeneration.from_pretrained({str(out)!r}); "
-          f"model card {out}/README.md")
+    print(
+        f"merged model in {out}: Blip2ForConditionalGeneration.from_pretrained({str(out)!r}); "
+        f"model card {out}/README.md"
+    )
     return 0
 
 

@@ -49,18 +49,27 @@ def write_karpathy_coco(root: str | Path, n: int = 14) -> FakeSet:
         folder = "train2014" if split == "train" else "val2014"  # val, test and restval come from val2014
         name = f"COCO_{folder}_{i + 9:012d}.jpg"
         caps = coco_captions(i)
-        images.append({
-            "filepath": folder, "filename": name, "imgid": i, "split": split, "cocoid": i + 9,
-            "sentids": list(range(10 * i, 10 * i + len(caps))),
-            "sentences": [{"raw": c, "tokens": c.lower().split(), "imgid": i, "sentid": 10 * i + k}
-                          for k, c in enumerate(caps)],
-        })
+        images.append(
+            {
+                "filepath": folder,
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "cocoid": i + 9,
+                "sentids": list(range(10 * i, 10 * i + len(caps))),
+                "sentences": [
+                    {"raw": c, "tokens": c.lower().split(), "imgid": i, "sentid": 10 * i + k}
+                    for k, c in enumerate(caps)
+                ],
+            }
+        )
         image_id = Path(name).stem
         fake.expected[image_id] = ("train" if split == "restval" else split, [c.strip() for c in caps])
         fake.files[image_id] = _image(root / folder, name, i)
     for split in ("train", "val", "test"):  # the packer writes by split, then in file order
-        fake.order[split] = [Path(im["filename"]).stem for im in images
-                             if {"restval": "train"}.get(im["split"], im["split"]) == split]
+        fake.order[split] = [
+            Path(im["filename"]).stem for im in images if {"restval": "train"}.get(im["split"], im["split"]) == split
+        ]
     (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     return fake
 
@@ -73,9 +82,17 @@ def write_karpathy_flickr30k(root: str | Path, n: int = 9) -> FakeSet:
         split = ["train", "train", "val", "test"][i % 4]  # Flickr30k's json has no restval
         name = f"{1000092795 + 31 * i}.jpg"
         caps = coco_captions(i)[:5]
-        images.append({"filename": name, "imgid": i, "split": split, "sentids": list(range(5 * i, 5 * i + 5)),
-                       "sentences": [{"raw": c, "tokens": c.split(), "imgid": i, "sentid": 5 * i + k}
-                                     for k, c in enumerate(caps)]})
+        images.append(
+            {
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentids": list(range(5 * i, 5 * i + 5)),
+                "sentences": [
+                    {"raw": c, "tokens": c.split(), "imgid": i, "sentid": 5 * i + k} for k, c in enumerate(caps)
+                ],
+            }
+        )
         fake.add(Path(name).stem, split, [c.strip() for c in caps])
         fake.files[Path(name).stem] = _image(fake.images_dir, name, i)
     (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
@@ -92,8 +109,16 @@ def write_coco(root: str | Path, year: int = 2017, n: int = 10, seed: int = 0) -
         images, annotations = [], []
         for i in range(lo, hi):
             name = f"COCO_{split}2014_{i + 9:012d}.jpg" if year == 2014 else f"{i + 9:012d}.jpg"
-            images.append({"license": 3, "file_name": name, "coco_url": f"http://images.cocodataset.org/{name}",
-                           "height": 30, "width": 40, "id": i + 9})
+            images.append(
+                {
+                    "license": 3,
+                    "file_name": name,
+                    "coco_url": f"http://images.cocodataset.org/{name}",
+                    "height": 30,
+                    "width": 40,
+                    "id": i + 9,
+                }
+            )
             caps = coco_captions(i)
             annotations += [{"image_id": i + 9, "id": 1000 * i + k, "caption": c} for k, c in enumerate(caps)]
             fake.files[Path(name).stem] = _image(root / f"{split}{year}", name, i)
@@ -103,6 +128,7 @@ def write_coco(root: str | Path, year: int = 2017, n: int = 10, seed: int = 0) -
             fake.add(Path(image["file_name"]).stem, split, caps)
         ann = root / "annotations"
         ann.mkdir(parents=True, exist_ok=True)
-        (ann / f"captions_{split}{year}.json").write_text(json.dumps({
-            "info": {"year": year}, "licenses": [], "images": images, "annotations": annotations}))
+        (ann / f"captions_{split}{year}.json").write_text(
+            json.dumps({"info": {"year": year}, "licenses": [], "images": images, "annotations": annotations})
+        )
     return fake

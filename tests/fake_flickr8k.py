@@ -25,7 +25,11 @@ import numpy as np
 from PIL import Image
 
 TEXT_DIR = "Flickr8k_text"
-SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "val": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 
 
 @dataclass
@@ -79,7 +83,10 @@ def captions_for(i: int) -> list[str]:
 
 
 def write_original(
-    root: str | os.PathLike, n: int = 12, image_dir: str = "Flicker8k_Dataset", nested: bool = False,
+    root: str | os.PathLike,
+    n: int = 12,
+    image_dir: str = "Flicker8k_Dataset",
+    nested: bool = False,
 ) -> FakeSet:
     root = Path(root)
     images_dir = root / image_dir / (image_dir if nested else "")
@@ -124,10 +131,17 @@ def write_karpathy(root: str | os.PathLike, n: int = 12, image_dir: str = "Image
         name = fake_name(i)
         caps = captions_for(i)
         split = kinds[i % len(kinds)]
-        images.append({
-            "filename": name, "imgid": i, "split": split, "sentids": list(range(5 * i, 5 * i + 5)),
-            "sentences": [{"raw": c, "tokens": c.split(), "imgid": i, "sentid": 5 * i + k} for k, c in enumerate(caps)],
-        })
+        images.append(
+            {
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentids": list(range(5 * i, 5 * i + 5)),
+                "sentences": [
+                    {"raw": c, "tokens": c.split(), "imgid": i, "sentid": 5 * i + k} for k, c in enumerate(caps)
+                ],
+            }
+        )
         fake.add(Path(name).stem, "train" if split == "restval" else split, [c.strip() for c in caps])
         fake.files[Path(name).stem] = images_dir / name
     (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Served:
         with self.lock:
             queue = self.faults.get(name, [])
             if queue and queue[0].startswith("always-"):
-                action = queue[0][len("always-"):]
+                action = queue[0][len("always-") :]
             else:
                 action = queue.pop(0) if queue else "ok"
             self.requests.append((name, action))

@@ -58,11 +58,11 @@ from blip2_dist.models import CLIP_MEAN, CLIP_STD, TINY_CORPUS_WORDS, init_query
 HUB_NAMES = {"opt": "Salesforce/blip2-opt-2.7b", "t5": "Salesforce/blip2-flan-t5-xl"}
 IMAGE_SIZE = 32
 NUM_QUERY_TOKENS = 32  # the hub value
-DROPOUT = 0.1          # the hub value, language model and Q-Former
-T5_EXTRA_IDS = 100     # FLAN-T5's sentinel count
+DROPOUT = 0.1  # the hub value, language model and Q-Former
+T5_EXTRA_IDS = 100  # FLAN-T5's sentinel count
 HIDDEN = 64
-OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]   # ids 0..3, as in OPT's GPT-2 vocabulary
-T5_SPECIALS = ["<pad>", "</s>", "<unk>"]           # ids 0..2, as in T5's SentencePiece model
+OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in OPT's GPT-2 vocabulary
+T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0..2, as in T5's SentencePiece model
 
 
 # Caption words beyond the tiny tokenizer's, so common captions are a few whole-word tokens, as with the
@@ -85,15 +85,23 @@ def build_opt_tokenizer() -> GPT2Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=OPT_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=1000,
+        special_tokens=OPT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return GPT2Tokenizer(
-        vocab=model["vocab"], merges=merges, add_prefix_space=False, add_bos_token=True,
-        bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        vocab=model["vocab"],
+        merges=merges,
+        add_prefix_space=False,
+        add_bos_token=True,
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
 
 
@@ -114,26 +122,51 @@ def _text_config(family: str, tokenizer, vocab_size: int) -> dict:
     if family == "opt":
         newline = tokenizer.convert_tokens_to_ids("Ċ")  # byte-level BPE spelling of "\n"
         return OPTConfig(
-            vocab_size=vocab_size, hidden_size=HIDDEN, word_embed_proj_dim=HIDDEN, ffn_dim=2 * HIDDEN,
-            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, dropout=DROPOUT,
-            attention_dropout=0.0, activation_dropout=0.0, activation_function="relu",
-            do_layer_norm_before=True, enable_bias=True,
-            bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=newline,
+            vocab_size=vocab_size,
+            hidden_size=HIDDEN,
+            word_embed_proj_dim=HIDDEN,
+            ffn_dim=2 * HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            dropout=DROPOUT,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            activation_function="relu",
+            do_layer_norm_before=True,
+            enable_bias=True,
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=newline,
         ).to_dict()
     return T5Config(
-        vocab_size=vocab_size, d_model=HIDDEN, d_kv=16, d_ff=2 * HIDDEN, num_layers=2, num_decoder_layers=2,
-        num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=DROPOUT, is_encoder_decoder=True,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=vocab_size,
+        d_model=HIDDEN,
+        d_kv=16,
+        d_ff=2 * HIDDEN,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=DROPOUT,
+        is_encoder_decoder=True,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     ).to_dict()
 
 
 def _generation_config(family: str, text: dict) -> GenerationConfig:
     if family == "opt":
-        return GenerationConfig(bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"],
-                                pad_token_id=text["pad_token_id"])
-    return GenerationConfig(decoder_start_token_id=text["decoder_start_token_id"],
-                            eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"])
+        return GenerationConfig(
+            bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"]
+        )
+    return GenerationConfig(
+        decoder_start_token_id=text["decoder_start_token_id"],
+        eos_token_id=text["eos_token_id"],
+        pad_token_id=text["pad_token_id"],
+    )
 
 
 def build_hub_like(family: str, seed: int = 0) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
@@ -142,23 +175,44 @@ def build_hub_like(family: str, seed: int = 0) -> tuple[Blip2ForConditionalGener
         raise ValueError(f"family must be one of {sorted(HUB_NAMES)}, got {family!r}")
     tokenizer = build_opt_tokenizer() if family == "opt" else build_t5_tokenizer()
     image_processor = BlipImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3, do_resize=True, do_rescale=True,
-        rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=3,
+        do_resize=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
     )
     processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=NUM_QUERY_TOKENS)  # adds <image>
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     text = _text_config(family, tokenizer, vocab_size)
     config = Blip2Config(
         vision_config=dict(
-            hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-            image_size=IMAGE_SIZE, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True, attention_dropout=0.0,
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+            layer_norm_eps=1e-6,
+            qkv_bias=True,
+            attention_dropout=0.0,
             # The hub's 1e-10 would give every image the same features in a random frozen ViT.
             initializer_range=0.02,
         ),
         qformer_config=dict(
-            hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * HIDDEN,
-            encoder_hidden_size=HIDDEN, cross_attention_frequency=2, hidden_dropout_prob=DROPOUT,
-            attention_probs_dropout_prob=DROPOUT, max_position_embeddings=64, vocab_size=128,
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=2 * HIDDEN,
+            encoder_hidden_size=HIDDEN,
+            cross_attention_frequency=2,
+            hidden_dropout_prob=DROPOUT,
+            attention_probs_dropout_prob=DROPOUT,
+            max_position_embeddings=64,
+            vocab_size=128,
         ),
         text_config=text,
         num_query_tokens=NUM_QUERY_TOKENS,

@@ -20,8 +20,14 @@ BIN = Path(sys.executable).parent
 
 def cpu_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO),
+    )
     env.update(extra)
     return env
 
@@ -29,26 +35,38 @@ def cpu_env(**extra: str) -> dict:
 def command(script: str, args: list[str], nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(REPO / script), *args]
-    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-            str(REPO / script), *args]
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(REPO / script),
+        *args,
+    ]
 
 
 def run(script: str, args: list[str], nproc: int = 2, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(script, args, nproc), cwd=REPO, env=cpu_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        command(script, args, nproc), cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
 def start(script: str, args: list[str], nproc: int = 2, log: Path | None = None, **env: str) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(script, args, nproc), cwd=REPO, env=cpu_env(**env), stdout=out,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command(script, args, nproc), cwd=REPO, env=cpu_env(**env), stdout=out, stderr=subprocess.STDOUT
+    )
 
 
 def rank_processes(launcher: subprocess.Popen, script: str) -> tuple[list[int], list[int]]:
     """(trainer ranks, all their processes incl. DataLoader workers) under a deepspeed launcher."""
-    procs = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if any(script in part for part in p.cmdline()) and "--local_rank" in " ".join(p.cmdline())]
+    procs = [
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if any(script in part for part in p.cmdline()) and "--local_rank" in " ".join(p.cmdline())
+    ]
     pids = {p.pid for p in procs}
     ranks = [p.pid for p in procs if p.ppid() not in pids]
     return ranks, sorted(pids)

@@ -48,8 +48,7 @@ from pathlib import Path
 
 BASE = Path(os.environ.get("BLIP2_SLURM_BASE", "/tmp/blip2-dist-slurm"))
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-NEEDED_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged",
-                   "ip", "nsenter", "unshare")
+NEEDED_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged", "ip", "nsenter", "unshare")
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 NS_PREFIX = "b2s"
 SUBNET = "10.77.0"
@@ -57,8 +56,16 @@ CONTROLLER = "mnctl"
 CPUS_PER_NODE = 2  # both "nodes" share this machine's cores; each claims the 2 it has
 # Terminal job states (a requeued job passes through REQUEUED/PENDING and is not done yet).
 DONE_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
 }
 
 
@@ -69,14 +76,15 @@ class SlurmUnavailable(RuntimeError):
 @dataclass
 class JobResult:
     job_id: int
-    state: str           # JobState, e.g. COMPLETED, FAILED
-    exit_code: int       # the batch script's exit code (from ExitCode=N:SIG)
-    signal: int          # the signal that ended it, 0 if none
-    restarts: int        # Restarts= (how often it was requeued)
-    info: dict           # every field of `scontrol show job -o`
+    state: str  # JobState, e.g. COMPLETED, FAILED
+    exit_code: int  # the batch script's exit code (from ExitCode=N:SIG)
+    signal: int  # the signal that ended it, 0 if none
+    restarts: int  # Restarts= (how often it was requeued)
+    info: dict  # every field of `scontrol show job -o`
 
 
 # ---- installation ------------------------------------------------------------------------------
+
 
 def _run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
@@ -91,13 +99,27 @@ def ensure_installed() -> None:
     if not shutil.which("apt-get"):
         raise SlurmUnavailable(f"slurm is not installed and there is no apt-get to install {PACKAGES}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-               "-o", "DPkg::Lock::Timeout=300", *PACKAGES, "iproute2", "util-linux"]
+    install = [
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        "DPkg::Lock::Timeout=300",
+        *PACKAGES,
+        "iproute2",
+        "util-linux",
+    ]
     with _no_service_start():
         out = _run(install, timeout=900, env=env, stdin=subprocess.DEVNULL)
         if out.returncode != 0:  # stale or missing package lists: refresh once, try again
-            _run(["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"],
-                 timeout=900, env=env, stdin=subprocess.DEVNULL)
+            _run(
+                ["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"],
+                timeout=900,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
             out = _run(install, timeout=900, env=env, stdin=subprocess.DEVNULL)
     if out.returncode != 0 or not all(shutil.which(b) for b in NEEDED_BINARIES):
         tail = (out.stdout + out.stderr)[-1500:]
@@ -129,8 +151,20 @@ def check_namespaces() -> None:
     if out.returncode != 0:
         raise SlurmUnavailable(f"cannot make network namespaces (`ip netns add`): {out.stderr.strip()}")
     try:
-        probe = _run(["nsenter", f"--net=/run/netns/{name}", "unshare", "--uts", "--mount",
-                      "--propagation", "private", "--", "true"], timeout=30)
+        probe = _run(
+            [
+                "nsenter",
+                f"--net=/run/netns/{name}",
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "true",
+            ],
+            timeout=30,
+        )
         if probe.returncode != 0:
             raise SlurmUnavailable(f"cannot enter namespaces (nsenter/unshare): {probe.stderr.strip()}")
     finally:
@@ -138,6 +172,7 @@ def check_namespaces() -> None:
 
 
 # ---- processes ---------------------------------------------------------------------------------
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -189,8 +224,13 @@ def _teardown(namespaces: list[str], conf: Path, daemon_pids: list[int], grace: 
     """End everything of one cluster: processes in its namespaces, job processes, daemons; then
     delete the namespaces (their veths and bridge go with them)."""
     for _ in range(3):  # a dying slurmstepd may still fork: look again
-        pids = sorted({*(p for ns in namespaces for p in netns_pids(ns)),
-                       *_pids_with_env(f"SLURM_CONF={conf}"), *(p for p in daemon_pids if _alive(p))})
+        pids = sorted(
+            {
+                *(p for ns in namespaces for p in netns_pids(ns)),
+                *_pids_with_env(f"SLURM_CONF={conf}"),
+                *(p for p in daemon_pids if _alive(p)),
+            }
+        )
         if not pids:
             break
         _terminate(pids, grace=grace)
@@ -213,23 +253,35 @@ def clean_stale(base: Path = BASE) -> None:
             if meta.get("owner_pid") and _alive(int(meta["owner_pid"])):
                 live_ids.add(run_dir.name.rsplit("-", 1)[-1])
                 continue  # another live session's cluster
-            _teardown(meta.get("namespaces", []), run_dir / "slurm.conf",
-                      list(meta.get("daemons", {}).values()), grace=5)
+            _teardown(
+                meta.get("namespaces", []), run_dir / "slurm.conf", list(meta.get("daemons", {}).values()), grace=5
+            )
             shutil.rmtree(run_dir, ignore_errors=True)
     listing = _run(["ip", "netns", "list"], timeout=30).stdout.split()
-    orphans = [ns for ns in listing if re.fullmatch(rf"{NS_PREFIX}[0-9a-f]{{8}}(c|n\d+)", ns)
-               and ns[len(NS_PREFIX):len(NS_PREFIX) + 8] not in live_ids]
+    orphans = [
+        ns
+        for ns in listing
+        if re.fullmatch(rf"{NS_PREFIX}[0-9a-f]{{8}}(c|n\d+)", ns)
+        and ns[len(NS_PREFIX) : len(NS_PREFIX) + 8] not in live_ids
+    ]
     if orphans:
         _teardown(orphans, Path("/nonexistent"), [], grace=5)
 
 
 # ---- the cluster -------------------------------------------------------------------------------
 
+
 class SlurmCluster:
     """A controller + `nodes` nodes (node1, node2, ...) in their own namespaces, its own munged."""
 
-    def __init__(self, nodes: int = 2, cred_expire: int = 5, slurmd_timeout: int = 15,
-                 start_timeout: float = 60.0, base: Path = BASE):
+    def __init__(
+        self,
+        nodes: int = 2,
+        cred_expire: int = 5,
+        slurmd_timeout: int = 15,
+        start_timeout: float = 60.0,
+        base: Path = BASE,
+    ):
         # cred_expire: seconds a requeued job waits before it may start again (Slurm's minimum is 5,
         # default 120); also the life of a step credential (srun uses it within a second).
         # slurmd_timeout: seconds without an answer from a node's slurmd before Slurm sets the node
@@ -251,10 +303,10 @@ class SlurmCluster:
 
     def netns(self, host: str) -> str:
         """The network namespace of `host` (CONTROLLER or a node name)."""
-        return f"{NS_PREFIX}{self.id}" + ("c" if host == CONTROLLER else "n" + host[len("node"):])
+        return f"{NS_PREFIX}{self.id}" + ("c" if host == CONTROLLER else "n" + host[len("node") :])
 
     def address(self, host: str) -> str:
-        return f"{SUBNET}.1" if host == CONTROLLER else f"{SUBNET}.1{host[len('node'):]}"
+        return f"{SUBNET}.1" if host == CONTROLLER else f"{SUBNET}.1{host[len('node') :]}"
 
     @property
     def namespaces(self) -> list[str]:
@@ -262,7 +314,7 @@ class SlurmCluster:
 
     # -- life cycle
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         self.start()
         return self
 
@@ -322,8 +374,11 @@ class SlurmCluster:
     # -- set-up pieces
 
     def _write_owner(self) -> None:
-        meta = {"owner_pid": os.getpid(), "namespaces": self.namespaces,
-                "daemons": {n: p.pid for n, p in self._procs.items()}}
+        meta = {
+            "owner_pid": os.getpid(),
+            "namespaces": self.namespaces,
+            "daemons": {n: p.pid for n, p in self._procs.items()},
+        }
         (self.root / "owner.json").write_text(json.dumps(meta))
 
     def _make_network(self) -> None:
@@ -331,18 +386,22 @@ class SlurmCluster:
         end is the node's eth0 (10.77.0.1N). Per host a hosts file naming every host."""
         ctl = self.netns(CONTROLLER)
         cmds = [["ip", "netns", "add", ns] for ns in self.namespaces]
-        cmds += [["ip", "-n", ctl, "link", "add", "br0", "type", "bridge"],
-                 ["ip", "-n", ctl, "addr", "add", f"{self.address(CONTROLLER)}/24", "dev", "br0"],
-                 ["ip", "-n", ctl, "link", "set", "br0", "up"],
-                 ["ip", "-n", ctl, "link", "set", "lo", "up"]]
+        cmds += [
+            ["ip", "-n", ctl, "link", "add", "br0", "type", "bridge"],
+            ["ip", "-n", ctl, "addr", "add", f"{self.address(CONTROLLER)}/24", "dev", "br0"],
+            ["ip", "-n", ctl, "link", "set", "br0", "up"],
+            ["ip", "-n", ctl, "link", "set", "lo", "up"],
+        ]
         for node in self.node_names:
             ns, veth = self.netns(node), self._veth(node)
-            cmds += [["ip", "-n", ctl, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns],
-                     ["ip", "-n", ctl, "link", "set", veth, "master", "br0"],
-                     ["ip", "-n", ctl, "link", "set", veth, "up"],
-                     ["ip", "-n", ns, "addr", "add", f"{self.address(node)}/24", "dev", "eth0"],
-                     ["ip", "-n", ns, "link", "set", "eth0", "up"],
-                     ["ip", "-n", ns, "link", "set", "lo", "up"]]
+            cmds += [
+                ["ip", "-n", ctl, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns],
+                ["ip", "-n", ctl, "link", "set", veth, "master", "br0"],
+                ["ip", "-n", ctl, "link", "set", veth, "up"],
+                ["ip", "-n", ns, "addr", "add", f"{self.address(node)}/24", "dev", "eth0"],
+                ["ip", "-n", ns, "link", "set", "eth0", "up"],
+                ["ip", "-n", ns, "link", "set", "lo", "up"],
+            ]
         for cmd in cmds:
             out = _run(cmd, timeout=30)
             if out.returncode != 0:
@@ -353,24 +412,47 @@ class SlurmCluster:
 
     @staticmethod
     def _veth(node: str) -> str:
-        return "v" + node[len("node"):]
+        return "v" + node[len("node") :]
 
     def wrap(self, host: str, cmd: list[str]) -> list[str]:
         """`cmd` run inside `host`'s namespaces, with its hostname and hosts file."""
-        setup = ('mount --bind "$B2S_HOSTS" /etc/hosts && mount --bind "$B2S_RESOLV" /etc/resolv.conf '
-                 '&& hostname "$B2S_HOST" && exec "$@"')
-        return ["env", f"B2S_HOSTS={self.root / 'hosts'}", f"B2S_RESOLV={self.root / 'resolv.conf'}",
-                f"B2S_HOST={host}", "nsenter", f"--net=/run/netns/{self.netns(host)}",
-                "unshare", "--uts", "--mount", "--propagation", "private", "--",
-                "sh", "-c", setup, "sh", *cmd]
+        setup = (
+            'mount --bind "$B2S_HOSTS" /etc/hosts && mount --bind "$B2S_RESOLV" /etc/resolv.conf '
+            '&& hostname "$B2S_HOST" && exec "$@"'
+        )
+        return [
+            "env",
+            f"B2S_HOSTS={self.root / 'hosts'}",
+            f"B2S_RESOLV={self.root / 'resolv.conf'}",
+            f"B2S_HOST={host}",
+            "nsenter",
+            f"--net=/run/netns/{self.netns(host)}",
+            "unshare",
+            "--uts",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            setup,
+            "sh",
+            *cmd,
+        ]
 
     def _spawn(self, name: str, host: str, cmd: list[str], **kw) -> None:
         log = open(self.root / f"{name}.out", "ab")
         # Marked with SLURM_CONF so teardown can find them and their children (slurmstepd, tasks).
         env = dict(os.environ, SLURM_CONF=str(self.conf))
         self._procs[name] = subprocess.Popen(
-            self.wrap(host, cmd) if host else cmd, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, cwd=self.root, start_new_session=True, **kw,
+            self.wrap(host, cmd) if host else cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.root,
+            start_new_session=True,
+            **kw,
         )
         log.close()
         self._write_owner()
@@ -384,11 +466,22 @@ class SlurmCluster:
         key.chmod(0o400)
         shutil.chown(key, "munge", "munge")
         self.munge_socket = mdir / "munge.socket"
-        self._spawn("munged", "", [
-            "munged", "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
-            f"--pid-file={mdir / 'munged.pid'}", f"--log-file={mdir / 'munged.log'}",
-            f"--seed-file={mdir / 'munged.seed'}",
-        ], user="munge", group="munge", extra_groups=[])
+        self._spawn(
+            "munged",
+            "",
+            [
+                "munged",
+                "--foreground",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={mdir / 'munged.pid'}",
+                f"--log-file={mdir / 'munged.log'}",
+                f"--seed-file={mdir / 'munged.seed'}",
+            ],
+            user="munge",
+            group="munge",
+            extra_groups=[],
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             enc = _run(["munge", "-n", "-S", str(self.munge_socket)], timeout=10)
@@ -407,7 +500,8 @@ class SlurmCluster:
         nodes = "\n".join(
             f"NodeName={n} NodeAddr={self.address(n)} NodeHostname={n} CPUs={CPUS_PER_NODE} Boards=1 "
             f"SocketsPerBoard=1 CoresPerSocket={CPUS_PER_NODE} ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN"
-            for n in self.node_names)
+            for n in self.node_names
+        )
         self.conf.write_text(f"""\
 # Written by tests/slurm_cluster.py: a {self.num_nodes}-node test cluster in namespaces; see that file.
 ClusterName=blip2test
@@ -500,13 +594,17 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         env.update({k: str(v) for k, v in (extra or {}).items()})
         return env
 
-    def client(self, cmd: list[str], env: dict | None = None, timeout: float = 60,
-               **kw) -> subprocess.CompletedProcess:
+    def client(self, cmd: list[str], env: dict | None = None, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """A Slurm client command (sbatch, squeue, scontrol, ...) run on the controller host."""
         return _run(self.wrap(CONTROLLER, cmd), env=self.env(env), timeout=timeout, **kw)
 
-    def submit(self, script: str | os.PathLike, env: dict | None = None, args: list[str] = (),
-               cwd: str | os.PathLike | None = None) -> int:
+    def submit(
+        self,
+        script: str | os.PathLike,
+        env: dict | None = None,
+        args: list[str] = (),
+        cwd: str | os.PathLike | None = None,
+    ) -> int:
         """`sbatch [args] script` with os.environ + env exported to the job; returns the job id."""
         out = self.client(["sbatch", "--parsable", *args, str(script)], env=env, cwd=cwd)
         if out.returncode != 0:
@@ -535,12 +633,12 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 seen.append((info.get("JobState"), info.get("Restarts")))
             if info.get("JobState") in DONE_STATES:
                 code, sig = (info.get("ExitCode") or "0:0").split(":")
-                return JobResult(job_id, info["JobState"], int(code), int(sig),
-                                 int(info.get("Restarts", 0)), info)
+                return JobResult(job_id, info["JobState"], int(code), int(sig), int(info.get("Restarts", 0)), info)
             self._check_alive()
             time.sleep(poll)
-        raise TimeoutError(f"job {job_id} not finished after {timeout} s: "
-                           f"{info.get('JobState')} ({info.get('Reason')})\n{self.logs()}")
+        raise TimeoutError(
+            f"job {job_id} not finished after {timeout} s: {info.get('JobState')} ({info.get('Reason')})\n{self.logs()}"
+        )
 
     def wait_running(self, job_id: int, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout

@@ -33,16 +33,16 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("family", ["t5", "opt"])
-@pytest.mark.parametrize("settings", SETTINGS, ids=["lm", "query_tokens", "qformer_lora", "train_qformer",
-                                                     "vision_lora", "all_linear"])
+@pytest.mark.parametrize(
+    "settings", SETTINGS, ids=["lm", "query_tokens", "qformer_lora", "train_qformer", "vision_lora", "all_linear"]
+)
 def test_flop_formula_matches_flop_counter(family, settings):
     """The documented formula, term by term, equals what FlopCounterMode sees for a real forward and
     backward (eager attention, so the attention products are visible as matmuls)."""
     model, processor = load_model(f"tiny-{family}", dtype=torch.float32)
     model.set_attn_implementation("eager")
     peft_model = apply_lora(model, settings).train()
-    batch = synthetic_batches(processor, model.config, n_batches=1, micro_batch=7, captions_per_image=3,
-                              seed=1)[0]
+    batch = synthetic_batches(processor, model.config, n_batches=1, micro_batch=7, captions_per_image=3, seed=1)[0]
     counts = batch_counts(batch)
     flops = FlopModel(peft_model)
     for group_images in (True, False):
@@ -50,15 +50,21 @@ def test_flop_formula_matches_flop_counter(family, settings):
         with FlopCounterMode(display=False) as counter:
             caption_loss(peft_model, batch, group_images=group_images).backward()
         peft_model.zero_grad()
-        formula = flops.count(batch, n_vision=counts["images"] if share_vision else counts["samples"],
-                              n_qformer=counts["images"] if share_vision and share_qformer else counts["samples"])
+        formula = flops.count(
+            batch,
+            n_vision=counts["images"] if share_vision else counts["samples"],
+            n_qformer=counts["images"] if share_vision and share_qformer else counts["samples"],
+        )
         assert formula["total"] == pytest.approx(counter.get_total_flops(), rel=1e-3), group_images
 
 
-@pytest.mark.parametrize("name, vit_tflop, lm_low, lm_high", [
-    ("Salesforce/blip2-opt-2.7b", 0.52, 7.5, 8.5),
-    ("Salesforce/blip2-flan-t5-xl", 0.52, 4.0, 4.6),
-])
+@pytest.mark.parametrize(
+    "name, vit_tflop, lm_low, lm_high",
+    [
+        ("Salesforce/blip2-opt-2.7b", 0.52, 7.5, 8.5),
+        ("Salesforce/blip2-flan-t5-xl", 0.52, 4.0, 4.6),
+    ],
+)
 def test_real_architecture_counts(name, vit_tflop, lm_low, lm_high):
     """Built on the meta device (no memory). ViT-g: 2 x 0.99B params x 257 tokens + attention, ~0.52
     TFLOP per image; LM with LoRA: ~4 x P_lm x tokens for 16 captions of 47 (OPT) / 33+15 (T5) tokens."""
@@ -66,8 +72,10 @@ def test_real_architecture_counts(name, vit_tflop, lm_low, lm_high):
     flops = FlopModel(apply_lora(model))
     n = 16
     width = 47 if family_of(model) == "opt" else 33
-    batch = {"input_ids": torch.zeros(n, width, dtype=torch.long),
-             "labels": torch.zeros(n, width if width == 47 else 15, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.zeros(n, width, dtype=torch.long),
+        "labels": torch.zeros(n, width if width == 47 else 15, dtype=torch.long),
+    }
     one_image = flops.count(batch, n_vision=1, n_qformer=1)
     assert one_image["vision"] / 1e12 == pytest.approx(vit_tflop, rel=0.02)
     p_vit = sum(p.numel() for p in model.vision_model.parameters())
@@ -100,9 +108,30 @@ def test_train_benchmark_command(tmp_path):
     out = tmp_path / "train.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     proc = subprocess.run(
-        [sys.executable, "benchmarks/bench.py", "train", "--model", "tiny-t5", "--steps", "2", "--warmup", "1",
-         "--micro-batch", "8", "--repeat", "1", "--device", "cpu", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "benchmarks/bench.py",
+            "train",
+            "--model",
+            "tiny-t5",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--micro-batch",
+            "8",
+            "--repeat",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ours/baseline: samples/s x" in proc.stdout
@@ -124,9 +153,27 @@ def test_loader_benchmark_packs_and_reads_through_the_library(tmp_path):
     once through TrainStream, times the webdataset reader alone, and compares with the notebook loader
     reading the same files."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "benchmarks/bench.py"), "loader", "--synthesize", "24", "--images",
-           str(tmp_path / "jpgs"), "--repeat", "1", "--micro-batch", "8", "--workers", "1", "--baseline-items", "16",
-           "--shards-out", str(tmp_path / "shards"), "--json", str(tmp_path / "r.json")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks/bench.py"),
+        "loader",
+        "--synthesize",
+        "24",
+        "--images",
+        str(tmp_path / "jpgs"),
+        "--repeat",
+        "1",
+        "--micro-batch",
+        "8",
+        "--workers",
+        "1",
+        "--baseline-items",
+        "16",
+        "--shards-out",
+        str(tmp_path / "shards"),
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "r.json").read_text())
@@ -150,7 +197,12 @@ def test_library_and_tests_import_no_benchmark_code():
     offenders = []
     for path in [*(ROOT / "blip2_dist").rglob("*.py"), *(ROOT / "tests").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in bench_modules]
     assert len(bench_modules) > 4 and not offenders, offenders

@@ -60,10 +60,26 @@ def test_generation_stops_on_and_cuts_at_the_end_token(hub_opt_dir):
     bias[word], bias[fmt.end_id] = 10.0, 0.0  # "dog" first, then "\n" once min_new_tokens is met
     head.bias = torch.nn.Parameter(bias)
     prompts = fmt.encode_prompts(2)
-    captions = generate_captions(model.eval(), processor, torch.randn(2, 3, 32, 32), prompts["input_ids"],
-                                 prompts["attention_mask"], num_beams=1, max_new_tokens=6, min_new_tokens=0)
+    captions = generate_captions(
+        model.eval(),
+        processor,
+        torch.randn(2, 3, 32, 32),
+        prompts["input_ids"],
+        prompts["attention_mask"],
+        num_beams=1,
+        max_new_tokens=6,
+        min_new_tokens=0,
+    )
     assert captions == ["dog dog dog dog dog dog"] * 2  # "\n" never beats "dog": no end, runs to the limit
     bias[fmt.end_id] = 20.0
-    captions = generate_captions(model, processor, torch.randn(2, 3, 32, 32), prompts["input_ids"],
-                                 prompts["attention_mask"], num_beams=2, max_new_tokens=6, min_new_tokens=2)
+    captions = generate_captions(
+        model,
+        processor,
+        torch.randn(2, 3, 32, 32),
+        prompts["input_ids"],
+        prompts["attention_mask"],
+        num_beams=2,
+        max_new_tokens=6,
+        min_new_tokens=2,
+    )
     assert captions == ["dog dog"] * 2  # stopped on "\n" as soon as allowed, and nothing after it kept

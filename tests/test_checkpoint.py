@@ -6,7 +6,14 @@ import json
 import pytest
 
 from blip2_dist.checkpoint import (
-    COMPLETE, LATEST, Checkpointer, TrainState, file_sizes, find_resume_checkpoint, plan_resume, tag_for,
+    COMPLETE,
+    LATEST,
+    Checkpointer,
+    TrainState,
+    file_sizes,
+    find_resume_checkpoint,
+    plan_resume,
+    tag_for,
 )
 from blip2_dist.errors import UserError
 
@@ -47,12 +54,16 @@ def test_crash_after_shards_before_complete(tmp_path):
     partial = _ckpt(tmp_path, 20, complete=False)
     plan = plan_resume(tmp_path, "auto")
     assert plan.path == done
-    assert plan.notes[0] == f"warning: checkpoint {partial} has no COMPLETE marker (its save did not finish): " \
+    assert (
+        plan.notes[0] == f"warning: checkpoint {partial} has no COMPLETE marker (its save did not finish): "
         "skipped, left in place"
+    )
     newer = _ckpt(tmp_path, 30)  # complete, but `latest` was not updated (or a resume went back to 10)
     assert plan_resume(tmp_path, "auto").path == done
-    assert any(n.startswith(f"note: checkpoint {newer} is newer than the one latest names") for n in
-               plan_resume(tmp_path, "auto").notes)
+    assert any(
+        n.startswith(f"note: checkpoint {newer} is newer than the one latest names")
+        for n in plan_resume(tmp_path, "auto").notes
+    )
 
 
 def test_latest_naming_an_incomplete_folder_falls_back_loudly(tmp_path):

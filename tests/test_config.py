@@ -12,8 +12,10 @@ from blip2_dist.errors import UsageError
 def test_cli_overrides_file_overrides_defaults(tmp_path):
     f = tmp_path / "run.json"
     f.write_text(json.dumps({"model": {"lora_r": 4, "model": "tiny-opt"}, "optim": {"lr": 0.5}}))
-    cfg = parse_config(["--config", str(f), "--lr", "0.25", "--lora-targets", "q_proj", "k_proj",
-                        "--local_rank=1", "--no-augment"], "t")
+    cfg = parse_config(
+        ["--config", str(f), "--lr", "0.25", "--lora-targets", "q_proj", "k_proj", "--local_rank=1", "--no-augment"],
+        "t",
+    )
     assert cfg.model.lora_r == 4 and cfg.model.model == "tiny-opt"
     assert cfg.optim.lr == 0.25
     assert cfg.model.lora_targets == ["q_proj", "k_proj"]
@@ -39,8 +41,9 @@ def test_yaml_and_unknown_keys(tmp_path):
 @pytest.mark.parametrize("name", ["zero2", "zero2_offload", "zero3"])
 def test_shipped_configs_fill_completely(name):
     cfg = parse_config(["--micro-batch", "4", "--grad-accum", "3", "--max-grad-norm", "0.5"], "t")
-    ds = fill_deepspeed_config(load_deepspeed_config(f"ds_configs/{name}.json"), cfg, world_size=8,
-                               total_steps=1000, bf16_ok=True)
+    ds = fill_deepspeed_config(
+        load_deepspeed_config(f"ds_configs/{name}.json"), cfg, world_size=8, total_steps=1000, bf16_ok=True
+    )
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 4 * 3 * 8
@@ -91,8 +94,9 @@ def test_required_and_positional_options_and_the_saved_configuration(tmp_path):
 
     with pytest.raises(UsageError, match="required: --adapter, --out"):
         parse_sections([], "t", *sections_of("export"))
-    p = parse_sections(["a.jpg", "b/", "--batch-size", "2", "--top-p", "0.5", "--do-sample"], "t",
-                       *sections_of("caption"))
+    p = parse_sections(
+        ["a.jpg", "b/", "--batch-size", "2", "--top-p", "0.5", "--do-sample"], "t", *sections_of("caption")
+    )
     assert p.sections["caption"].images == ["a.jpg", "b/"] and p.sections["sampling"].top_p == 0.5
     saved = json.loads(save_config(tmp_path / "c.json", p.sections, p.only, extra={"x": 1}).read_text())
     assert saved["caption"] == {"images": ["a.jpg", "b/"], "batch_size": 2, "json": False}

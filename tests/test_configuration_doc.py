@@ -14,9 +14,14 @@ DOC = DOC_PATH.read_text(encoding="utf-8")
 
 
 def flags_of(parser: argparse.ArgumentParser) -> list[str]:
-    return [opt for action in parser._actions for opt in action.option_strings
-            if opt.startswith("--") and opt not in ("--help", "--local_rank", "--local-rank", "--config", "--debug")
-            and not opt.startswith("--no-")]
+    return [
+        opt
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt.startswith("--")
+        and opt not in ("--help", "--local_rank", "--local-rank", "--config", "--debug")
+        and not opt.startswith("--no-")
+    ]
 
 
 def test_reference_is_current():

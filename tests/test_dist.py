@@ -22,8 +22,13 @@ def test_two_cpu_ranks_leave_no_shared_memory_segment(tmp_path):
     port = free_port()
     segments = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not segments  # a fresh port: nothing there before
-    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(script)],
-                          env=cpu_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(script)],
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, explain(proc)
     assert proc.stdout.count("sum ok") == 2, explain(proc)
     # DeepSpeed's CPU backend creates one ~66 MB segment per rank; without unlinking they stay.

@@ -38,8 +38,9 @@ def test_hard_exit_kills_a_child_that_ignores_sigterm(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD_IGNORES_TERM)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(script), "hard", str(EXIT_PEER_LOST)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(script), "hard", str(EXIT_PEER_LOST)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == EXIT_PEER_LOST, proc.stderr
     assert time.monotonic() - t0 < 30
     child = int(proc.stdout.split()[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from launch_helpers import explain, read_json, run
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -13,7 +14,6 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from blip2_dist.evaluate import ExactlyOnceError, expected_image_ids, merge_exactly_once
-from launch_helpers import explain, read_json, run
 
 GEN = ["--num-beams", "2", "--max-new-tokens", "8", "--min-length", "1", "--eval-batch", "2"]
 
@@ -39,8 +39,15 @@ def toolkit_scores(preds: dict[str, str], refs: dict[str, list[str]]) -> dict[st
         m, _ = meteor.compute_score(gts, res)
     finally:
         meteor.meteor_p.kill()
-    return {"BLEU-1": bleu[0], "BLEU-2": bleu[1], "BLEU-3": bleu[2], "BLEU-4": bleu[3], "METEOR": m,
-            "ROUGE-L": Rouge().compute_score(gts, res)[0], "CIDEr": Cider().compute_score(gts, res)[0]}
+    return {
+        "BLEU-1": bleu[0],
+        "BLEU-2": bleu[1],
+        "BLEU-3": bleu[2],
+        "BLEU-4": bleu[3],
+        "METEOR": m,
+        "ROUGE-L": Rouge().compute_score(gts, res)[0],
+        "CIDEr": Cider().compute_score(gts, res)[0],
+    }
 
 
 def test_merge_catches_duplicates_and_gaps():
@@ -66,8 +73,16 @@ def single_process_reference_loss(data_dir, split):
 
     model, processor = load_model("tiny-t5", dtype=torch.float32)
     fmt = CaptionFormat.from_processor(processor, model.config)
-    stream = EvalStream(str(data_dir), split, fmt, ImageTransform.from_processor(processor), batch_size=100,
-                        rank=0, world_size=1, num_workers=0)
+    stream = EvalStream(
+        str(data_dir),
+        split,
+        fmt,
+        ImageTransform.from_processor(processor),
+        batch_size=100,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+    )
     total, tokens, captions = 0.0, 0, 0
     with torch.no_grad():
         for batch in stream:
@@ -79,8 +94,23 @@ def single_process_reference_loss(data_dir, split):
 
 @pytest.mark.slow
 def test_two_ranks_seven_images_exactly_once_and_toolkit_equal(seven, tmp_path):
-    proc = run("launch/evaluate.py", ["--model", "tiny-t5", "--data", str(seven), "--split", "val",
-                                      "--output-dir", str(tmp_path), "--dtype", "float32", *GEN], nproc=2)
+    proc = run(
+        "launch/evaluate.py",
+        [
+            "--model",
+            "tiny-t5",
+            "--data",
+            str(seven),
+            "--split",
+            "val",
+            "--output-dir",
+            str(tmp_path),
+            "--dtype",
+            "float32",
+            *GEN,
+        ],
+        nproc=2,
+    )
     assert proc.returncode == 0, explain(proc)
     saved = read_json(tmp_path / "eval_config.json")  # the resolved options, beside the results
     assert saved["data"]["num_workers"] == 2 and saved["inference"]["dtype"] == "float32"
@@ -122,10 +152,34 @@ def test_java_missing_still_scores(seven, tmp_path, monkeypatch):
 def test_zero3_training_eval_keeps_ranks_in_lockstep(seven, tmp_path):
     # eval batch 1 over 7 images: rank 0 generates 4 batches, rank 1 only 3, under ZeRO-3 where
     # every forward gathers parameters collectively. Without lock-step this hangs.
-    args = ["--deepspeed", "ds_configs/zero3.json", "--model", "tiny-t5", "--data", str(seven),
-            "--output-dir", str(tmp_path), "--max-steps", "3", "--micro-batch", "4", "--num-workers", "0",
-            "--save-steps", "100", "--warmup-steps", "1", "--num-beams", "1", "--max-new-tokens", "6",
-            "--min-length", "1", "--eval-batch", "1"]
+    args = [
+        "--deepspeed",
+        "ds_configs/zero3.json",
+        "--model",
+        "tiny-t5",
+        "--data",
+        str(seven),
+        "--output-dir",
+        str(tmp_path),
+        "--max-steps",
+        "3",
+        "--micro-batch",
+        "4",
+        "--num-workers",
+        "0",
+        "--save-steps",
+        "100",
+        "--warmup-steps",
+        "1",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--min-length",
+        "1",
+        "--eval-batch",
+        "1",
+    ]
     proc = run("launch/train.py", args, nproc=2, timeout=600)
     assert proc.returncode == 0, explain(proc)
     results = read_json(tmp_path / "eval" / "00000003" / "results.json")

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from launch_helpers import cpu_env, load_launch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import Blip2Processor
@@ -26,12 +27,16 @@ from blip2_dist.data.transforms import CaptionFormat
 from blip2_dist.errors import exit_for
 from blip2_dist.lora import apply_lora
 from blip2_dist.models import load_model
-from launch_helpers import cpu_env, load_launch
 
 FAMILIES = ("opt", "t5")
 PROMPT = "a photo of"
-GENERATION = {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 2, "repetition_penalty": 1.3,
-              "length_penalty": 0.8}
+GENERATION = {
+    "num_beams": 3,
+    "max_new_tokens": 8,
+    "min_new_tokens": 2,
+    "repetition_penalty": 1.3,
+    "length_penalty": 0.8,
+}
 
 # Runs in a fresh interpreter: transformers, torch and PIL only, as a user's script would.
 PLAIN = r"""
@@ -81,8 +86,12 @@ def fine_tuned_adapter(base_dir, out_dir, seed: int):
             if param.requires_grad:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     fmt = CaptionFormat.from_processor(processor, model.config, prompt=PROMPT)
-    record = {"step": 100, "caption_format": A.caption_format_record(fmt), "generation": GENERATION,
-              "metrics": {"split": "val", "step": 100, "values": {"CIDEr": 0.5, "loss": 2.0}}}
+    record = {
+        "step": 100,
+        "caption_format": A.caption_format_record(fmt),
+        "generation": GENERATION,
+        "metrics": {"split": "val", "step": 100, "values": {"CIDEr": 0.5, "loss": 2.0}},
+    }
     return A.save_adapter(peft_model.eval(), processor, out_dir, base_name=str(base_dir), record=record)
 
 
@@ -124,12 +133,15 @@ def our_captions(capsys, args: list[str], images) -> list[str]:
 
 
 def test_plain_transformers_in_a_fresh_process_captions_like_our_adapter_path(exported, capsys):
-    spec = {f: {"dir": str(e["out"]), "images": [str(p) for p in e["images"]], "prompt": PROMPT}
-            for f, e in exported.items()}
+    spec = {
+        f: {"dir": str(e["out"]), "images": [str(p) for p in e["images"]], "prompt": PROMPT}
+        for f, e in exported.items()
+    }
     env = cpu_env()
     env.pop("PYTHONPATH")  # the fresh process must not even see the repository
-    proc = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN, json.dumps(spec)], capture_output=True, text=True, timeout=300, env=env, cwd="/"
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["ours"] == []  # nothing of blip2-dist was imported
@@ -147,8 +159,15 @@ def test_plain_transformers_in_a_fresh_process_captions_like_our_adapter_path(ex
 def test_export_folder_contents_and_end_of_caption(exported, family):
     e = exported[family]
     out = e["out"]
-    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", A.EXPORT_META,
-            "processor_config.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "README.md",
+        A.EXPORT_META,
+        "processor_config.json",
+        "tokenizer_config.json",
+    } <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())
     base_config = json.loads((e["base"] / "config.json").read_text())
@@ -179,7 +198,7 @@ def test_model_cards_say_what_how_good_and_how_made(exported):
         assert "num_beams=3" in card and "length_penalty=0.8" in card  # generation settings
         assert "r=4" in card and "query_tokens" in card  # LoRA settings and what else was trained
         assert "Split `val`" in card and "| CIDEr | loss |" in card and "0.5000" in card  # metrics + split
-        assert 'text=PROMPT' in card and 'PROMPT = "a photo of"' in card
+        assert "text=PROMPT" in card and 'PROMPT = "a photo of"' in card
         assert '"\\n"' in card  # the OPT end-of-caption token, shown escaped
     assert "library_name: peft" in adapter_card and "PeftModel.from_pretrained" in adapter_card
     assert "library_name: transformers" in export_card
@@ -211,13 +230,29 @@ def test_export_overwrite_rules_and_bf16(exported, tmp_path, capsys):
 def test_caption_flags_override_recorded_settings_with_a_warning(exported, capsys):
     e = exported["t5"]
     images = list(map(str, e["images"]))
-    code, out, err = run_launch("caption", ["--adapter", str(e["adapter"]), "--num-beams", "2", "--prompt", "a",
-                                            "--dtype", "float32", *images], capsys)
+    code, out, err = run_launch(
+        "caption",
+        ["--adapter", str(e["adapter"]), "--num-beams", "2", "--prompt", "a", "--dtype", "float32", *images],
+        capsys,
+    )
     assert code == 0, err
     assert "num_beams=2 differs from the recorded num_beams=3" in err and "--prompt 'a' differs" in err
     assert len(out.strip().splitlines()) == len(images)
-    sampled = ["--adapter", str(e["adapter"]), "--dtype", "float32", "--json", "--do-sample", "--top-p", "0.9",
-               "--num-return-sequences", "2", "--seed", "3", *images]
+    sampled = [
+        "--adapter",
+        str(e["adapter"]),
+        "--dtype",
+        "float32",
+        "--json",
+        "--do-sample",
+        "--top-p",
+        "0.9",
+        "--num-return-sequences",
+        "2",
+        "--seed",
+        "3",
+        *images,
+    ]
     runs = []
     for _ in range(2):
         code, out, err = run_launch("caption", sampled, capsys)
@@ -226,8 +261,11 @@ def test_caption_flags_override_recorded_settings_with_a_warning(exported, capsy
         assert len(rows) == len(images) and all(len(r["captions"]) == 2 for r in rows)
         runs.append(rows)
     assert runs[0] == runs[1]  # --seed makes sampling repeatable
-    for bad, message in ((["--top-p", "0.9"], "--do-sample"), (["--num-return-sequences", "4"], "--num-beams"),
-                         (["--max-memory", "cpu=1GiB"], "--device-map")):
+    for bad, message in (
+        (["--top-p", "0.9"], "--do-sample"),
+        (["--num-return-sequences", "4"], "--num-beams"),
+        (["--max-memory", "cpu=1GiB"], "--device-map"),
+    ):
         code, _, err = run_launch("caption", ["--adapter", str(e["adapter"]), *bad, *images], capsys)
         assert code not in (0, None) and message in str(code) + err
 
@@ -240,8 +278,15 @@ def test_device_map_auto_with_disk_offload_captions_the_same(exported, tmp_path,
     tensors = load_file(e["out"] / "model.safetensors")
     budget = int(1.5 * sum(t.numel() * 4 for k, t in tensors.items() if not k.startswith("language_model")))
     # float32 throughout (--dtype): the memory budgets below count 4 bytes per parameter.
-    placed = ["--dtype", "float32", "--device-map", "auto", "--offload-folder", str(tmp_path / "offload"),
-              "--max-memory"]
+    placed = [
+        "--dtype",
+        "float32",
+        "--device-map",
+        "auto",
+        "--offload-folder",
+        str(tmp_path / "offload"),
+        "--max-memory",
+    ]
     plain = our_captions(capsys, ["--model", str(e["out"])], e["images"])
     assert our_captions(capsys, ["--model", str(e["out"]), *placed, f"cpu={budget}"], e["images"]) == plain
     dispatch = {"device_map": "auto", "max_memory": {"cpu": budget}, "offload_folder": str(tmp_path / "offload")}

@@ -25,19 +25,37 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from blip2_dist.checks import check_model, check_training
-from blip2_dist.config import parse_config
-from blip2_dist.data.staging import PACK_CONFIG
-from blip2_dist.data.pack_cli import main as pack_main
-from blip2_dist.data.shards import MANIFEST, read_manifest
-from blip2_dist.data.synthetic import write_synthetic
-from blip2_dist.errors import EXIT_ERROR, EXIT_PEER_LOST, EXIT_USAGE, UserError, exit_for
 from fake_flickr8k import write_original
 from launch_helpers import REPO, command, cpu_env, explain, run, wait_for
 
-RUN = ["--deepspeed", "ds_configs/zero2.json", "--model", "tiny-t5", "--micro-batch", "4", "--num-workers", "1",
-       "--lora-r", "4", "--num-beams", "1", "--max-new-tokens", "5", "--min-length", "1", "--eval-batch", "4"]
+from blip2_dist.checks import check_model, check_training
+from blip2_dist.config import parse_config
+from blip2_dist.data.pack_cli import main as pack_main
+from blip2_dist.data.shards import MANIFEST, read_manifest
+from blip2_dist.data.staging import PACK_CONFIG
+from blip2_dist.data.synthetic import write_synthetic
+from blip2_dist.errors import EXIT_ERROR, EXIT_PEER_LOST, EXIT_USAGE, UserError, exit_for
+
+RUN = [
+    "--deepspeed",
+    "ds_configs/zero2.json",
+    "--model",
+    "tiny-t5",
+    "--micro-batch",
+    "4",
+    "--num-workers",
+    "1",
+    "--lora-r",
+    "4",
+    "--num-beams",
+    "1",
+    "--max-new-tokens",
+    "5",
+    "--min-length",
+    "1",
+    "--eval-batch",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +89,19 @@ def outcome(exc: BaseException) -> tuple[int, str]:
 
 def train_check(shards, tmp_path, *extra, world_size=2):
     """(exit code, message) of the trainer's checks before the process group, as rank 0 of 2."""
-    argv = ["--model", "tiny-t5", "--data", str(shards), "--output-dir", str(tmp_path / "run"),
-            "--micro-batch", "4", "--num-workers", "1", *extra]
+    argv = [
+        "--model",
+        "tiny-t5",
+        "--data",
+        str(shards),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--micro-batch",
+        "4",
+        "--num-workers",
+        "1",
+        *extra,
+    ]
     try:
         check_training(parse_config(argv, "t"), world_size)
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the entry point's exit path gets it
@@ -119,7 +148,9 @@ def test_missing_eval_split_fails_before_training(tmp_path):
     write_synthetic(no_val, n_train=32, n_val=0, n_test=4, seed=0, samples_per_shard=16)
     code, message = train_check(no_val, tmp_path)
     assert code == EXIT_ERROR
-    assert message == f"--eval-split val: {no_val / MANIFEST}: no split 'val' (has ['test', 'train']); or pass --skip-eval"
+    assert (
+        message == f"--eval-split val: {no_val / MANIFEST}: no split 'val' (has ['test', 'train']); or pass --skip-eval"
+    )
     assert train_check(no_val, tmp_path, "--skip-eval") == (0, "")
     assert train_check(no_val, tmp_path, "--train-split", "tr")[1].startswith("--train-split tr: ")
 
@@ -128,7 +159,9 @@ def test_deleted_or_empty_shard_is_named(shards, tmp_path):
     data = variant(shards, tmp_path / "data")
     (data / "train-000002.tar").unlink()
     assert train_check(data, tmp_path) == (
-        EXIT_ERROR, f"--data {data}: shard {data / 'train-000002.tar'} is listed in {data / MANIFEST} but missing")
+        EXIT_ERROR,
+        f"--data {data}: shard {data / 'train-000002.tar'} is listed in {data / MANIFEST} but missing",
+    )
     (data / "train-000002.tar").write_bytes(b"")
     assert train_check(data, tmp_path)[1].endswith("train-000002.tar is empty (0 bytes)")
 
@@ -150,7 +183,9 @@ def test_split_too_small_for_the_launch_shape(shards, tmp_path):
 def test_output_dir_problems(shards, tmp_path):
     (tmp_path / "file").write_text("x")
     assert train_check(shards, tmp_path, "--output-dir", str(tmp_path / "file")) == (
-        EXIT_ERROR, f"--output-dir {tmp_path / 'file'} is a file, not a folder")
+        EXIT_ERROR,
+        f"--output-dir {tmp_path / 'file'} is a file, not a folder",
+    )
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("x")
     assert train_check(shards, tmp_path)[1].endswith("checkpoints is a file, where the run keeps a folder")
@@ -162,8 +197,10 @@ def test_model_problems(shards, tmp_path):
     assert "no config.json" in train_check(shards, tmp_path, "--model", str(tmp_path / "m"))[1]
     code, message = train_check(shards, tmp_path, "--model", "Salesforce/blip2-no-such-model")
     assert code == EXIT_ERROR and "not in the Hugging Face cache, and HF_HUB_OFFLINE is set" in message
-    assert "--deepspeed nope.json: DeepSpeed config nope.json not found" in train_check(
-        shards, tmp_path, "--deepspeed", "nope.json")[1]
+    assert (
+        "--deepspeed nope.json: DeepSpeed config nope.json not found"
+        in train_check(shards, tmp_path, "--deepspeed", "nope.json")[1]
+    )
 
 
 def test_fake_hub_id_online_fails_in_one_request(monkeypatch):
@@ -200,12 +237,23 @@ def test_read_only_output_dir(shards, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    proc = subprocess.run([*plain_user(), *command("launch/train.py", [
-        "--model", "tiny-t5", "--data", str(shards), "--output-dir", str(locked / "run")], 1)],
-        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            *plain_user(),
+            *command(
+                "launch/train.py", ["--model", "tiny-t5", "--data", str(shards), "--output-dir", str(locked / "run")], 1
+            ),
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == EXIT_ERROR, explain(proc)
     assert proc.stderr.strip().splitlines() == [
-        f"error: --output-dir {locked / 'run'}: cannot create it (Permission denied)"]
+        f"error: --output-dir {locked / 'run'}: cannot create it (Permission denied)"
+    ]
 
 
 def plain_user() -> list[str]:
@@ -239,14 +287,21 @@ def test_caption_and_evaluate_checks(shards, tmp_path):
     empty.mkdir()
     (tmp_path / "a.jpg").write_bytes(b"")
     assert script_outcome("caption", ["--batch-size", "0", str(tmp_path / "a.jpg")]) == (
-        EXIT_USAGE, "--batch-size must be >= 1, got 0")
+        EXIT_USAGE,
+        "--batch-size must be >= 1, got 0",
+    )
     assert script_outcome("caption", ["--adapter", str(tmp_path / "nope"), "x.jpg"]) == (
-        EXIT_ERROR, f"--adapter {tmp_path / 'nope'}: no such folder")
+        EXIT_ERROR,
+        f"--adapter {tmp_path / 'nope'}: no such folder",
+    )
     assert script_outcome("caption", ["--adapter", str(empty), "x.jpg"])[1].startswith(
-        f"--adapter {empty}: not an adapter folder (no adapter_config.json)")
+        f"--adapter {empty}: not an adapter folder (no adapter_config.json)"
+    )
     base = ["--model", "tiny-t5", "--data", str(shards), "--output-dir", str(tmp_path / "ev")]
     assert script_outcome("evaluate", [*base, "--adapter", str(tmp_path / "nope")]) == (
-        EXIT_ERROR, f"--adapter {tmp_path / 'nope'}: no such folder")
+        EXIT_ERROR,
+        f"--adapter {tmp_path / 'nope'}: no such folder",
+    )
     assert script_outcome("evaluate", [*base, "--split", "dev"])[1].startswith("--split dev: ")
     assert script_outcome("evaluate", [*base, "--eval-batch", "0"]) == (EXIT_USAGE, "--eval-batch must be >= 1, got 0")
 
@@ -271,8 +326,24 @@ def digests(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def packed(tmp_path):
     out = tmp_path / "pack"
-    assert pack_main(["synthetic", "--out", str(out), "--n-train", "8", "--n-val", "2", "--n-test", "2",
-                      "--samples-per-shard", "4"]) == 0
+    assert (
+        pack_main(
+            [
+                "synthetic",
+                "--out",
+                str(out),
+                "--n-train",
+                "8",
+                "--n-val",
+                "2",
+                "--n-test",
+                "2",
+                "--samples-per-shard",
+                "4",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -287,8 +358,13 @@ def test_mistyped_source_leaves_a_good_pack_alone(packed, tmp_path, capsys):
 
 def test_repack_replaces_only_its_own_pack(packed, capsys):
     assert pack_main(["synthetic", "--out", str(packed), "--n-train", "4", "--n-val", "2", "--n-test", "2"]) == 0
-    assert sorted(p.name for p in packed.iterdir()) == [MANIFEST, PACK_CONFIG, "test-000000.tar", "train-000000.tar",
-                                                        "val-000000.tar"]
+    assert sorted(p.name for p in packed.iterdir()) == [
+        MANIFEST,
+        PACK_CONFIG,
+        "test-000000.tar",
+        "train-000000.tar",
+        "val-000000.tar",
+    ]
     assert json.loads((packed / PACK_CONFIG).read_text())["synthetic"]["n_train"] == 4  # this pack's options
     assert read_manifest(packed)["splits"]["train"]["images"] == 4
 
@@ -302,8 +378,10 @@ def test_folder_not_written_by_the_packer_is_refused_then_kept(tmp_path, capsys)
     before = digests(out)
     args = ["synthetic", "--out", str(out), "--n-train", "4", "--n-val", "2", "--n-test", "2"]
     assert pack_main(args) == 1
-    assert "holds files this packer did not write (notes.txt, train-000000.tar, train-000007.tar)" in \
-        capsys.readouterr().err
+    assert (
+        "holds files this packer did not write (notes.txt, train-000000.tar, train-000007.tar)"
+        in capsys.readouterr().err
+    )
     assert digests(out) == before
     assert pack_main([*args, "--overwrite"]) == 0
     assert "train-000007.tar, not written by this packer: left in place" in capsys.readouterr().err
@@ -319,20 +397,39 @@ def test_out_is_a_file_or_read_only(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    proc = subprocess.run([*plain_user(), sys.executable, "-m", "blip2_dist.data.pack_cli", "synthetic", "--out",
-                           str(locked / "p"), "--n-train", "4"], cwd=REPO, env=cpu_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            *plain_user(),
+            sys.executable,
+            "-m",
+            "blip2_dist.data.pack_cli",
+            "synthetic",
+            "--out",
+            str(locked / "p"),
+            "--n-train",
+            "4",
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == EXIT_ERROR, explain(proc)
     assert f"--out {locked / 'p'}: cannot write in {locked} (Permission denied)" in proc.stderr
     assert "Traceback" not in proc.stderr and list(locked.iterdir()) == []
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--quality", "-5", "--quality must be in 1..100"), ("--quality", "0", "--quality must be in 1..100"),
-    ("--samples-per-shard", "0", "--samples-per-shard must be >= 1, got 0"),
-    ("--workers", "0", "--workers must be >= 1"),
-    ("--max-side", "0", "--max-side must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--quality", "-5", "--quality must be in 1..100"),
+        ("--quality", "0", "--quality must be in 1..100"),
+        ("--samples-per-shard", "0", "--samples-per-shard must be >= 1, got 0"),
+        ("--workers", "0", "--workers must be >= 1"),
+        ("--max-side", "0", "--max-side must be >= 1, got 0"),
+    ],
+)
 def test_pack_flag_ranges(tmp_path, capsys, flag, value, message):
     write_original(tmp_path / "src")
     assert pack_main(["flickr8k", str(tmp_path / "src"), "--out", str(tmp_path / "out"), flag, value]) == 1
@@ -426,13 +523,20 @@ def reports(folder: Path) -> dict[int, dict]:
 @pytest.mark.slow
 def test_two_ranks_error_before_the_process_group(shards, tmp_path):
     out = tmp_path / "run"
-    proc = run("launch/train.py", [*RUN, "--data", str(shards), "--output-dir", str(out), "--save-steps", "0"],
-               nproc=2, timeout=300, BLIP2_EXIT_DIR=str(tmp_path / "exits"))
+    proc = run(
+        "launch/train.py",
+        [*RUN, "--data", str(shards), "--output-dir", str(out), "--save-steps", "0"],
+        nproc=2,
+        timeout=300,
+        BLIP2_EXIT_DIR=str(tmp_path / "exits"),
+    )
     assert proc.returncode == EXIT_USAGE, explain(proc)
     both = proc.stdout + proc.stderr
     assert both.count("--save-steps must be >= 1, got 0") == 1 and "Traceback" not in both
     assert {r: (v["exit_code"], v["message"]) for r, v in reports(tmp_path / "exits").items()} == {
-        0: (EXIT_USAGE, "--save-steps must be >= 1, got 0"), 1: (EXIT_USAGE, "--save-steps must be >= 1, got 0")}
+        0: (EXIT_USAGE, "--save-steps must be >= 1, got 0"),
+        1: (EXIT_USAGE, "--save-steps must be >= 1, got 0"),
+    }
     assert_nothing_left(str(out))
 
 
@@ -448,8 +552,13 @@ def test_two_ranks_loader_error_on_one_rank_ends_the_job(shards, tmp_path):
     corrupt_all_images(data / "train-000003.tar")
     out = tmp_path / "run"
     # 2 ranks x 2 workers = 4 slots of 16 images, one shard each: the bad shard is one worker's slot.
-    proc = run("launch/train.py", [*RUN, "--data", str(data), "--output-dir", str(out), "--max-steps", "3",
-                                   "--num-workers", "2"], nproc=2, timeout=400, BLIP2_EXIT_DIR=str(tmp_path / "exits"))
+    proc = run(
+        "launch/train.py",
+        [*RUN, "--data", str(data), "--output-dir", str(out), "--max-steps", "3", "--num-workers", "2"],
+        nproc=2,
+        timeout=400,
+        BLIP2_EXIT_DIR=str(tmp_path / "exits"),
+    )
     ended = time.time()
     assert proc.returncode == EXIT_ERROR, explain(proc)
     got = reports(tmp_path / "exits")
@@ -472,18 +581,26 @@ def test_two_ranks_evaluation_error_ends_the_job(shards, tmp_path):
     """A val image with a good header and truncated pixels: rank 0's exactly-once check names it
     after the gather, and tells rank 1, waiting for the metrics: both exit 1, one line each."""
     data = variant(shards, tmp_path / "data")
-    rewrite_member(data / "val-000000.tar", lambda name, data: data[: len(data) // 3]
-                   if name == "syn-val-000005.jpg" else data)
+    rewrite_member(
+        data / "val-000000.tar", lambda name, data: data[: len(data) // 3] if name == "syn-val-000005.jpg" else data
+    )
     out = tmp_path / "run"
-    proc = run("launch/train.py", [*RUN, "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
-                                   "--eval-steps", "1"], nproc=2, timeout=400, BLIP2_EXIT_DIR=str(tmp_path / "exits"))
+    proc = run(
+        "launch/train.py",
+        [*RUN, "--data", str(data), "--output-dir", str(out), "--max-steps", "2", "--eval-steps", "1"],
+        nproc=2,
+        timeout=400,
+        BLIP2_EXIT_DIR=str(tmp_path / "exits"),
+    )
     assert proc.returncode == EXIT_ERROR, explain(proc)
     got = reports(tmp_path / "exits")
     assert got[0]["exit_code"] == EXIT_ERROR and "1 missing: 'syn-val-000005'" in got[0]["message"]
     assert got[1]["exit_code"] == EXIT_ERROR and "evaluation at step 1 failed on rank 0" in got[1]["message"]
     both = proc.stdout + proc.stderr
-    assert both.count("error: rank 0: evaluation did not see every image exactly once: 1 missing: "
-                      "'syn-val-000005'") == 1 and "Traceback" not in both
+    assert (
+        both.count("error: rank 0: evaluation did not see every image exactly once: 1 missing: 'syn-val-000005'") == 1
+        and "Traceback" not in both
+    )
     assert both.count("error: rank 1: evaluation at step 1 failed on rank 0") == 1
     assert_nothing_left(str(out))
 
@@ -491,12 +608,22 @@ def test_two_ranks_evaluation_error_ends_the_job(shards, tmp_path):
 def small_disk(folder: Path, size: str) -> list[str]:
     """A prefix that runs a command with a `size` tmpfs mounted on `folder`, in a mount namespace of
     its own (nothing changes for the rest of the machine)."""
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            f"mount -t tmpfs -o size=64k tmpfs {folder}"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {folder}"],
+        capture_output=True,
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {probe.stderr.decode()[:200]}")
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
-            f'mount -t tmpfs -o size={size} tmpfs "$0" && exec "$@"', str(folder)]
+    return [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size={size} tmpfs "$0" && exec "$@"',
+        str(folder),
+    ]
 
 
 @pytest.mark.slow
@@ -506,10 +633,32 @@ def test_two_ranks_disk_full_while_saving_ends_the_job(shards, tmp_path):
     barrier, exits 76, and no process is left."""
     out = tmp_path / "run"
     out.mkdir()
-    proc = subprocess.run([*small_disk(out, "600k"), *command("launch/train.py", [
-        *RUN, "--data", str(shards), "--output-dir", str(out), "--max-steps", "4", "--save-steps", "2",
-        "--skip-eval"], 2)], cwd=REPO, env=cpu_env(BLIP2_EXIT_DIR=str(tmp_path / "exits")), capture_output=True,
-        text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            *small_disk(out, "600k"),
+            *command(
+                "launch/train.py",
+                [
+                    *RUN,
+                    "--data",
+                    str(shards),
+                    "--output-dir",
+                    str(out),
+                    "--max-steps",
+                    "4",
+                    "--save-steps",
+                    "2",
+                    "--skip-eval",
+                ],
+                2,
+            ),
+        ],
+        cwd=REPO,
+        env=cpu_env(BLIP2_EXIT_DIR=str(tmp_path / "exits")),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == EXIT_ERROR, explain(proc)
     got = reports(tmp_path / "exits")
     assert got[0]["exit_code"] == EXIT_ERROR and "No space left on device" in got[0]["message"], got
@@ -525,10 +674,29 @@ def test_two_ranks_ctrl_c_ends_every_process(shards, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(command("launch/train.py", [*RUN, "--data", str(shards), "--output-dir", str(out),
-                                                            "--max-steps", "100000", "--save-steps", "2",
-                                                            "--skip-eval"], 2),
-                                cwd=REPO, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command(
+                "launch/train.py",
+                [
+                    *RUN,
+                    "--data",
+                    str(shards),
+                    "--output-dir",
+                    str(out),
+                    "--max-steps",
+                    "100000",
+                    "--save-steps",
+                    "2",
+                    "--skip-eval",
+                ],
+                2,
+            ),
+            cwd=REPO,
+            env=cpu_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for(out / "checkpoints" / "step_00000002" / "COMPLETE", timeout=300, proc=proc)
         ranks = [p for p in job_processes(str(out)) if "--local_rank" in " ".join(p.cmdline())]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_helpers import REPO, cpu_env
 
 pytestmark = pytest.mark.slow
@@ -17,9 +16,14 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_dry_run_writes_one_complete_report(tmp_path):
     out = tmp_path / "check"
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], cwd=REPO,
-                          env=cpu_env(PYTHON=sys.executable), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)],
+        cwd=REPO,
+        env=cpu_env(PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads((out / "gpu_check.json").read_text())
     why = json.dumps({k: report[k] for k in ("bench", "run")}, indent=1, default=str)[-6000:]
     assert proc.returncode == 0 and report["ok"], proc.stdout[-2000:] + proc.stderr[-2000:] + why

@@ -9,14 +9,14 @@ micro-batches, active dropout (the same masks are drawn), and the engine wrapper
 
 import pytest
 import torch
+from engine_wrapper import FakeEngine
 
 from blip2_dist.captioning import caption_loss, image_sharing
 from blip2_dist.config import ModelArgs
-from blip2_dist.lora import apply_lora, unwrap_blip2
-from blip2_dist.models import load_model
-from engine_wrapper import FakeEngine
 from blip2_dist.data.synthetic import synthetic_batches
 from blip2_dist.engine import CaptionLossModule
+from blip2_dist.lora import apply_lora, unwrap_blip2
+from blip2_dist.models import load_model
 
 FAMILIES = ["t5", "opt"]
 SETTINGS = {
@@ -42,8 +42,9 @@ def build(family, settings, seed=0):
 def batches(processor, model, n=2, micro_batch=7, captions_per_image=3):
     """Micro-batches as the stream cuts them: groups of 3 captions into batches of 7, so images have
     1, 2 or 3 captions in a batch and one image straddles the two batches."""
-    return synthetic_batches(processor, model.config, n_batches=n, micro_batch=micro_batch,
-                             captions_per_image=captions_per_image, seed=3)
+    return synthetic_batches(
+        processor, model.config, n_batches=n, micro_batch=micro_batch, captions_per_image=captions_per_image, seed=3
+    )
 
 
 def loss_and_grads(model, batch_list, group_images, seed=11):
@@ -75,8 +76,10 @@ class CountRows:
 
     def __init__(self, module):
         self.rows = []
-        self.handle = module.register_forward_hook(lambda m, args, kwargs, out: self.rows.append(
-            (args[0] if args else next(iter(kwargs.values()))).shape[0]), with_kwargs=True)
+        self.handle = module.register_forward_hook(
+            lambda m, args, kwargs, out: self.rows.append((args[0] if args else next(iter(kwargs.values()))).shape[0]),
+            with_kwargs=True,
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -153,7 +156,8 @@ def test_frozen_vision_runs_without_autograd():
     model, processor = build("opt", ModelArgs(train_query_tokens=True))
     seen = []
     unwrap_blip2(model).vision_model.register_forward_hook(
-        lambda m, args, kwargs, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True)
+        lambda m, args, kwargs, out: seen.append(out.last_hidden_state.requires_grad), with_kwargs=True
+    )
     caption_loss(model, batches(processor, model, n=1)[0]).backward()
     assert seen == [False]
 

@@ -14,8 +14,14 @@ from blip2_dist.data.transforms import CaptionFormat
 from blip2_dist.models import CLIP_MEAN, CLIP_STD, load_model
 
 HUB_FILES = {
-    "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
-    "processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
 }
 
 

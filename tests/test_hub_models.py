@@ -20,20 +20,41 @@ import time
 
 import psutil
 import pytest
+from launch_helpers import REPO, command, cpu_env, explain, read_json, read_scalars, run
 
 from blip2_dist.checkpoint import COMPLETE
 from blip2_dist.data.shards import Sample, ShardWriter
 from blip2_dist.data.synthetic import draw_scene, encode_jpeg, make_scene
-from launch_helpers import REPO, command, cpu_env, explain, read_json, read_scalars, run
 
 pytestmark = pytest.mark.slow
 
 CAPTION = "a small brown dog runs across the green grass near a white fence"
 STEPS = 80
 WARMUP = 5
-COMMON = ["--max-steps", str(STEPS), "--lr", "2e-2", "--warmup-steps", str(WARMUP), "--seed", "3",
-          "--save-steps", "1000", "--num-beams", "1", "--max-new-tokens", "30", "--min-length", "1",
-          "--eval-batch", "4", "--num-workers", "0", "--log-steps", "1"]
+COMMON = [
+    "--max-steps",
+    str(STEPS),
+    "--lr",
+    "2e-2",
+    "--warmup-steps",
+    str(WARMUP),
+    "--seed",
+    "3",
+    "--save-steps",
+    "1000",
+    "--num-beams",
+    "1",
+    "--max-new-tokens",
+    "30",
+    "--min-length",
+    "1",
+    "--eval-batch",
+    "4",
+    "--num-workers",
+    "0",
+    "--log-steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +87,26 @@ def opt_run(hub_opt_dir, one_caption, tmp_path_factory):
     run_dir = out / "run"
     (run_dir / "eval").mkdir(parents=True)
     (run_dir / "eval" / f"{STEPS:08d}").write_text("a file where the final evaluation's folder would go\n")
-    args = ["--deepspeed", no_scheduler_config(out), "--model", str(hub_opt_dir),
-            "--data", str(one_caption / "shards"), "--output-dir", str(run_dir), "--micro-batch", "2",
-            "--grad-accum", "2", *COMMON]
+    args = [
+        "--deepspeed",
+        no_scheduler_config(out),
+        "--model",
+        str(hub_opt_dir),
+        "--data",
+        str(one_caption / "shards"),
+        "--output-dir",
+        str(run_dir),
+        "--micro-batch",
+        "2",
+        "--grad-accum",
+        "2",
+        *COMMON,
+    ]
     log = out / "log.txt"
     with open(log, "w") as sink:
-        launcher = subprocess.Popen(command("launch/train.py", args, 2), cwd=REPO, env=cpu_env(),
-                                    stdout=sink, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(
+            command("launch/train.py", args, 2), cwd=REPO, env=cpu_env(), stdout=sink, stderr=subprocess.STDOUT
+        )
     complete = run_dir / "checkpoints" / f"step_{STEPS:08d}" / COMPLETE
     saved_at, deadline = None, time.monotonic() + 600
     while launcher.poll() is None and time.monotonic() < deadline:
@@ -96,11 +130,30 @@ def final_adapter(run_dir):
 @pytest.fixture(scope="module")
 def t5_probe(hub_t5_dir, one_caption, tmp_path_factory):
     out = tmp_path_factory.mktemp("t5_probe")
-    args = ["--deepspeed", "ds_configs/zero2.json", "--model", str(hub_t5_dir),
-            "--data", str(one_caption / "shards"), "--output-dir", str(out / "run"), "--micro-batch", "8",
-            "--grad-checkpointing", "--eval-steps", str(STEPS // 2), *COMMON]
-    proc = subprocess.run([sys.executable, "tests/train_probe.py", str(out / "probe.json"), *args], cwd=REPO,
-                          env=cpu_env(), capture_output=True, text=True, timeout=600)
+    args = [
+        "--deepspeed",
+        "ds_configs/zero2.json",
+        "--model",
+        str(hub_t5_dir),
+        "--data",
+        str(one_caption / "shards"),
+        "--output-dir",
+        str(out / "run"),
+        "--micro-batch",
+        "8",
+        "--grad-checkpointing",
+        "--eval-steps",
+        str(STEPS // 2),
+        *COMMON,
+    ]
+    proc = subprocess.run(
+        [sys.executable, "tests/train_probe.py", str(out / "probe.json"), *args],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, explain(proc)
     return out / "run", read_json(out / "probe.json")
 
@@ -112,8 +165,9 @@ def final_predictions(run_dir) -> dict:
 def test_rank0_evaluation_failure_keeps_the_final_checkpoint_and_ends_every_rank(opt_run):
     run_dir, code, after_save, output = opt_run
     assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / COMPLETE).is_file(), output[-4000:]
-    assert code is not None and after_save is not None and after_save < 60, \
+    assert code is not None and after_save is not None and after_save < 60, (
         f"ranks still running 60 s after the final save:\n{output[-4000:]}"
+    )
     assert code != 0
     assert f"evaluation at step {STEPS} failed on rank 0" in output, output[-4000:]  # raised by rank 1 too
     assert "NotADirectoryError" in output or "FileExistsError" in output
@@ -123,11 +177,32 @@ def test_fine_tuned_opt_captions_end_where_its_captions_end(opt_run, hub_opt_dir
     """Labels end on the token generation stops on ("\\n" for the hub's OPT), so the caption stops there.
     Also launch/evaluate.py on the hub checkpoint + the final checkpoint's adapter."""
     run_dir = opt_run[0]
-    proc = run("launch/evaluate.py", ["--model", str(hub_opt_dir), "--adapter", str(final_adapter(run_dir)),
-                                      "--data", str(one_caption / "shards"), "--split", "test",
-                                      "--output-dir", str(tmp_path), "--num-beams", "1", "--min-length", "1",
-                                      "--max-new-tokens", "30", "--num-workers", "0", "--dtype", "bfloat16"],
-               nproc=1)
+    proc = run(
+        "launch/evaluate.py",
+        [
+            "--model",
+            str(hub_opt_dir),
+            "--adapter",
+            str(final_adapter(run_dir)),
+            "--data",
+            str(one_caption / "shards"),
+            "--split",
+            "test",
+            "--output-dir",
+            str(tmp_path),
+            "--num-beams",
+            "1",
+            "--min-length",
+            "1",
+            "--max-new-tokens",
+            "30",
+            "--num-workers",
+            "0",
+            "--dtype",
+            "bfloat16",
+        ],
+        nproc=1,
+    )
     assert proc.returncode == 0, explain(proc)
     predictions = read_json(tmp_path / "predictions.json")
     assert len(predictions) == 4 and set(predictions.values()) == {CAPTION}, predictions
@@ -160,8 +235,11 @@ def test_grad_checkpointing_recomputes_from_step_one(t5_probe):
 
 def test_zero2_reduces_and_accumulates_gradients_in_fp32(t5_probe, opt_run):
     _, probe = t5_probe
-    assert probe["engine"] == {"communication_data_type": "torch.float32", "grad_accum_dtype": "torch.float32",
-                               "zero_fp32_partition_buffer": True}
+    assert probe["engine"] == {
+        "communication_data_type": "torch.float32",
+        "grad_accum_dtype": "torch.float32",
+        "zero_fp32_partition_buffer": True,
+    }
     resolved = read_json(opt_run[0] / "config.json")["deepspeed_resolved"]
     assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
     assert resolved["zero_optimization"]["reduce_bucket_size"] == 10_000_000
@@ -180,9 +258,22 @@ def test_lr_stays_above_zero_after_warmup_without_a_scheduler_section(opt_run):
 
 
 def test_caption_command_on_the_hub_checkpoint_and_adapter(opt_run, hub_opt_dir, one_caption):
-    proc = run("launch/caption.py", ["--model", str(hub_opt_dir), "--adapter", str(final_adapter(opt_run[0])),
-                                     str(one_caption / "photos"), "--num-beams", "2", "--min-length", "1",
-                                     "--json"], nproc=1)
+    proc = run(
+        "launch/caption.py",
+        [
+            "--model",
+            str(hub_opt_dir),
+            "--adapter",
+            str(final_adapter(opt_run[0])),
+            str(one_caption / "photos"),
+            "--num-beams",
+            "2",
+            "--min-length",
+            "1",
+            "--json",
+        ],
+        nproc=1,
+    )
     assert proc.returncode == 0, explain(proc)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 4 and {line["caption"] for line in lines} == {CAPTION}
@@ -190,9 +281,28 @@ def test_caption_command_on_the_hub_checkpoint_and_adapter(opt_run, hub_opt_dir,
 
 def test_train_benchmark_command_on_the_hub_checkpoint(hub_t5_dir, tmp_path):
     out = tmp_path / "bench.json"
-    proc = run("benchmarks/bench.py", ["train", "--model", str(hub_t5_dir), "--steps", "2", "--warmup", "1",
-                                   "--micro-batch", "10", "--repeat", "1", "--device", "cpu", "--no-isolate",
-                                   "--json", str(out)], nproc=1)
+    proc = run(
+        "benchmarks/bench.py",
+        [
+            "train",
+            "--model",
+            str(hub_t5_dir),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--micro-batch",
+            "10",
+            "--repeat",
+            "1",
+            "--device",
+            "cpu",
+            "--no-isolate",
+            "--json",
+            str(out),
+        ],
+        nproc=1,
+    )
     assert proc.returncode == 0, explain(proc)
     ours, baseline = read_json(out)["rows"]
     assert ours["samples_per_step"] == baseline["samples_per_step"] == 10

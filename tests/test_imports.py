@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_helpers import REPO
 
 PACKAGE = REPO / "blip2_dist"
@@ -61,7 +60,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -95,18 +94,19 @@ def test_no_import_cycle():
 def test_every_module_imports_in_a_fresh_process():
     names = sorted(library_modules())
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
-    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_public_api_is_lazy_and_complete():
     """`import blip2_dist` loads no torch; every name of __all__ resolves to what its module defines;
     the README's code map names every one of them."""
-    code = ("import sys, blip2_dist; assert 'torch' not in sys.modules, 'torch at import';"
-            "import importlib;"
-            "[print(n) for n in blip2_dist.__all__ if getattr(blip2_dist, n) is not "
-            "getattr(importlib.import_module('blip2_dist.' + blip2_dist._API[n]), n)]")
+    code = (
+        "import sys, blip2_dist; assert 'torch' not in sys.modules, 'torch at import';"
+        "import importlib;"
+        "[print(n) for n in blip2_dist.__all__ if getattr(blip2_dist, n) is not "
+        "getattr(importlib.import_module('blip2_dist.' + blip2_dist._API[n]), n)]"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr + proc.stdout
     import blip2_dist

@@ -30,36 +30,55 @@ from blip2_dist.metrics import METRIC_KEYS, score_captions, score_captions_detai
 pytestmark = pytest.mark.skipif(not caption_tokens.java_available(), reason="needs `java` (openjdk) on PATH")
 
 REFS = {
-    "1000268201": ["A child in a pink dress is climbing up a set of stairs in an entry way .",
-                   "A girl going into a wooden building .", "A little girl climbing into a wooden playhouse .",
-                   "A little girl climbing the stairs to her playhouse .",
-                   "A little girl in a pink dress going into a wooden cabin ."],
-    "1001773457": ["A black dog and a spotted dog are fighting", "A black dog and a tri-colored dog playing "
-                   "with each other on the road .", "A black dog and a white dog with brown spots are staring "
-                   "at each other in the street .", "Two dogs of different breeds looking at each other on "
-                   "the road .", "Two dogs on pavement moving toward each other ."],
-    "1002674143": ["A little girl covered in paint sits in front of a painted rainbow with her hands in a bowl .",
-                   "A little girl is sitting in front of a large painted rainbow .",
-                   "A small girl in the grass plays with fingerpaints in front of a white canvas with a rainbow on it .",
-                   "There is a girl with pigtails sitting in front of a rainbow painting .",
-                   "Young girl with pigtails painting outside in the grass ."],
-    "1003163366": ["A man lays on a bench while his dog sits by him .", "A man lays on the bench to which a "
-                   "white dog is also tied .", "a man sleeping on a bench outside with a white and black dog "
-                   "sitting next to him .", "A shirtless man lies on a park bench with his dog .",
-                   "man laying on bench holding leash of dog sitting on ground"],
-    "1007129816": ["A man in an orange hat starring at something .", "A man wears an orange hat and glasses .",
-                   "A man with gauges and glasses is wearing a Blitz hat .",
-                   "A man with glasses is wearing a beer can crocheted hat .",
-                   "The man with pierced ears is wearing glasses and an orange hat ."],
-    "1007320043": ["A child playing on a rope net .", "A little girl climbing on red roping .",
-                   "A little girl in pink climbs a rope bridge at the park .",
-                   "A small child grips onto the red ropes at the playground .",
-                   "The small child climbs on a red ropes on a playground ."],
-    "1009434119": ["A black and white dog is running in a grassy garden surrounded by a white fence .",
-                   "A black and white dog is running through the grass .",
-                   "A Boston terrier is running in the grass .",
-                   "A Boston Terrier is running on lush green grass in front of a white fence .",
-                   "A dog runs on the green grass near a wooden fence ."],
+    "1000268201": [
+        "A child in a pink dress is climbing up a set of stairs in an entry way .",
+        "A girl going into a wooden building .",
+        "A little girl climbing into a wooden playhouse .",
+        "A little girl climbing the stairs to her playhouse .",
+        "A little girl in a pink dress going into a wooden cabin .",
+    ],
+    "1001773457": [
+        "A black dog and a spotted dog are fighting",
+        "A black dog and a tri-colored dog playing with each other on the road .",
+        "A black dog and a white dog with brown spots are staring at each other in the street .",
+        "Two dogs of different breeds looking at each other on the road .",
+        "Two dogs on pavement moving toward each other .",
+    ],
+    "1002674143": [
+        "A little girl covered in paint sits in front of a painted rainbow with her hands in a bowl .",
+        "A little girl is sitting in front of a large painted rainbow .",
+        "A small girl in the grass plays with fingerpaints in front of a white canvas with a rainbow on it .",
+        "There is a girl with pigtails sitting in front of a rainbow painting .",
+        "Young girl with pigtails painting outside in the grass .",
+    ],
+    "1003163366": [
+        "A man lays on a bench while his dog sits by him .",
+        "A man lays on the bench to which a white dog is also tied .",
+        "a man sleeping on a bench outside with a white and black dog sitting next to him .",
+        "A shirtless man lies on a park bench with his dog .",
+        "man laying on bench holding leash of dog sitting on ground",
+    ],
+    "1007129816": [
+        "A man in an orange hat starring at something .",
+        "A man wears an orange hat and glasses .",
+        "A man with gauges and glasses is wearing a Blitz hat .",
+        "A man with glasses is wearing a beer can crocheted hat .",
+        "The man with pierced ears is wearing glasses and an orange hat .",
+    ],
+    "1007320043": [
+        "A child playing on a rope net .",
+        "A little girl climbing on red roping .",
+        "A little girl in pink climbs a rope bridge at the park .",
+        "A small child grips onto the red ropes at the playground .",
+        "The small child climbs on a red ropes on a playground .",
+    ],
+    "1009434119": [
+        "A black and white dog is running in a grassy garden surrounded by a white fence .",
+        "A black and white dog is running through the grass .",
+        "A Boston terrier is running in the grass .",
+        "A Boston Terrier is running on lush green grass in front of a white fence .",
+        "A dog runs on the green grass near a wooden fence .",
+    ],
 }
 PREDS = {
     "1000268201": "a little girl in a pink dress climbs the stairs of a wooden house.",
@@ -122,8 +141,9 @@ def test_result_does_not_depend_on_input_order():
 
 
 def test_line_breaking_characters_are_sanitised(direct_toolkit):
-    dirty = {k: v.replace(" ", SPACE_BREAKERS[i % len(SPACE_BREAKERS)], 2) + "\r"
-             for i, (k, v) in enumerate(PREDS.items())}
+    dirty = {
+        k: v.replace(" ", SPACE_BREAKERS[i % len(SPACE_BREAKERS)], 2) + "\r" for i, (k, v) in enumerate(PREDS.items())
+    }
     dirty["1001773457"] = "\u2028Two dogs\x0c(one black,\tone\r\nspotted) [play]\x85on the road! \u2029"
     dirty_refs = {k: [r.replace(" a ", " a\r") for r in v] for k, v in REFS.items()}
     clean = {k: normalize_caption(v) for k, v in dirty.items()}
@@ -156,8 +176,7 @@ def test_normalize_caption_removes_every_java_line_break():
 def test_empty_prediction_is_scored_not_dropped(direct_toolkit):
     preds = dict(PREDS, **{"1003163366": "", "1007129816": " \n\t "})
     scores, info = score_captions_detailed(preds, REFS)
-    expected, expected_per = direct_toolkit(ordered({k: normalize_caption(v) for k, v in preds.items()}),
-                                            ordered(REFS))
+    expected, expected_per = direct_toolkit(ordered({k: normalize_caption(v) for k, v in preds.items()}), ordered(REFS))
     assert scores == {k: float(v) for k, v in expected.items()}
     assert info["num_images"] == 7 and len(info["per_image"]) == 7
     for k in ("1003163366", "1007129816"):
@@ -168,8 +187,9 @@ def test_empty_prediction_is_scored_not_dropped(direct_toolkit):
 
 def test_blank_reference_is_kept_with_a_warning():
     with pytest.warns(UserWarning, match=r"empty reference string .*\['b'\]"):
-        scores, info = score_captions_detailed({"a": "a dog", "b": ""}, {"a": ["a dog"], "b": ["\n", "two cats"]},
-                                               meteor=False)
+        scores, info = score_captions_detailed(
+            {"a": "a dog", "b": ""}, {"a": ["a dog"], "b": ["\n", "two cats"]}, meteor=False
+        )
     assert info["per_image"]["b"]["ROUGE-L"] == 1.0  # the toolkit's own quirk: "" vs "" is a match
     assert len(info["warnings"]) == 1 and scores["BLEU-1"] > 0
 
@@ -212,13 +232,27 @@ def test_java_missing_falls_back(monkeypatch, tmp_path):
 
 
 def test_fallback_tokenizer_matches_ptb_on_everyday_captions():
-    caps = [c for v in REFS.values() for c in v] + list(PREDS.values()) + [
-        "The dog's owner isn't watching; he's on his phone.", "\"Look!\" says the boy, pointing up.",
-        "Mr. Smith walks his dog in Washington D.C.", "A skier jumps over a 10,000 ft. drop at 5:30?",
-        "They're gonna cross the street, aren't they?", "He can't reach it; he cannot find a ladder.",
-        "ROCK 'n' ROLL band [live] {encore}", "Someone's cat: sleeping on a keyboard & a mouse",
-        "Two people in '90s clothes, holding a $5 bill and a 50% off sign.", "Dogs' toys... everywhere",
-        "a 'single quoted' phrase", "The car is red.The house is blue.", "What a day!!!", "e-mail the U.S. office", ""]
+    caps = (
+        [c for v in REFS.values() for c in v]
+        + list(PREDS.values())
+        + [
+            "The dog's owner isn't watching; he's on his phone.",
+            '"Look!" says the boy, pointing up.',
+            "Mr. Smith walks his dog in Washington D.C.",
+            "A skier jumps over a 10,000 ft. drop at 5:30?",
+            "They're gonna cross the street, aren't they?",
+            "He can't reach it; he cannot find a ladder.",
+            "ROCK 'n' ROLL band [live] {encore}",
+            "Someone's cat: sleeping on a keyboard & a mouse",
+            "Two people in '90s clothes, holding a $5 bill and a 50% off sign.",
+            "Dogs' toys... everywhere",
+            "a 'single quoted' phrase",
+            "The car is red.The house is blue.",
+            "What a day!!!",
+            "e-mail the U.S. office",
+            "",
+        ]
+    )
     assert [python_tokenize(c) for c in caps] == caption_tokens.ptb_tokenize([normalize_caption(c) for c in caps])
 
 
@@ -349,7 +383,7 @@ def test_exit_does_not_hang_after_a_failed_call(tmp_path):
     """The toolkit's Meteor.__del__ waits on a lock a failed call left held; ours must not."""
     code = textwrap.dedent(f"""
         from blip2_dist.meteor import MeteorScorer, MeteorError
-        s = MeteorScorer(timeout=0.5, retries=0, cmd={_fake_cmd(tmp_path, 'hang')!r})
+        s = MeteorScorer(timeout=0.5, retries=0, cmd={_fake_cmd(tmp_path, "hang")!r})
         try:
             s.compute_score({{"a": ["x"]}}, {{"a": ["x"]}})
         except MeteorError:

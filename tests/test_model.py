@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from engine_wrapper import FakeEngine
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration
@@ -19,7 +20,6 @@ from blip2_dist.captioning import caption_loss, generate_captions
 from blip2_dist.config import ModelArgs
 from blip2_dist.lora import DEFAULT_TARGETS, apply_lora, describe_trainable, target_names
 from blip2_dist.models import TINY_IMAGE_SIZE, ModelNotAvailableError, count_parameters, family_of, load_model
-from engine_wrapper import FakeEngine
 
 FAMILIES = ["t5", "opt"]
 CAPTIONS = ["a red circle on the left", "two blue squares", "a small green star in the middle", "a dog"]
@@ -67,8 +67,10 @@ def prompt_inputs(processor, n=2, seed=1):
 def logits_of(model, batch):
     with torch.no_grad():
         out = model(
-            pixel_values=batch["pixel_values"][batch["image_index"]], input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"], labels=batch["labels"],
+            pixel_values=batch["pixel_values"][batch["image_index"]],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
         )
     return out.logits
 
@@ -81,7 +83,7 @@ def simulate_training(peft_model, seed=0):
     """Give LoRA B (zero at init) and the trainable extras new values, as training would."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
+        for param in peft_model.parameters():
             if param.requires_grad:
                 param.add_(0.5 * torch.randn(param.shape, generator=generator).to(param.dtype))
 
@@ -276,8 +278,10 @@ def _trained(family, settings, seed=0):
     return peft_model.eval(), processor
 
 
-GEN = {"greedy": dict(num_beams=1, max_new_tokens=8), "beam": dict(num_beams=3, max_new_tokens=8, min_length=2,
-                                                                    repetition_penalty=1.2)}
+GEN = {
+    "greedy": dict(num_beams=1, max_new_tokens=8),
+    "beam": dict(num_beams=3, max_new_tokens=8, min_length=2, repetition_penalty=1.2),
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -293,8 +297,15 @@ def test_adapter_roundtrip_with_trained_query_tokens(family, tmp_path):
     meta = json.loads((out / A.ADAPTER_META).read_text())
     assert meta["family"] == family and meta["base_dir"] == "base"
     assert meta["lora"] == {  # the adapter format's keys, the defaults of the model section
-        "r": 16, "alpha": 32, "dropout": 0.05, "targets": None, "qformer_targets": None, "vision_targets": None,
-        "train_qformer": False, "train_query_tokens": True, "train_language_projection": True,
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.05,
+        "targets": None,
+        "qformer_targets": None,
+        "vision_targets": None,
+        "train_qformer": False,
+        "train_query_tokens": True,
+        "train_language_projection": True,
     }
     assert set(meta["extras"]) == {"query_tokens", "language_projection.weight", "language_projection.bias"}
     assert (out / "adapter_config.json").exists() and (out / A.EXTRAS_FILE).exists()
@@ -381,8 +392,16 @@ def test_generation_length_options_and_opt_padding():
     pixel_values, input_ids, attention_mask = prompt_inputs(processor)
     tok = processor.tokenizer
     # min_length counts caption tokens (not the 8 image tokens + prompt): forced non-empty captions.
-    captions = generate_captions(model, processor, pixel_values, input_ids, attention_mask,
-                                   min_length=4, max_length=4, bad_words_ids=[[tok.eos_token_id]])
+    captions = generate_captions(
+        model,
+        processor,
+        pixel_values,
+        input_ids,
+        attention_mask,
+        min_length=4,
+        max_length=4,
+        bad_words_ids=[[tok.eos_token_id]],
+    )
     assert all(len(tok(c, add_special_tokens=False).input_ids) >= 3 for c in captions)
     right_padded = torch.cat([attention_mask, torch.zeros_like(attention_mask[:, :1])], 1)
     padded_ids = torch.cat([input_ids, torch.full_like(input_ids[:, :1], tok.pad_token_id)], 1)
@@ -420,7 +439,8 @@ def test_random_init_from_local_config_untied_t5_head(tmp_path):
     tiny = load_model("tiny-t5", dtype=torch.float32)[0].config
     vocab = 1024
     config = Blip2Config(
-        vision_config=tiny.vision_config.to_dict(), qformer_config=tiny.qformer_config.to_dict(),
+        vision_config=tiny.vision_config.to_dict(),
+        qformer_config=tiny.qformer_config.to_dict(),
         text_config=dict(tiny.text_config.to_dict(), vocab_size=vocab, scale_decoder_outputs=False),
         num_query_tokens=tiny.num_query_tokens,
     )

@@ -10,6 +10,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from fake_flickr8k import (
+    fake_name,
+    small_jpeg,
+    write_kaggle,
+    write_karpathy,
+    write_original,
+    write_split_files,
+)
 from PIL import Image, ImageFile
 
 from blip2_dist.data.flickr8k import PackError, ratio_split
@@ -17,9 +25,6 @@ from blip2_dist.data.hf_datasets import hf_records
 from blip2_dist.data.pack import pack_flickr8k, pack_hf, prepare_image, summarize_manifest
 from blip2_dist.data.pack_cli import main
 from blip2_dist.data.shards import MANIFEST, read_manifest
-from fake_flickr8k import (
-    fake_name, small_jpeg, write_kaggle, write_karpathy, write_original, write_split_files,
-)
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before datasets is imported (lazily, in the hf tests)
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +103,11 @@ def test_kaggle_layout_hash_split_and_quoted_commas(tmp_path):
     splits = write_split_files(tmp_path / "splits", {"train": names[5:9], "val": names[:2], "test": [names[20]]})
     pack_flickr8k(tmp_path / "src", tmp_path / "out2", splits_dir=splits, **FAST)
     _, order = read_pack(tmp_path / "out2")
-    assert order == {"train": [n[:-4] for n in names[5:9]], "val": [n[:-4] for n in names[:2]], "test": [names[20][:-4]]}
+    assert order == {
+        "train": [n[:-4] for n in names[5:9]],
+        "val": [n[:-4] for n in names[:2]],
+        "test": [names[20][:-4]],
+    }
 
 
 def test_detection_note_and_forced_format(tmp_path, capsys):
@@ -191,7 +200,7 @@ def test_image_without_caption(tmp_path):
     fake = write_original(tmp_path / "src")
     token = tmp_path / "src/Flickr8k_text/Flickr8k.token.txt"
     image = fake.order["test"][1]
-    token.write_text("".join(l + "\n" for l in token.read_text().splitlines() if not l.startswith(image)))
+    token.write_text("".join(line + "\n" for line in token.read_text().splitlines() if not line.startswith(image)))
     split_file = tmp_path / "src/Flickr8k_text/Flickr_8k.testImages.txt"
     with pytest.raises(PackError, match=f"testImages.txt:{line_of(split_file, image)}: {image}.jpg has no caption"):
         pack_flickr8k(tmp_path / "src", tmp_path / "out", **FAST)
@@ -270,13 +279,25 @@ def test_stale_shards_are_removed(tmp_path):
     pack_flickr8k(tmp_path / "src", tmp_path / "out", samples_per_shard=2, **FAST)
     assert len(list((tmp_path / "out").glob("train-*.tar"))) == 4
     pack_flickr8k(tmp_path / "src", tmp_path / "out", **FAST)
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["test-000000.tar", "train-000000.tar", "val-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [
+        "test-000000.tar",
+        "train-000000.tar",
+        "val-000000.tar",
+    ]
 
 
 def test_cli_subprocess(tmp_path):
     fake = write_original(tmp_path / "src")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "blip2_dist.data.pack_cli", "flickr8k", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "blip2_dist.data.pack_cli",
+        "flickr8k",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     ok = subprocess.run(cmd + ["--workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "images/s" in ok.stdout and "train" in ok.stdout
@@ -313,8 +334,14 @@ def test_hf_imagefolder(tmp_path):
         (root / name).write_bytes(_png((i * 30, 0, 0)) if i % 2 else small_jpeg(i))
         rows.append({"file_name": name, "captions": [f" caption {i} a ", f"caption {i} b"], "note": "x"})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = pack_hf(root, tmp_path / "out", caption_column="captions", split_ratio="0.5,0.25,0.25",
-                       cache_dir=str(tmp_path / "cache"), **FAST)
+    manifest = pack_hf(
+        root,
+        tmp_path / "out",
+        caption_column="captions",
+        split_ratio="0.5,0.25,0.25",
+        cache_dir=str(tmp_path / "cache"),
+        **FAST,
+    )
     samples, _ = read_pack(tmp_path / "out")
     assert sorted(samples) == [f"photo_{i}" for i in range(8)]
     for i in range(8):
@@ -334,8 +361,9 @@ def test_hf_imagefolder_split_folders(tmp_path):
         folder.mkdir(parents=True)
         for i in range(n):
             (folder / f"{split}_{i}.jpg").write_bytes(small_jpeg(i))
-        (folder / "metadata.jsonl").write_text("".join(
-            json.dumps({"file_name": f"{split}_{i}.jpg", "text": f"{split} {i}"}) + "\n" for i in range(n)))
+        (folder / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": f"{split}_{i}.jpg", "text": f"{split} {i}"}) + "\n" for i in range(n))
+        )
     pack_hf(tmp_path / "mine", tmp_path / "out", cache_dir=str(tmp_path / "cache"), **FAST)  # text: found by default
     samples, order = read_pack(tmp_path / "out")
     assert order == {"train": ["train_0", "train_1", "train_2"], "val": ["validation_0", "validation_1"]}
@@ -346,42 +374,63 @@ def test_hf_save_to_disk_splits_and_columns(tmp_path):
     datasets = pytest.importorskip("datasets")
 
     def part(n, offset):
-        return datasets.Dataset.from_dict({
-            "image": [Image.new("RGB", (20, 12), (offset * 20 + i, 5, 5)) for i in range(n)],
-            "short": [f"short {offset + i}" for i in range(n)],
-            "long": [[f"long {offset + i} one", f"long {offset + i} two"] for i in range(n)],
-        }).cast_column("image", datasets.Image())
+        return datasets.Dataset.from_dict(
+            {
+                "image": [Image.new("RGB", (20, 12), (offset * 20 + i, 5, 5)) for i in range(n)],
+                "short": [f"short {offset + i}" for i in range(n)],
+                "long": [[f"long {offset + i} one", f"long {offset + i} two"] for i in range(n)],
+            }
+        ).cast_column("image", datasets.Image())
 
-    datasets.DatasetDict({"train": part(3, 0), "validation": part(2, 3), "test": part(1, 5)}).save_to_disk(tmp_path / "dd")
+    datasets.DatasetDict({"train": part(3, 0), "validation": part(2, 3), "test": part(1, 5)}).save_to_disk(
+        tmp_path / "dd"
+    )
     pack_hf(tmp_path / "dd", tmp_path / "out", caption_column=["short", "long"], **FAST)
     samples, order = read_pack(tmp_path / "out")
-    assert order == {"train": ["train-00000000", "train-00000001", "train-00000002"],
-                     "val": ["val-00000003", "val-00000004"], "test": ["test-00000005"]}
+    assert order == {
+        "train": ["train-00000000", "train-00000001", "train-00000002"],
+        "val": ["val-00000003", "val-00000004"],
+        "test": ["test-00000005"],
+    }
     assert samples["val-00000004"][1] == ["short 4", "long 4 one", "long 4 two"]
 
     ds = part(4, 0).add_column("where", ["train", "dev", "test", "somewhere"])
     ds.save_to_disk(tmp_path / "one")
     with pytest.raises(PackError, match="'somewhere' is not train/val/test"):
         pack_hf(tmp_path / "one", tmp_path / "out2", caption_column="short", split_column="where", **FAST)
-    manifest = pack_hf(tmp_path / "one", tmp_path / "out2", caption_column="short", split_column="where", skip_bad=True, **FAST)
+    manifest = pack_hf(
+        tmp_path / "one", tmp_path / "out2", caption_column="short", split_column="where", skip_bad=True, **FAST
+    )
     assert {s: v["images"] for s, v in manifest["splits"].items()} == {"train": 1, "val": 1, "test": 1}
-    assert manifest["skipped"] == [{"image_id": "row-00000003", "file": f"{tmp_path / 'one'} [train][3]",
-                                    "reason": "image skipped: split value 'somewhere' is not train/val/test"}]
+    assert manifest["skipped"] == [
+        {
+            "image_id": "row-00000003",
+            "file": f"{tmp_path / 'one'} [train][3]",
+            "reason": "image skipped: split value 'somewhere' is not train/val/test",
+        }
+    ]
 
 
 def test_hf_errors(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"image": [_png((1, 2, 3))], "text": [" "]}).cast_column(
-        "image", datasets.Image()).save_to_disk(tmp_path / "ds")
+        "image", datasets.Image()
+    ).save_to_disk(tmp_path / "ds")
     with pytest.raises(PackError, match="no column 'caption'"):
         hf_records(tmp_path / "ds", caption_column="caption")
     with pytest.raises(PackError, match="empty caption in column 'text'"):
         pack_hf(tmp_path / "ds", tmp_path / "out", **FAST)
 
 
-@pytest.mark.parametrize("mode,expected", [("1", "L"), ("L", "L"), ("LA", "L"), ("P", "RGB"), ("RGBA", "RGB"), ("I;16", "L")])
+@pytest.mark.parametrize(
+    "mode,expected", [("1", "L"), ("L", "L"), ("LA", "L"), ("P", "RGB"), ("RGBA", "RGB"), ("I;16", "L")]
+)
 def test_prepare_image_converts_modes_jpeg_cannot_hold(mode, expected):
-    im = Image.new(mode, (20, 10), 1 if mode == "1" else 40000 if mode == "I;16" else (7,) * len(mode) if mode in ("LA", "RGBA") else 7)
+    im = Image.new(
+        mode,
+        (20, 10),
+        1 if mode == "1" else 40000 if mode == "I;16" else (7,) * len(mode) if mode in ("LA", "RGBA") else 7,
+    )
     buf = io.BytesIO()
     im.save(buf, "PNG")
     data, what = prepare_image(buf.getvalue())

@@ -3,19 +3,21 @@
 import json
 
 import pytest
+from fake_coco import write_coco, write_karpathy_coco, write_karpathy_flickr30k
+from test_pack import FAST, assert_matches, read_pack
 
 from blip2_dist.data.pack import PackError, pack_coco, pack_karpathy
 from blip2_dist.data.pack_cli import main
 from blip2_dist.data.reader import parse_sample
 from blip2_dist.data.shards import read_manifest
-from fake_coco import write_coco, write_karpathy_coco, write_karpathy_flickr30k
-from test_pack import FAST, assert_matches, read_pack
 
 
 def test_karpathy_coco_images_by_filepath_restval_into_train(tmp_path, capsys):
     fake = write_karpathy_coco(tmp_path / "coco")
-    assert main(["karpathy", str(tmp_path / "coco"), "--out", str(tmp_path / "out"), "--workers", "1",
-                 "--no-progress"]) == 0
+    assert (
+        main(["karpathy", str(tmp_path / "coco"), "--out", str(tmp_path / "out"), "--workers", "1", "--no-progress"])
+        == 0
+    )
     assert "dataset_coco.json: 14 images" in capsys.readouterr().out
     samples = assert_matches(tmp_path / "out", fake)  # captions, order, splits and original JPEG bytes
     manifest = read_manifest(tmp_path / "out")

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from launch_helpers import REPO, cpu_env
 
 from blip2_dist import train as T
 from blip2_dist.config import parse_config
@@ -16,7 +17,6 @@ from blip2_dist.deepspeed_config import choose_precision, fill_deepspeed_config,
 from blip2_dist.engine import build_model
 from blip2_dist.errors import UserError
 from blip2_dist.models import family_from_name
-from launch_helpers import REPO, cpu_env
 
 SHIPPED = ["zero2", "zero2_offload", "zero3"]
 
@@ -64,14 +64,23 @@ def test_flan_t5_is_refused_in_fp16_unless_forced(hub_t5_dir, hub_opt_dir, monke
     T.validate(parse_config([*base, "--model", str(hub_t5_dir)], "t"), world_size=1)  # bf16: fine
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"optimizer": {"type": "Lamb", "params": {"lr": "auto"}}}, "optimizer.type 'Lamb' is not supported"),
-    ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, r"optimizer.params \['amsgrad'\] would be ignored"),
-    ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, "adam_w_mode=false"),
-    ({"scheduler": {"type": "WarmupDecayLR", "params": {}}}, "scheduler.type 'WarmupDecayLR' is not supported"),
-    ({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_type": "log"}}}, "warmup_type other than 'linear'"),
-    ({"scheduler": {"type": "WarmupCosineLR", "params": {"last_batch_iteration": 5}}}, "would be ignored"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"optimizer": {"type": "Lamb", "params": {"lr": "auto"}}}, "optimizer.type 'Lamb' is not supported"),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}},
+            r"optimizer.params \['amsgrad'\] would be ignored",
+        ),
+        ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, "adam_w_mode=false"),
+        ({"scheduler": {"type": "WarmupDecayLR", "params": {}}}, "scheduler.type 'WarmupDecayLR' is not supported"),
+        (
+            {"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_type": "log"}}},
+            "warmup_type other than 'linear'",
+        ),
+        ({"scheduler": {"type": "WarmupCosineLR", "params": {"last_batch_iteration": 5}}}, "would be ignored"),
+    ],
+)
 def test_sections_that_would_be_ignored_are_rejected(section, message):
     cfg = parse_config([], "t")
     with pytest.raises(ValueError, match=message):
@@ -80,13 +89,19 @@ def test_sections_that_would_be_ignored_are_rejected(section, message):
 
 def test_honoured_sections_pass():
     cfg = parse_config(["--lr", "0.001"], "t")
-    ds = {"optimizer": {"type": "adam", "params": {"lr": 0.001, "adam_w_mode": True, "torch_adam": True}},
-          "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_type": "linear", "warmup_min_ratio": 0,
-                                                             "total_num_steps": "auto"}}}
+    ds = {
+        "optimizer": {"type": "adam", "params": {"lr": 0.001, "adam_w_mode": True, "torch_adam": True}},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"warmup_type": "linear", "warmup_min_ratio": 0, "total_num_steps": "auto"},
+        },
+    }
     out = fill_deepspeed_config(ds, cfg, 1, 10, bf16_ok=True)
     assert out["scheduler"]["params"]["total_num_steps"] == 10
-    offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}},
-               "optimizer": {"type": "AdamW", "params": {"bias_correction": True}}}  # DeepSpeed's CPU Adam reads it
+    offload = {
+        "zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+        "optimizer": {"type": "AdamW", "params": {"bias_correction": True}},
+    }  # DeepSpeed's CPU Adam reads it
     fill_deepspeed_config(offload, cfg, 1, 10, bf16_ok=True)
 
 
@@ -97,11 +112,29 @@ def test_a_rejected_section_stops_train_before_start(tmp_path):
     ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     ds["scheduler"]["type"] = "OneCycle"
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    proc = subprocess.run([sys.executable, "launch/train.py", "--deepspeed", str(tmp_path / "ds.json"),
-                           "--model", "tiny-t5", "--data", str(tmp_path / "data"), "--output-dir",
-                           str(tmp_path / "run"), "--micro-batch", "2", "--num-workers", "1"],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--deepspeed",
+            str(tmp_path / "ds.json"),
+            "--model",
+            "tiny-t5",
+            "--data",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--micro-batch",
+            "2",
+            "--num-workers",
+            "1",
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "scheduler.type 'OneCycle' is not supported" in proc.stderr and "ds.json" in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing started

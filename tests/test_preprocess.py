@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+from launch_helpers import REPO, cpu_env
 
 from blip2_dist.data.synthetic import natural_image
 from blip2_dist.data.transforms import ImageTransform
-from launch_helpers import REPO, cpu_env
 
 
 def test_default_pixels_match_the_hub_processor_and_draft_does_not(tmp_path):
@@ -22,8 +22,14 @@ def test_default_pixels_match_the_hub_processor_and_draft_does_not(tmp_path):
         natural_image(rng, *size).save(path, quality=90)
         paths.append(str(path))
     out = tmp_path / "pre.json"
-    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "preprocess", *paths, "--size", "224", "--json",
-                           str(out)], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", "preprocess", *paths, "--size", "224", "--json", str(out)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     default = ImageTransform(size=(224, 224), mean=(0, 0, 0), std=(1, 1, 1))

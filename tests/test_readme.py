@@ -17,9 +17,14 @@ def test_two_setup_commands_come_first():
 
 def test_every_training_flag_is_documented():
     parser = build_parser("t")
-    flags = [opt for action in parser._actions for opt in action.option_strings
-             if opt.startswith("--") and opt not in ("--help", "--local_rank", "--local-rank")
-             and not opt.startswith("--no-")]
+    flags = [
+        opt
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt.startswith("--")
+        and opt not in ("--help", "--local_rank", "--local-rank")
+        and not opt.startswith("--no-")
+    ]
     missing = [f for f in flags if f"`{f}" not in CONFIGURATION]
     assert not missing, f"docs/configuration.md lacks {missing}"
 

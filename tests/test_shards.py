@@ -6,7 +6,12 @@ import tarfile
 import pytest
 
 from blip2_dist.data.shards import (
-    Sample, ShardWriter, expand_runs, read_manifest, run_length, split_shards,
+    Sample,
+    ShardWriter,
+    expand_runs,
+    read_manifest,
+    run_length,
+    split_shards,
 )
 
 

@@ -34,9 +34,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from slurm_cluster import SlurmCluster, SlurmUnavailable, _alive, clean_stale, netns_pids
 
 from blip2_dist.errors import EXIT_PREEMPTED
-from slurm_cluster import SlurmCluster, SlurmUnavailable, _alive, clean_stale, netns_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
@@ -73,8 +73,9 @@ def _job_logs(folder: Path) -> str:
     return "\n".join(f"--- {p.name}\n{_read(p)[-3000:]}" for p in paths)
 
 
-def _submit(cluster: SlurmCluster, tmp: Path, run_dir: Path, env: dict, name: str, shape=TWO_NODES,
-            script: Path = SBATCH) -> int:
+def _submit(
+    cluster: SlurmCluster, tmp: Path, run_dir: Path, env: dict, name: str, shape=TWO_NODES, script: Path = SBATCH
+) -> int:
     env = {"OUT": str(run_dir), "CPU": "1", **env}
     args = [*shape, f"--job-name={name}", f"--output={tmp}/%x-%j.out"]
     return cluster.submit(script, env=env, args=args, cwd=REPO)
@@ -130,11 +131,13 @@ def test_two_node_job_ranks_master_and_cpus(cluster, tmp_path):
 def test_stale_cluster_of_a_dead_session_is_cleaned(cluster):
     """A session killed before its teardown leaves daemons and namespaces; the next start ends them.
     (Its one-node cluster runs beside the module's one: separate folders, namespaces, munged.)"""
-    code = ("import sys, time; sys.path.insert(0, %r)\n"
-            "from slurm_cluster import SlurmCluster\n"
-            "c = SlurmCluster(nodes=1); c.start()\n"
-            "print(c.root, ','.join(c.namespaces), *[p.pid for p in c._procs.values()], flush=True)\n"
-            "time.sleep(600)\n") % str(Path(__file__).parent)
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from slurm_cluster import SlurmCluster\n"
+        "c = SlurmCluster(nodes=1); c.start()\n"
+        "print(c.root, ','.join(c.namespaces), *[p.pid for p in c._procs.values()], flush=True)\n"
+        "time.sleep(600)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().split()
@@ -143,16 +146,16 @@ def test_stale_cluster_of_a_dead_session_is_cleaned(cluster):
         proc.wait()
     assert line, "the child process could not start a cluster"
     root, namespaces, pids = Path(line[0]), line[1].split(","), [int(p) for p in line[2:]]
-    assert len(pids) == 3 and all(_alive(p) for p in pids)            # munged, slurmctld, slurmd
-    assert all(netns_pids(ns) for ns in namespaces[:2])                # slurmctld and slurmd inside
-    orphan = "b2s0123abcdn1"                                           # a namespace whose folder is gone
+    assert len(pids) == 3 and all(_alive(p) for p in pids)  # munged, slurmctld, slurmd
+    assert all(netns_pids(ns) for ns in namespaces[:2])  # slurmctld and slurmd inside
+    orphan = "b2s0123abcdn1"  # a namespace whose folder is gone
     subprocess.run(["ip", "netns", "add", orphan], check=True)
     clean_stale(root.parent)
     assert not root.exists()
     assert not any(_alive(p) for p in pids)
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listing for ns in [*namespaces, orphan]), listing
-    assert all(ns in listing for ns in cluster.namespaces)            # a live session's cluster is left alone
+    assert all(ns in listing for ns in cluster.namespaces)  # a live session's cluster is left alone
 
 
 # ---- train.sbatch's decisions, with a stand-in trainer ------------------------------------------
@@ -192,8 +195,12 @@ def test_plain_scancel_does_not_requeue(cluster, tmp_path):
     env = {"PYTHON": str(_fake_trainer(tmp_path)), "EXTRA_ARGS": "--max-steps 3000"}
     job = _submit(cluster, tmp_path, tmp_path / "run", env, name="cancel")
     cluster.wait_running(job)
-    _wait_for(lambda: "start" in _read(tmp_path / "run" / "logs" / f"cancel-{job}-rank1.log"), 60,
-              "rank 1 to start", lambda: _job_logs(tmp_path))
+    _wait_for(
+        lambda: "start" in _read(tmp_path / "run" / "logs" / f"cancel-{job}-rank1.log"),
+        60,
+        "rank 1 to start",
+        lambda: _job_logs(tmp_path),
+    )
     cluster.client(["scancel", str(job)], timeout=30)
     result = cluster.wait(job, timeout=60)
     assert result.state == "CANCELLED" and result.restarts == 0, _job_logs(tmp_path)
@@ -202,8 +209,7 @@ def test_plain_scancel_does_not_requeue(cluster, tmp_path):
 def test_a_rank_that_keeps_dying_is_requeued_max_restarts_times(cluster, tmp_path):
     """Rank 1 is SIGKILLed on node 2 in every attempt: srun ends rank 0 at once
     (--kill-on-bad-exit), the job is requeued MAX_RESTARTS=1 time, then fails."""
-    env = {"PYTHON": str(_fake_trainer(tmp_path)), "EXTRA_ARGS": "--max-steps 3000 --die-rank 1",
-           "MAX_RESTARTS": "1"}
+    env = {"PYTHON": str(_fake_trainer(tmp_path)), "EXTRA_ARGS": "--max-steps 3000 --die-rank 1", "MAX_RESTARTS": "1"}
     t0 = time.monotonic()
     job = _submit(cluster, tmp_path, tmp_path / "run", env, name="crashloop")
     result = cluster.wait(job, timeout=180)
@@ -211,7 +217,7 @@ def test_a_rank_that_keeps_dying_is_requeued_max_restarts_times(cluster, tmp_pat
     log = _read(tmp_path / f"crashloop-{job}.out")
     assert (result.state, result.exit_code, result.restarts) == ("FAILED", 1, 1), _job_logs(tmp_path)
     assert "failure 1 of at most MAX_RESTARTS=1" in log and "not requeued: 2 failed attempts" in log, log
-    assert log.count("0 of 2 rank(s) reported") == 2, log      # killed ranks leave no report
+    assert log.count("0 of 2 rank(s) reported") == 2, log  # killed ranks leave no report
     # Rank 0 would run 300 s; both attempts ended within seconds of rank 1's death.
     assert took < 120, f"{took:.0f} s"
     print(f"crash loop: 2 attempts + 1 requeue in {took:.1f} s")
@@ -222,11 +228,14 @@ def test_a_rank_that_keeps_dying_is_requeued_max_restarts_times(cluster, tmp_pat
 STEPS, SAVE_STEPS, EVAL_STEPS = 48, 8, 24
 N_TRAIN, N_VAL, N_TEST = 16, 48, 8
 # Everything that decides the math, identical in every run below.
-TRAIN_ARGS = (f"--max-steps {STEPS} --save-steps {SAVE_STEPS} --keep-last 10 --micro-batch 2 --seed 0 "
-              f"--lr 1e-3 --warmup-steps 4 --num-workers 0 --heartbeat-timeout {HEARTBEAT} --dist-timeout 120")
+TRAIN_ARGS = (
+    f"--max-steps {STEPS} --save-steps {SAVE_STEPS} --keep-last 10 --micro-batch 2 --seed 0 "
+    f"--lr 1e-3 --warmup-steps 4 --num-workers 0 --heartbeat-timeout {HEARTBEAT} --dist-timeout 120"
+)
 # Evaluations long enough (one image per batch, 32 forced tokens: ~3 s) that a signal lands in one.
-EVAL_ARGS = (f"--eval-steps {EVAL_STEPS} --eval-batch 1 --num-beams 1 --max-new-tokens 32 --min-length 32 "
-             "--gallery-images 2")
+EVAL_ARGS = (
+    f"--eval-steps {EVAL_STEPS} --eval-batch 1 --num-beams 1 --max-new-tokens 32 --min-length 32 --gallery-images 2"
+)
 WITH_EVAL = f"{TRAIN_ARGS} {EVAL_ARGS}"
 NO_EVAL = f"{TRAIN_ARGS} --skip-eval"
 
@@ -285,13 +294,16 @@ def test_two_node_run_sees_every_sample_once_per_epoch(uninterrupted):
     assert [(r["rank"], r["host"], r["cpus"]) for r in config["ranks"]] == [(0, "node1", 2), (1, "node2", 2)]
     assert config["dropped_examples_per_epoch"] == 0
     per_epoch = config["plan"]["micro_per_epoch"]
-    lines = {r: [json.loads(line) for line in _read(run_dir / "samples" / f"rank-{r}.jsonl").splitlines()]
-             for r in (0, 1)}
+    lines = {
+        r: [json.loads(line) for line in _read(run_dir / "samples" / f"rank-{r}.jsonl").splitlines()] for r in (0, 1)
+    }
     assert all(len(rows) == STEPS for rows in lines.values()), {r: len(v) for r, v in lines.items()}
     expected = _expected_examples("train", N_TRAIN)
     for epoch in range(STEPS // per_epoch):  # the complete epochs
-        seen = {r: Counter(tuple(e) for row in rows if row["epoch"] == epoch for e in row["examples"])
-                for r, rows in lines.items()}
+        seen = {
+            r: Counter(tuple(e) for row in rows if row["epoch"] == epoch for e in row["examples"])
+            for r, rows in lines.items()
+        }
         assert seen[0] + seen[1] == expected, f"epoch {epoch}: not every example exactly once"
         images = [{image for image, _ in seen[r]} for r in (0, 1)]
         assert images[0] and images[1] and not images[0] & images[1], "an image trained on both nodes"
@@ -327,8 +339,13 @@ def test_evaluate_sbatch_on_two_nodes(cluster, shards, uninterrupted, tmp_path):
     _, run0, _ = uninterrupted
     adapter = run0 / "checkpoints" / f"step_{STEPS:08d}" / "adapter"
     out = tmp_path / "eval"
-    env = {"MODEL": "tiny-t5", "ADAPTER": str(adapter), "DATA": str(shards), "SPLIT": "test",
-           "EXTRA_ARGS": "--num-beams 1 --max-new-tokens 8 --min-length 1 --num-workers 0"}
+    env = {
+        "MODEL": "tiny-t5",
+        "ADAPTER": str(adapter),
+        "DATA": str(shards),
+        "SPLIT": "test",
+        "EXTRA_ARGS": "--num-beams 1 --max-new-tokens 8 --min-length 1 --num-workers 0",
+    }
     job = _submit(cluster, tmp_path, out, env, name="eval", script=EVAL_SBATCH)
     result = cluster.wait(job, timeout=300)
     assert (result.state, result.exit_code) == ("COMPLETED", 0), _job_logs(tmp_path)
@@ -343,8 +360,12 @@ def test_usr1_during_evaluation_requeues_and_resumes_to_the_same_run(cluster, sh
     job = _submit(cluster, tmp_path, run_dir, _train_env(shards, WITH_EVAL), name="preempt")
     rank0_log = run_dir / "logs" / f"preempt-{job}-rank0.log"
     logs = lambda: _job_logs(tmp_path) + "\n" + cluster.logs()  # noqa: E731
-    _wait_for(lambda: f"eval step {EVAL_STEPS} [val]: captioning" in _read(rank0_log), 600,
-              "the evaluation in the middle of the run", logs)
+    _wait_for(
+        lambda: f"eval step {EVAL_STEPS} [val]: captioning" in _read(rank0_log),
+        600,
+        "the evaluation in the middle of the run",
+        logs,
+    )
     t0 = time.monotonic()
     cluster.scancel_signal(job, "USR1", batch=True)
     _wait_for(lambda: int(cluster.job_info(job).get("Restarts", 0)) >= 1, 120, "the requeue", logs)
@@ -357,7 +378,7 @@ def test_usr1_during_evaluation_requeues_and_resumes_to_the_same_run(cluster, sh
     rank0 = _read(rank0_log)
     assert f"evaluation at step {EVAL_STEPS} interrupted by a stop signal" in rank0, rank0
     assert f"signal received: saving at step {EVAL_STEPS} and exiting with {EXIT_PREEMPTED}" in rank0, rank0
-    assert rank0.count(f"eval step {EVAL_STEPS} [val]: captioning") == 2, rank0   # interrupted, then re-run
+    assert rank0.count(f"eval step {EVAL_STEPS} [val]: captioning") == 2, rank0  # interrupted, then re-run
     batch_log = _read(tmp_path / f"preempt-{job}.out")
     for needle in ("got SIGUSR1", f"requeued job {job} (preempted: every rank saved)", "restart 0:", "restart 1:"):
         assert needle in batch_log, batch_log
@@ -388,8 +409,7 @@ def _first_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / "checkpoints").glob("step_*/COMPLETE"))
 
 
-def test_killed_rank_on_node2_ends_the_job_which_resumes_to_the_same_adapter(cluster, shards, uninterrupted,
-                                                                              tmp_path):
+def test_killed_rank_on_node2_ends_the_job_which_resumes_to_the_same_adapter(cluster, shards, uninterrupted, tmp_path):
     _, run0, _ = uninterrupted
     run_dir = tmp_path / "run"
     job = _submit(cluster, tmp_path, run_dir, _train_env(shards, NO_EVAL), name="kill")
@@ -412,7 +432,7 @@ def test_killed_rank_on_node2_ends_the_job_which_resumes_to_the_same_adapter(clu
     print(f"kill -9 on node2 -> job ended and requeued in {ended_s:.1f} s")
 
 
-INJECT_FAULT = '''\
+INJECT_FAULT = """\
 #!/bin/bash
 # Rank 1 (node 2) runs the real trainer with a train_step that raises at step 3; rank 0 is untouched.
 if [ "$SLURM_PROCID" = 1 ]; then
@@ -429,7 +449,7 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")' "$@"
 fi
 exec {python} "$@"
-'''
+"""
 
 
 def test_python_error_on_node2_fails_the_job_at_once_without_requeue(cluster, shards, tmp_path):
@@ -456,9 +476,27 @@ def test_torchrun_across_two_nodes_trains_like_srun(cluster, shards, uninterrupt
     """`torchrun --nnodes 2`, rendezvous on node 1, no Slurm: same losses as the srun run."""
     _, run0, _ = uninterrupted
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "node1:29400", "--rdzv-id", "blip2-test", str(REPO / "launch" / "train.py"),
-           "--model", "tiny-t5", "--data", str(shards), "--output-dir", str(run_dir), *NO_EVAL.split()]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "node1:29400",
+        "--rdzv-id",
+        "blip2-test",
+        str(REPO / "launch" / "train.py"),
+        "--model",
+        "tiny-t5",
+        "--data",
+        str(shards),
+        "--output-dir",
+        str(run_dir),
+        *NO_EVAL.split(),
+    ]
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = []
     for node in ("node1", "node2"):
@@ -476,8 +514,7 @@ def test_torchrun_across_two_nodes_trains_like_srun(cluster, shards, uninterrupt
     assert _final(run_dir)["loss_history"] == _final(run0)["loss_history"]
 
 
-def test_node_cut_off_fails_the_job_which_finishes_once_the_node_is_back(cluster, shards, uninterrupted,
-                                                                           tmp_path):
+def test_node_cut_off_fails_the_job_which_finishes_once_the_node_is_back(cluster, shards, uninterrupted, tmp_path):
     _, run0, _ = uninterrupted
     run_dir = tmp_path / "run"
     job = _submit(cluster, tmp_path, run_dir, _train_env(shards, NO_EVAL), name="nodelost")
@@ -504,8 +541,10 @@ def test_node_cut_off_fails_the_job_which_finishes_once_the_node_is_back(cluster
     assert f"job {job} already requeued by Slurm" in batch_log or f"requeued job {job}" in batch_log, batch_log
     rank1_log = _read(run_dir / "logs" / f"nodelost-{job}-rank1.log")
     # The cut-off rank quit too: whichever its watchdog saw first, the store's silence or rank 0's.
-    assert ("error: rank 1: no answer from the job's store" in rank1_log
-            or "error: rank 1: rank(s) 0 silent for" in rank1_log), rank1_log
+    assert (
+        "error: rank 1: no answer from the job's store" in rank1_log
+        or "error: rank 1: rank(s) 0 silent for" in rank1_log
+    ), rank1_log
     assert _final(run_dir)["loss_history"] == _final(run0)["loss_history"]
     _assert_same_adapter(run_dir, run0)
     print(f"node2 cut off -> DOWN and the job requeued in {down_s:.1f} s; states after: {seen}")

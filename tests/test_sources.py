@@ -17,17 +17,17 @@ from collections import Counter
 
 import pytest
 import webdataset as wds
+from http_server import serve
 from PIL import Image
+from shard_factory import jpeg_bytes, write_shards
 
+from blip2_dist.data.eval_stream import EvalStream
 from blip2_dist.data.pack_cli import main as pack_main
 from blip2_dist.data.reader import SampleLog, check_data, read_shard, resolve_shards
-from blip2_dist.data.urls import RetryPolicy, ShardReadError
 from blip2_dist.data.shards import read_manifest
-from blip2_dist.data.eval_stream import EvalStream
 from blip2_dist.data.stream import TrainStream
+from blip2_dist.data.urls import RetryPolicy, ShardReadError
 from blip2_dist.errors import UserError
-from http_server import serve
-from test_stream import _jpeg, _pack, fmt_tf, tiny  # noqa: F401 - fixtures used by name
 
 FAST = RetryPolicy(retries=3, backoff_s=0.01, stall_s=1.0)
 
@@ -36,8 +36,16 @@ def _epoch(source, fmt_tf, world=2, workers=0, retry=FAST, micro_batch=5, epoch=
     """Every rank's batches of one epoch (captions and image ids), and the summed loader counters."""
     batches, stats = [], Counter()
     for rank in range(world):
-        s = TrainStream(source, "train", *fmt_tf, micro_batch=micro_batch, rank=rank, world_size=world,
-                        num_workers=workers, retry=retry)
+        s = TrainStream(
+            source,
+            "train",
+            *fmt_tf,
+            micro_batch=micro_batch,
+            rank=rank,
+            world_size=world,
+            num_workers=workers,
+            retry=retry,
+        )
         batches.append([(b["captions"], b["image_ids"], b["pixel_values"].sum().item()) for b in s.epoch(epoch)])
         stats.update(s.last_epoch_stats.counts)
     return batches, stats
@@ -46,7 +54,7 @@ def _epoch(source, fmt_tf, world=2, workers=0, retry=FAST, micro_batch=5, epoch=
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     root = tmp_path_factory.mktemp("packed")
-    _pack(root, [9, 6, 5])  # 20 images x 5 captions, three uneven shards
+    write_shards(root, [9, 6, 5])  # 20 images x 5 captions, three uneven shards
     return root
 
 
@@ -66,29 +74,36 @@ def test_webdataset_reads_our_shards(packed):
             assert len(samples) == manifest["splits"]["train"]["images"] == 20
             for i, sample in enumerate(samples):
                 assert sample["__key__"] == f"img{i}" and isinstance(sample["jpg"], Image.Image)
-                assert sample["json"] == {"image_id": f"img{i}", "split": "train",
-                                          "captions": [f"img{i} cap {j}" for j in range(5)]}
-                assert sample["jpg"].tobytes() == Image.open(io.BytesIO(_jpeg(i))).tobytes()
+                assert sample["json"] == {
+                    "image_id": f"img{i}",
+                    "split": "train",
+                    "captions": [f"img{i} cap {j}" for j in range(5)],
+                }
+                assert sample["jpg"].tobytes() == Image.open(io.BytesIO(jpeg_bytes(i))).tobytes()
 
 
 def test_every_data_form_gives_the_same_batches(packed, reference, fmt_tf, tmp_path):
     # Two sources joined by '::' (a folder and a manifest path) are the three shards in that order.
     a, b = tmp_path / "a", tmp_path / "b"
-    _pack(a, [9, 6])  # the first two shards' images; b lists only the third shard
+    write_shards(a, [9, 6])  # the first two shards' images; b lists only the third shard
     shutil.copytree(packed, b)
     manifest = read_manifest(b)
     manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][2:]
     (b / "manifest.json").write_text(json.dumps(manifest))
     with serve(packed) as srv:
         forms = [
-            str(packed / "manifest.json"), f"file://{packed}/manifest.json", f"pipe:cat {packed}/manifest.json",
-            srv.url + "/manifest.json", str(packed / "train-{000000..000002}.tar"),
+            str(packed / "manifest.json"),
+            f"file://{packed}/manifest.json",
+            f"pipe:cat {packed}/manifest.json",
+            srv.url + "/manifest.json",
+            str(packed / "train-{000000..000002}.tar"),
             f"{a}::{b}/manifest.json",
         ]
         for form in forms:
             assert _epoch(form, fmt_tf)[0] == reference, form
-        assert [s.url for s in resolve_shards(f"pipe:cat {packed}/manifest.json", "train")][0] == \
-            f"pipe:cat {packed}/train-000000.tar"
+        assert [s.url for s in resolve_shards(f"pipe:cat {packed}/manifest.json", "train")][
+            0
+        ] == f"pipe:cat {packed}/train-000000.tar"
         local = [b["image_ids"] for b in EvalStream(str(packed), "train", *fmt_tf, batch_size=4, rank=1, world_size=2)]
         remote = EvalStream(srv.url + "/manifest.json", "train", *fmt_tf, batch_size=4, rank=1, world_size=2)
         assert [b["image_ids"] for b in remote] == local
@@ -128,10 +143,16 @@ def test_gives_up_with_the_url_named(packed, fmt_tf):
         with pytest.raises(ShardReadError, match=r"train-000002.tar: cannot read at sample 0 of 5 .*error: 404\)$"):
             list(stream.epoch(0))
         assert srv.count("train-000002.tar") == 1  # a 4xx is not retried
-        with pytest.raises(ShardReadError, match=r"train-000001.tar: cannot read at sample \d of 6 \(curl: \(18\).*"
-                                                 r"failed 3 times in a row; raise --data-retries"):
-            list(TrainStream(url, "train", *fmt_tf, micro_batch=5, rank=0, world_size=1, num_workers=0,
-                             retry=retry).epoch(0))
+        with pytest.raises(
+            ShardReadError,
+            match=r"train-000001.tar: cannot read at sample \d of 6 \(curl: \(18\).*"
+            r"failed 3 times in a row; raise --data-retries",
+        ):
+            list(
+                TrainStream(
+                    url, "train", *fmt_tf, micro_batch=5, rank=0, world_size=1, num_workers=0, retry=retry
+                ).epoch(0)
+            )
     failed = r"pipe:exit 3 # manifest.json: cannot read \(exit status 3\); failed 3 times"
     with pytest.raises(ShardReadError, match=failed):
         resolve_shards("pipe:exit 3 # manifest.json", "train", retry)
@@ -178,13 +199,20 @@ def _img2dataset_shards(folder, groups, per_shard, stats=True):
     for s in range(0, len(rows), per_shard):
         name = f"{s // per_shard:05d}"
         with wds.TarWriter(str(folder / f"{name}.tar")) as tar:
-            for k, (img, cap) in enumerate(rows[s: s + per_shard], start=s):
+            for k, (img, cap) in enumerate(rows[s : s + per_shard], start=s):
                 key = f"{k:09d}"
-                meta = {"url": f"http://img.example/{img}.jpg", "key": key, "status": "success",
-                        "caption": cap, "image_id": img, "width": 24, "height": 18}
-                tar.write({"__key__": key, "jpg": _jpeg(int(img[3:])), "txt": cap, "json": meta})
+                meta = {
+                    "url": f"http://img.example/{img}.jpg",
+                    "key": key,
+                    "status": "success",
+                    "caption": cap,
+                    "image_id": img,
+                    "width": 24,
+                    "height": 18,
+                }
+                tar.write({"__key__": key, "jpg": jpeg_bytes(int(img[3:])), "txt": cap, "json": meta})
         if stats:
-            stats = {"count": per_shard, "successes": len(rows[s: s + per_shard])}
+            stats = {"count": per_shard, "successes": len(rows[s : s + per_shard])}
             (folder / f"{name}_stats.json").write_text(json.dumps(stats))
     return rows
 
@@ -209,7 +237,7 @@ def test_img2dataset_shards_train_directly_and_convert(fmt_tf, tmp_path, caplog)
     got = {s["json"]["image_id"]: s for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False).decode()}
     for image_id, caps in groups:  # every caption of an image together, in reading order; the image once
         assert got[image_id]["json"]["captions"] == caps
-        assert got[image_id]["jpg"] == _jpeg(int(image_id[3:]))
+        assert got[image_id]["jpg"] == jpeg_bytes(int(image_id[3:]))
     assert list(got) == [g for g, _ in groups]
     s = TrainStream(str(out), "train", *fmt_tf, micro_batch=3, rank=0, world_size=1, num_workers=0)
     assert sum(b["pixel_values"].shape[0] for b in s.epoch(0)) < sum(b["num_examples"] for b in s.epoch(0))
@@ -239,7 +267,9 @@ def test_a_range_mid_shard(packed):
         for url in (str(packed / "train-000000.tar"), srv.url + "/train-000000.tar"):
             got = list(read_shard(url, "x", 7, 9, slog, retry=FAST))
             assert [(r["index"], r["key"], sorted(r["parts"])) for r in got] == [
-                (7, "img7", ["jpg", "json"]), (8, "img8", ["jpg", "json"])]
+                (7, "img7", ["jpg", "json"]),
+                (8, "img8", ["jpg", "json"]),
+            ]
         assert srv.count("train-000000.tar") == 1 and not slog.counts
 
 
@@ -248,8 +278,9 @@ def test_deepspeed_trains_from_an_http_manifest(tmp_path):
     """`deepspeed launch/train.py ... --data http://127.0.0.1:PORT/manifest.json` on 2 CPU ranks, with
     a 503 on the manifest, a shard whose connection drops mid-way and one answered 503: one full
     epoch, retries counted in the loader's counters, and the final evaluation read over HTTP too."""
-    from blip2_dist.data.synthetic import write_synthetic
     from launch_helpers import explain, read_json, run
+
+    from blip2_dist.data.synthetic import write_synthetic
 
     shards = tmp_path / "shards"
     write_synthetic(shards, n_train=64, n_val=8, n_test=0, samples_per_shard=16)
@@ -257,12 +288,45 @@ def test_deepspeed_trains_from_an_http_manifest(tmp_path):
     faults = {"manifest.json": ["503"], "train-000001.tar": [f"drop:{half}"], "train-000002.tar": ["503"]}
     steps = 20  # 64 images x 5 captions / (2 ranks x 8): one epoch, so the epoch's counters are logged
     with serve(shards, faults) as srv:
-        proc = run("launch/train.py", [
-            "--deepspeed", "ds_configs/zero2.json", "--model", "tiny-t5", "--data", srv.url + "/manifest.json",
-            "--output-dir", str(tmp_path / "run"), "--micro-batch", "8", "--num-workers", "1",
-            "--max-steps", str(steps), "--save-steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2",
-            "--log-steps", "5", "--num-beams", "1", "--max-new-tokens", "8", "--min-length", "1",
-            "--eval-batch", "8", "--data-retries", "3"], nproc=2, timeout=600)
+        proc = run(
+            "launch/train.py",
+            [
+                "--deepspeed",
+                "ds_configs/zero2.json",
+                "--model",
+                "tiny-t5",
+                "--data",
+                srv.url + "/manifest.json",
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--micro-batch",
+                "8",
+                "--num-workers",
+                "1",
+                "--max-steps",
+                str(steps),
+                "--save-steps",
+                str(steps),
+                "--lr",
+                "3e-3",
+                "--warmup-steps",
+                "2",
+                "--log-steps",
+                "5",
+                "--num-beams",
+                "1",
+                "--max-new-tokens",
+                "8",
+                "--min-length",
+                "1",
+                "--eval-batch",
+                "8",
+                "--data-retries",
+                "3",
+            ],
+            nproc=2,
+            timeout=600,
+        )
         requests = Counter(name for name, _ in srv.requests)
     assert proc.returncode == 0, explain(proc)
     assert read_json(tmp_path / "run" / "final_state.json")["step"] == steps

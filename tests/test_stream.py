@@ -1,7 +1,7 @@
 """The streaming loader: exactly-once epochs, equal steps, resume, eval split, bad samples, formats.
 
 Ranks are simulated by building the stream with rank=0/1 in one process; the DataLoader workers are
-real processes. Shards are written here with ShardWriter and small PIL JPEGs.
+real processes. Shards are written with tests/shard_factory.py (exact shard sizes, small JPEGs).
 """
 
 import io
@@ -13,50 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shard_factory import jpeg_bytes, write_shards
 
 from blip2_dist.data.eval_stream import EvalStream
 from blip2_dist.data.reader import resolve_shards
-from blip2_dist.data.synthetic import natural_image
-from blip2_dist.data.shards import Sample, ShardWriter
 from blip2_dist.data.stream import TrainStream
+from blip2_dist.data.synthetic import natural_image
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
-from blip2_dist.models import build_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    out = {}
-    for family in ("opt", "t5"):
-        model, processor = build_tiny(family)
-        out[family] = (model, processor)
-    return out
-
-
-@pytest.fixture(scope="module")
-def fmt_tf(tiny):
-    model, processor = tiny["opt"]
-    return CaptionFormat.from_processor(processor, model.config), ImageTransform.from_processor(processor)
-
-
-def _jpeg(i, size=(24, 18), mode="RGB"):
-    rng = np.random.default_rng(i)
-    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    img = Image.fromarray(arr).convert(mode)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return buf.getvalue()
-
-
-def _pack(out, shard_sizes, caps=lambda i: 5, split="train"):
-    """Shards of exactly the given sizes; captions 'img{i} cap {j}' are unique strings."""
-    i = 0
-    with ShardWriter(out, samples_per_shard=10**6) as w:
-        for size in shard_sizes:
-            for _ in range(size):
-                w.write(Sample(f"img{i}", split, [f"img{i} cap {j}" for j in range(caps(i))], _jpeg(i)))
-                i += 1
-            w._finish_shard(split)  # one shard per requested size (uneven sizes)
-    return out
 
 
 def _all_captions(n, caps=lambda i: 5):
@@ -64,8 +27,10 @@ def _all_captions(n, caps=lambda i: 5):
 
 
 def _run(src, fmt, tf, world=2, workers=2, epoch=0, **kw):
-    streams = [TrainStream(str(src), "train", fmt, tf, rank=r, world_size=world, num_workers=workers, **kw)
-               for r in range(world)]
+    streams = [
+        TrainStream(str(src), "train", fmt, tf, rank=r, world_size=world, num_workers=workers, **kw)
+        for r in range(world)
+    ]
     batches = [list(s.epoch(epoch)) for s in streams]
     return streams, batches
 
@@ -78,7 +43,7 @@ def _check_batch(b, micro_batch):
 
 
 def test_exactly_once_when_counts_divide(tmp_path, fmt_tf):
-    src = _pack(tmp_path, [9, 6, 5])  # 20 images x 5 captions, 4 slots of 5 images = 25 captions
+    src = write_shards(tmp_path, [9, 6, 5])  # 20 images x 5 captions, 4 slots of 5 images = 25 captions
     streams, batches = _run(src, *fmt_tf, micro_batch=5)
     assert [s.steps_per_epoch for s in streams] == [10, 10] == [len(b) for b in batches]
     assert streams[0].dropped_examples_per_epoch == 0 and streams[0].examples_per_epoch == 100
@@ -92,7 +57,7 @@ def test_exactly_once_when_counts_divide(tmp_path, fmt_tf):
 def test_equal_steps_and_counted_drop(tmp_path, fmt_tf, shards, world, workers):
     caps = lambda i: 3 + i % 4  # noqa: E731 - 3..6 captions per image
     n = sum(shards)
-    src = _pack(tmp_path, shards, caps)
+    src = write_shards(tmp_path, shards, caps)
     for mode in ("all", "random"):
         mb = 4 if mode == "all" else 2
         streams, batches = _run(src, *fmt_tf, world=world, workers=workers, micro_batch=mb, caption_mode=mode)
@@ -109,7 +74,7 @@ def test_equal_steps_and_counted_drop(tmp_path, fmt_tf, shards, world, workers):
 
 
 def test_epochs_reorder_same_set(tmp_path, fmt_tf):
-    src = _pack(tmp_path, [9, 6, 5])
+    src = write_shards(tmp_path, [9, 6, 5])
     _, e0 = _run(src, *fmt_tf, micro_batch=5, epoch=0)
     _, e1 = _run(src, *fmt_tf, micro_batch=5, epoch=1)
     flat = lambda bs: [c for rank in bs for b in rank for c in b["captions"]]  # noqa: E731
@@ -127,12 +92,23 @@ def _equal(a, b):
 
 @pytest.mark.parametrize("workers,augment", [(2, False), (0, True)])
 def test_resume_equals_uninterrupted(tmp_path, tiny, fmt_tf, workers, augment):
-    src = _pack(tmp_path, [8, 6, 3])
+    src = write_shards(tmp_path, [8, 6, 3])
     fmt, _ = fmt_tf
     tf = ImageTransform.from_processor(tiny["opt"][1], augment=augment)  # augmentation is seeded per image
+
     def make():
-        return TrainStream(str(src), "train", fmt, tf, micro_batch=3, rank=1, world_size=2,
-                           num_workers=workers, seed=7, shuffle_buffer=4)
+        return TrainStream(
+            str(src),
+            "train",
+            fmt,
+            tf,
+            micro_batch=3,
+            rank=1,
+            world_size=2,
+            num_workers=workers,
+            seed=7,
+            shuffle_buffer=4,
+        )
 
     stream = make()
     full = list(stream.epoch(2))
@@ -156,7 +132,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny, fmt_tf, workers, augment):
 
 
 def test_uint8_pixels_for_the_device(tmp_path, fmt_tf):
-    src = _pack(tmp_path, [6])
+    src = write_shards(tmp_path, [6])
     fmt, tf = fmt_tf
     kw = dict(micro_batch=5, rank=0, world_size=1, num_workers=0)
     ref = list(TrainStream(str(src), "train", fmt, tf, **kw).epoch(0))
@@ -169,7 +145,7 @@ def test_uint8_pixels_for_the_device(tmp_path, fmt_tf):
 @pytest.mark.parametrize("shards,world", [([3, 1, 3], 3), ([2], 3), ([5, 4], 2)])
 def test_eval_every_image_once(tmp_path, fmt_tf, shards, world):
     n = sum(shards)
-    src = _pack(tmp_path, shards, split="val")
+    src = write_shards(tmp_path, shards, split="val")
     got, per_rank = [], []
     for r in range(world):
         ev = EvalStream(str(src), "val", *fmt_tf, batch_size=2, rank=r, world_size=world, num_workers=2)
@@ -208,14 +184,17 @@ def _corrupt(path, edits):
 
 
 def test_bad_samples_skipped_counted_no_hang(tmp_path, fmt_tf, caplog):
-    src = _pack(tmp_path, [10, 10])
-    good = _jpeg(3, (200, 150))  # big enough that half of it still has a full header
-    _corrupt(tmp_path / "train-000000.tar", {
-        "img1.jpg": b"this is not a jpeg",        # fails at the header check
-        "img3.jpg": good[: len(good) // 2],       # good header, truncated data: fails at decode
-        "img5.json": b'{"captions": ["unterminated',  # broken JSON
-        "img7.json": None,                        # missing part
-    })
+    src = write_shards(tmp_path, [10, 10])
+    good = jpeg_bytes(3, (200, 150))  # big enough that half of it still has a full header
+    _corrupt(
+        tmp_path / "train-000000.tar",
+        {
+            "img1.jpg": b"this is not a jpeg",  # fails at the header check
+            "img3.jpg": good[: len(good) // 2],  # good header, truncated data: fails at decode
+            "img5.json": b'{"captions": ["unterminated',  # broken JSON
+            "img7.json": None,  # missing part
+        },
+    )
     bad = {"img1", "img3", "img5", "img7"}
     streams, batches = _run(src, *fmt_tf, micro_batch=5)
     assert [len(b) for b in batches] == [s.steps_per_epoch for s in streams] == [10, 10]
@@ -238,7 +217,7 @@ def test_bad_samples_skipped_counted_no_hang(tmp_path, fmt_tf, caplog):
 
 
 def test_truncated_shard_is_reported(tmp_path, fmt_tf):
-    src = _pack(tmp_path, [10, 10])
+    src = write_shards(tmp_path, [10, 10])
     path = tmp_path / "train-000001.tar"
     with open(path, "r+b") as f:  # a partial copy: the second half of the shard is gone
         f.truncate(path.stat().st_size // 2)
@@ -296,7 +275,7 @@ def test_preprocessing_matches_processor(tiny):
     exact = ImageTransform.from_processor(processor, draft=False, backend="pil")
     fast = ImageTransform.from_processor(processor, draft=False)  # torch's uint8 antialiased bicubic
     two_levels = 2 / 255 / min(ip.image_std)
-    cases = [_jpeg(1, (120, 90)), _jpeg(2, (40, 70), "L"), _jpeg(3, (50, 50), "CMYK")]  # noise
+    cases = [jpeg_bytes(1, (120, 90)), jpeg_bytes(2, (40, 70), "L"), jpeg_bytes(3, (50, 50), "CMYK")]  # noise
     cases += [_photo(4, (160, 120)), _photo(5, (90, 130), "L"), _photo(6, (200, 150), "CMYK")]
     for i, data in enumerate(cases):
         ref = ip(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"]
@@ -321,14 +300,14 @@ def test_augment_is_seeded_and_shaped(tiny):
 
     _, processor = tiny["opt"]
     tf = ImageTransform.from_processor(processor, augment=True)
-    data = _jpeg(5, (100, 80))
+    data = jpeg_bytes(5, (100, 80))
     a = tf.load(data, random.Random("k"))
     assert a.shape == (64, 64, 3) and np.array_equal(a, tf.load(data, random.Random("k")))
     assert not ImageTransform.from_processor(processor).augment  # off by default
 
 
 def test_brace_pattern_without_manifest(tmp_path, fmt_tf):
-    src = _pack(tmp_path / "packed", [4, 5, 3])
+    src = write_shards(tmp_path / "packed", [4, 5, 3])
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
@@ -337,12 +316,13 @@ def test_brace_pattern_without_manifest(tmp_path, fmt_tf):
     scanned = resolve_shards(str(bare / "train-{000000..000002}.tar"), "train")
     assert [s.caption_counts for s in scanned] == [s.caption_counts for s in with_manifest]
     assert [s.caption_counts for s in resolve_shards(str(src), "train")] == [s.caption_counts for s in scanned]
-    s = TrainStream(str(bare / "train-{000000..000002}.tar"), "train", *fmt_tf, micro_batch=5, rank=0,
-                    world_size=1, num_workers=0)
+    s = TrainStream(
+        str(bare / "train-{000000..000002}.tar"), "train", *fmt_tf, micro_batch=5, rank=0, world_size=1, num_workers=0
+    )
     assert len(list(s.epoch(0))) == s.steps_per_epoch == 12
 
 
 def test_too_little_data_is_a_clear_error(tmp_path, fmt_tf):
-    src = _pack(tmp_path, [8])
+    src = write_shards(tmp_path, [8])
     with pytest.raises(ValueError, match="split 'train' has 40 captions.*2 ranks x 2 workers x micro-batch 16"):
         TrainStream(str(src), "train", *fmt_tf, micro_batch=16, rank=0, world_size=2, num_workers=2)

@@ -17,7 +17,15 @@ from PIL import Image
 from blip2_dist.data.pack_cli import main
 from blip2_dist.data.shards import read_manifest
 from blip2_dist.data.synthetic import (
-    COLOURS, POSITIONS, SHAPES, Scene, caption_matches, make_scene, scene_captions, scene_for_id, write_synthetic,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    caption_matches,
+    make_scene,
+    scene_captions,
+    scene_for_id,
+    write_synthetic,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,12 +76,20 @@ def test_deterministic_and_split(tmp_path):
     a = write_synthetic(tmp_path / "a", n_train=30, n_val=7, n_test=5, samples_per_shard=8)
     b = write_synthetic(tmp_path / "b", n_train=30, n_val=7, n_test=5, samples_per_shard=8)
     assert a == b
-    digest = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.tar"))}
+
+    def digest(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.tar"))}
+
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert {s: (v["images"], v["captions"], len(v["shards"])) for s, v in a["splits"].items()} == {
-        "train": (30, 150, 4), "val": (7, 35, 1), "test": (5, 25, 1)}
+        "train": (30, 150, 4),
+        "val": (7, 35, 1),
+        "test": (5, 25, 1),
+    }
     ids = [meta["image_id"] for _, meta, _ in samples_of(tmp_path / "a")]
-    assert len(set(ids)) == 42 and all(i.startswith(f"syn-{s}-") for (s, _, _), i in zip(samples_of(tmp_path / "a"), ids))
+    assert len(set(ids)) == 42 and all(
+        i.startswith(f"syn-{s}-") for (s, _, _), i in zip(samples_of(tmp_path / "a"), ids)
+    )
     write_synthetic(tmp_path / "c", n_train=30, n_val=7, n_test=5, samples_per_shard=8, seed=1)
     assert digest(tmp_path / "c") != digest(tmp_path / "a")
 
@@ -86,8 +102,13 @@ def test_captions_match_the_drawn_image(tmp_path):
         assert all(caption_matches(c, scene) for c in meta["captions"])
         colour, count, cx, cy = what_is_drawn(jpeg, scene)
         assert (colour, count) == (scene.colour, scene.count), meta
-        where = {"left": cx < 0.45, "right": cx > 0.55, "top": cy < 0.45, "bottom": cy > 0.55,
-                 "center": 0.35 < cx < 0.65 and 0.35 < cy < 0.65}
+        where = {
+            "left": cx < 0.45,
+            "right": cx > 0.55,
+            "top": cy < 0.45,
+            "bottom": cy > 0.55,
+            "center": 0.35 < cx < 0.65 and 0.35 < cy < 0.65,
+        }
         assert where[scene.position], (meta, cx, cy)
 
 
@@ -111,8 +132,13 @@ def tiny_corpus_words():
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TINY_CORPUS_WORDS" for t in node.targets):
             value = node.value
-            if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr == "split" \
-                    and isinstance(value.func.value, ast.Constant) and not value.args:
+            if (
+                isinstance(value, ast.Call)
+                and isinstance(value.func, ast.Attribute)
+                and value.func.attr == "split"
+                and isinstance(value.func.value, ast.Constant)
+                and not value.args
+            ):
                 return value.func.value.value.split()
     from blip2_dist.models import TINY_CORPUS_WORDS
 
@@ -129,8 +155,13 @@ def test_cli(tmp_path, capsys):
     args = ["--out", str(tmp_path / "a"), "--n-train", "6", "--n-val", "2", "--n-test", "2", "--samples-per-shard", "4"]
     assert main(["synthetic", *args]) == 0
     assert "packed synthetic" in capsys.readouterr().out
-    run = subprocess.run([sys.executable, "-m", "blip2_dist.data.pack", "synthetic", *args[:1], str(tmp_path / "b"),
-                          *args[2:]], cwd=REPO, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "blip2_dist.data.pack", "synthetic", *args[:1], str(tmp_path / "b"), *args[2:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "a/train-000001.tar").read_bytes() == (tmp_path / "b/train-000001.tar").read_bytes()
 
@@ -163,6 +194,9 @@ def test_photo_flickr8k_tree_packs_as_flickr8k(tmp_path):
     assert main(["flickr8k", str(tmp_path / "tree"), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     splits = read_manifest(tmp_path / "s")["splits"]
     assert {k: (v["images"], v["captions"]) for k, v in splits.items()} == {
-        "train": (12, 60), "val": (2, 10), "test": (2, 10)}
+        "train": (12, 60),
+        "val": (2, 10),
+        "test": (2, 10),
+    }
     _, meta, jpeg = next(samples_of(tmp_path / "s"))
     assert jpeg in {f.read_bytes() for f in files} and len(meta["captions"]) == 5

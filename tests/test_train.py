@@ -15,21 +15,51 @@ import signal
 import time
 
 import pytest
+from launch_helpers import (
+    REPO,
+    explain,
+    load_launch,
+    read_json,
+    read_scalars,
+    run,
+    signal_workers,
+    start,
+    wait_for,
+)
 
 from blip2_dist.checkpoint import COMPLETE
-from launch_helpers import (
-    REPO, explain, load_launch, read_json, read_scalars, run, signal_workers, start, wait_for,
-)
 
 pytestmark = pytest.mark.slow
 
 STEPS = 24
 # Same data and schedule for every run below; only the launch shape changes.
 COMMON = [
-    "--max-steps", str(STEPS), "--save-steps", "8", "--keep-last", "5", "--lr", "3e-3",
-    "--warmup-steps", "4", "--log-steps", "4", "--seed", "7", "--lora-r", "8",
-    "--num-beams", "1", "--max-new-tokens", "12", "--min-length", "1", "--eval-batch", "16",
-    "--prompt", "a picture of",
+    "--max-steps",
+    str(STEPS),
+    "--save-steps",
+    "8",
+    "--keep-last",
+    "5",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "4",
+    "--log-steps",
+    "4",
+    "--seed",
+    "7",
+    "--lora-r",
+    "8",
+    "--num-beams",
+    "1",
+    "--max-new-tokens",
+    "12",
+    "--min-length",
+    "1",
+    "--eval-batch",
+    "16",
+    "--prompt",
+    "a picture of",
 ]
 EVAL_STEPS = 8  # the reference run evaluates at 8, 16 and 24
 
@@ -44,9 +74,24 @@ def shards(tmp_path_factory):
 
 
 def train_args(shards, out, model="tiny-t5", micro=8, workers=1, accum=1, extra=()):
-    return ["--deepspeed", "ds_configs/zero2.json", "--model", model, "--data", str(shards),
-            "--output-dir", str(out), "--micro-batch", str(micro), "--num-workers", str(workers),
-            "--grad-accum", str(accum), *COMMON, *extra]
+    return [
+        "--deepspeed",
+        "ds_configs/zero2.json",
+        "--model",
+        model,
+        "--data",
+        str(shards),
+        "--output-dir",
+        str(out),
+        "--micro-batch",
+        str(micro),
+        "--num-workers",
+        str(workers),
+        "--grad-accum",
+        str(accum),
+        *COMMON,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +100,9 @@ def reference_run(shards, tmp_path_factory):
     start = time.monotonic()
     proc = run("launch/train.py", train_args(shards, out, extra=["--eval-steps", str(EVAL_STEPS)]), nproc=2)
     assert proc.returncode == 0, explain(proc)
-    (out.parent / "ref-launch.json").write_text(json.dumps(
-        {"stderr": proc.stderr, "stdout": proc.stdout, "wall_s": time.monotonic() - start}))
+    (out.parent / "ref-launch.json").write_text(
+        json.dumps({"stderr": proc.stderr, "stdout": proc.stdout, "wall_s": time.monotonic() - start})
+    )
     return out
 
 
@@ -87,16 +133,29 @@ def test_loss_falls_opt_zero2_bf16_two_ranks(shards, tmp_path):
 
 def test_tensorboard_scalars_written(reference_run):
     scalars = read_scalars(reference_run / "tensorboard" / "training")
-    for tag in ("Train/loss", "Train/lr", "optim/grad_norm", "perf/captions_per_s", "perf/tokens_per_s",
-                "perf/sec_per_step", "perf/data_wait_frac", "memory/host_peak_rss_gib", "progress/epoch",
-                "Val/CIDEr", "Val/BLEU-4", "Val/loss", "best/CIDEr", "best/step"):
+    for tag in (
+        "Train/loss",
+        "Train/lr",
+        "optim/grad_norm",
+        "perf/captions_per_s",
+        "perf/tokens_per_s",
+        "perf/sec_per_step",
+        "perf/data_wait_frac",
+        "memory/host_peak_rss_gib",
+        "progress/epoch",
+        "Val/CIDEr",
+        "Val/BLEU-4",
+        "Val/loss",
+        "best/CIDEr",
+        "best/step",
+    ):
         assert tag in scalars, f"{tag} missing from TensorBoard; have {sorted(scalars)}"
     assert not [t for t in scalars if t.startswith("memory/device")]  # CPU run: no device memory to report
     assert "perf/samples_per_s" not in scalars and "perf/peak_mem_gb" not in scalars
     losses = read_json(reference_run / "final_state.json")["loss_history"]
     logged = dict(scalars["Train/loss"])
     # The mean over the log window (--log-steps 4), not the last step's loss.
-    assert logged[STEPS] == pytest.approx(sum(losses[STEPS - 4:]) / 4, rel=1e-6)
+    assert logged[STEPS] == pytest.approx(sum(losses[STEPS - 4 :]) / 4, rel=1e-6)
     assert logged[8] == pytest.approx(sum(losses[4:8]) / 4, rel=1e-6) and logged[1] == pytest.approx(losses[0])
     lrs = [v for _, v in scalars["Train/lr"]]
     assert max(lrs) == pytest.approx(3e-3, rel=0.05) and lrs[-1] < max(lrs)  # warm-up then cosine
@@ -121,10 +180,14 @@ def test_hparams_layout_and_gallery_in_tensorboard(reference_run):
 
     acc = EventAccumulator(str(reference_run / "tensorboard" / "training"), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
-    hp = {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
-          for tag, content in acc.PluginTagToContent("hparams").items()}
-    settings = {k: v.number_value or v.string_value for k, v in hp["_hparams_/session_start_info"]
-                .session_start_info.hparams.items()}
+    hp = {
+        tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+        for tag, content in acc.PluginTagToContent("hparams").items()
+    }
+    settings = {
+        k: v.number_value or v.string_value
+        for k, v in hp["_hparams_/session_start_info"].session_start_info.hparams.items()
+    }
     assert settings["lr"] == pytest.approx(3e-3) and settings["lora_r"] == 8 and settings["model"] == "tiny-t5"
     assert settings["global_batch"] == 16 and settings["world_size"] == 2 and settings["prompt"] == "a picture of"
     metrics = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
@@ -182,8 +245,9 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(shards, reference_run, t
     wait_for(tmp_path / "checkpoints" / "step_00000008" / COMPLETE, timeout=400, proc=proc)
     assert signal_workers(proc, "launch/train.py", signal.SIGTERM) == 2
     assert proc.wait(timeout=300) == 75, log.read_text()[-4000:]
-    saved = read_json(tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
-                      / "train_state.json")
+    saved = read_json(
+        tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip() / "train_state.json"
+    )
     assert 8 <= saved["step"] < STEPS
     proc = run("launch/train.py", train_args(shards, tmp_path, extra=["--resume", "auto"]), nproc=2)
     assert proc.returncode == 0, explain(proc)
@@ -195,8 +259,13 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(shards, reference_run, t
 
 def test_resume_from_explicit_path(shards, reference_run, tmp_path):
     shutil.copytree(reference_run / "checkpoints" / "step_00000016", tmp_path / "from" / "step_00000016")
-    proc = run("launch/train.py", train_args(
-        shards, tmp_path / "run", extra=["--resume", str(tmp_path / "from" / "step_00000016"), "--skip-eval"]), nproc=2)
+    proc = run(
+        "launch/train.py",
+        train_args(
+            shards, tmp_path / "run", extra=["--resume", str(tmp_path / "from" / "step_00000016"), "--skip-eval"]
+        ),
+        nproc=2,
+    )
     assert proc.returncode == 0, explain(proc)
     resumed = read_json(tmp_path / "run" / "final_state.json")["loss_history"]
     assert resumed == read_json(reference_run / "final_state.json")["loss_history"]
@@ -226,8 +295,12 @@ def test_resume_from_a_damaged_checkpoint_names_it(shards, reference_run, tmp_pa
     shutil.copytree(reference_run / "checkpoints" / "step_00000016", ckpt)
     states = ckpt / "mp_rank_00_model_states.pt"
     states.write_bytes(b"\0" * states.stat().st_size)  # same size: only loading it can tell
-    proc = run("launch/train.py", train_args(shards, tmp_path / "run", extra=["--resume", str(ckpt), "--skip-eval"]),
-               nproc=1, timeout=300)
+    proc = run(
+        "launch/train.py",
+        train_args(shards, tmp_path / "run", extra=["--resume", str(ckpt), "--skip-eval"]),
+        nproc=1,
+        timeout=300,
+    )
     assert proc.returncode == 1, explain(proc)
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {ckpt} cannot be loaded ("), errors
@@ -247,8 +320,22 @@ def test_resume_with_another_launch_shape(shards, reference_run, tmp_path):
 def test_standalone_evaluate_reproduces_training_eval(shards, reference_run, tmp_path):
     # No --prompt and no generation flags: the adapter's recorded ones reproduce the training evaluation.
     adapter = reference_run / "checkpoints" / "step_00000024" / "adapter"
-    proc = run("launch/evaluate.py", ["--adapter", str(adapter), "--data", str(shards), "--split", "val",
-                                      "--output-dir", str(tmp_path), "--eval-batch", "16"], nproc=2)
+    proc = run(
+        "launch/evaluate.py",
+        [
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(shards),
+            "--split",
+            "val",
+            "--output-dir",
+            str(tmp_path),
+            "--eval-batch",
+            "16",
+        ],
+        nproc=2,
+    )
     assert proc.returncode == 0, explain(proc)
     assert "warning" not in proc.stdout + proc.stderr.replace("warnings.warn", "")
     standalone = read_json(tmp_path / "predictions.json")
@@ -261,11 +348,16 @@ def test_standalone_evaluate_reproduces_training_eval(shards, reference_run, tmp
 
 
 def test_bad_arguments_fail_fast(shards, tmp_path):
-    proc = run("launch/train.py", ["--model", "tiny-t5", "--data", str(tmp_path / "none"), "--output-dir",
-                                   str(tmp_path / "o")], nproc=1, timeout=120)
+    proc = run(
+        "launch/train.py",
+        ["--model", "tiny-t5", "--data", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o")],
+        nproc=1,
+        timeout=120,
+    )
     assert proc.returncode == 1 and f"error: --data: {tmp_path / 'none'}: not found (no manifest" in proc.stderr
-    proc = run("launch/train.py", train_args(shards, tmp_path / "o", extra=["--deepspeed", "nope.json"]),
-               nproc=1, timeout=120)
+    proc = run(
+        "launch/train.py", train_args(shards, tmp_path / "o", extra=["--deepspeed", "nope.json"]), nproc=1, timeout=120
+    )
     assert proc.returncode != 0 and "nope.json not found" in proc.stderr
 
 
@@ -278,19 +370,31 @@ def test_caption_command_on_trained_adapter(reference_run, shards, tmp_path):
             (tmp_path / m.name).write_bytes(tar.extractfile(m).read())
     (tmp_path / "broken.jpg").write_bytes((tmp_path / jpgs[0].name).read_bytes()[:200])  # truncated
     last = reference_run / "checkpoints" / f"step_{STEPS:08d}" / "adapter"  # best/ may be an early, weak one
-    args = ["--model", "tiny-t5", "--adapter", str(last), "--num-beams", "1",
-            "--max-new-tokens", "8", "--min-length", "1", "--batch-size", "2"]
+    args = [
+        "--model",
+        "tiny-t5",
+        "--adapter",
+        str(last),
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--min-length",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     proc = run("launch/caption.py", [*args, str(tmp_path)], nproc=1, timeout=300)
     assert proc.returncode == 1, explain(proc)  # one image failed
     assert "max_new_tokens=8 differs from the recorded max_new_tokens=12" in proc.stderr
-    lines = [l.split("\t", 1) for l in proc.stdout.splitlines() if l.strip()]
+    lines = [line.split("\t", 1) for line in proc.stdout.splitlines() if line.strip()]
     assert sorted(p.rsplit("/", 1)[1] for p, _ in lines) == sorted(m.name for m in jpgs)
     assert all(caption.strip() for _, caption in lines)
     assert "broken.jpg" in proc.stderr
     good = str(tmp_path / jpgs[0].name)
     proc = run("launch/caption.py", [*args, "--json", good, str(tmp_path / "syn-test-*.jpg")], nproc=1, timeout=300)
     assert proc.returncode == 0, explain(proc)
-    rows = [json.loads(l) for l in proc.stdout.strip().splitlines()]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert rows[0]["path"] == good and len(rows) == 1 + len(jpgs)
     proc = run("launch/caption.py", [*args, str(tmp_path / "missing.jpg")], nproc=1, timeout=300)
     assert proc.returncode == 2 and "missing.jpg" in proc.stderr
@@ -302,8 +406,12 @@ def test_nonfinite_loss_stops_with_the_step_named(shards, tmp_path):
     proc = run("launch/train.py", train_args(shards, tmp_path, extra=extra), nproc=1, timeout=300)
     assert proc.returncode == 1, explain(proc)
     assert "non-finite loss at step" in proc.stderr and "--max-nonfinite 0" in proc.stderr
-    proc = run("launch/train.py", train_args(shards, tmp_path / "skip", extra=[*extra, "--max-nonfinite", "1000"]),
-               nproc=1, timeout=300)
+    proc = run(
+        "launch/train.py",
+        train_args(shards, tmp_path / "skip", extra=[*extra, "--max-nonfinite", "1000"]),
+        nproc=1,
+        timeout=300,
+    )
     assert proc.returncode == 0, explain(proc)
     assert "micro-batch skipped" in proc.stdout
 
@@ -314,8 +422,12 @@ def test_activation_checkpointing_and_unfused_adamw_match_the_plain_run(shards, 
     fp32.write_text(json.dumps({**read_json(REPO / "ds_configs/zero2.json"), "bf16": {"enabled": False}}))
     base = ["--deepspeed", str(fp32), "--max-steps", "4", "--skip-eval", "--fused-adamw", "off"]
     plain = run("launch/train.py", train_args(shards, tmp_path / "a", extra=base), nproc=1, timeout=300)
-    ckpt = run("launch/train.py", train_args(shards, tmp_path / "b", extra=[*base, "--grad-checkpointing"]),
-               nproc=1, timeout=300)
+    ckpt = run(
+        "launch/train.py",
+        train_args(shards, tmp_path / "b", extra=[*base, "--grad-checkpointing"]),
+        nproc=1,
+        timeout=300,
+    )
     assert plain.returncode == 0 and ckpt.returncode == 0, explain(ckpt)
     a = read_json(tmp_path / "a" / "final_state.json")["loss_history"]
     b = read_json(tmp_path / "b" / "final_state.json")["loss_history"]
@@ -328,26 +440,59 @@ def test_best_adapter_records_settings_and_has_a_model_card(reference_run):
     step = read_json(best / "metrics.json")["step"]
     assert meta["step"] == step and meta["caption_format"]["prompt"] == "a picture of"
     assert meta["caption_format"]["end_of_caption"] == "</s>"
-    assert meta["generation"] == {"num_beams": 1, "max_new_tokens": 12, "min_new_tokens": 1,
-                                  "repetition_penalty": 1.0, "length_penalty": 1.0}
+    assert meta["generation"] == {
+        "num_beams": 1,
+        "max_new_tokens": 12,
+        "min_new_tokens": 1,
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+    }
     assert meta["metrics"]["split"] == "val" and meta["metrics"]["step"] == step
     assert meta["metrics"]["values"]["CIDEr"] == read_json(best / "metrics.json")["CIDEr"]
     assert meta["training"]["global_batch"] == 16 and "--max-steps 24" in meta["training"]["command"]
     card = (best / "README.md").read_text()
-    for needle in ("tiny-t5", "trained on split `train`", "evaluated on `val`", "r=8, alpha=32", '"a picture of"',
-                   "num_beams=1", "Split `val`", f"step {step}", "launch/train.py --deepspeed", "| CIDEr |"):
+    for needle in (
+        "tiny-t5",
+        "trained on split `train`",
+        "evaluated on `val`",
+        "r=8, alpha=32",
+        '"a picture of"',
+        "num_beams=1",
+        "Split `val`",
+        f"step {step}",
+        "launch/train.py --deepspeed",
+        "| CIDEr |",
+    ):
         assert needle in card, needle
     # A checkpoint's adapter is carded too; metrics only when that step was evaluated.
-    assert "Not evaluated at this step" not in (reference_run / "checkpoints" / "step_00000016" / "adapter"
-                                                / "README.md").read_text()
+    assert (
+        "Not evaluated at this step"
+        not in (reference_run / "checkpoints" / "step_00000016" / "adapter" / "README.md").read_text()
+    )
 
 
 def test_early_stop_all_ranks_together_best_kept(shards, tmp_path):
     # lr 1e-30 (0 is refused by the range check): every update is far below the weights' and activations'
     # rounding, so the evaluation at step 2 is no better than the one at step 1 (the loss, lower is better,
     # is equal); patience 1 stops both ranks at step 2 of 20, best/ from step 1.
-    extra = ["--lr", "1e-30", "--eval-steps", "1", "--early-stop-patience", "1", "--best-metric", "loss",
-             "--max-eval-images", "2", "--max-steps", "20", "--save-steps", "100", "--num-workers", "0"]
+    extra = [
+        "--lr",
+        "1e-30",
+        "--eval-steps",
+        "1",
+        "--early-stop-patience",
+        "1",
+        "--best-metric",
+        "loss",
+        "--max-eval-images",
+        "2",
+        "--max-steps",
+        "20",
+        "--save-steps",
+        "100",
+        "--num-workers",
+        "0",
+    ]
     proc = run("launch/train.py", train_args(shards, tmp_path, micro=4, extra=extra), nproc=2, timeout=600)
     assert proc.returncode == 0, explain(proc)
     assert "early stop at step 2: no better loss in 1 evaluations" in proc.stdout
@@ -363,10 +508,12 @@ def test_early_stop_flag_checks_and_direction():
     from blip2_dist.config import parse_config
     from blip2_dist.train import improved, validate_eval_plan
 
-    for flags, message in ((["--early-stop-patience", "2"], "needs --eval-steps"),
-                           (["--early-stop-patience", "2", "--eval-steps", "5", "--skip-eval"], "no --skip-eval"),
-                           (["--early-stop-patience", "-1"], ">= 0"),
-                           (["--best-metric", "cider"], "--best-metric 'cider' is not one of")):
+    for flags, message in (
+        (["--early-stop-patience", "2"], "needs --eval-steps"),
+        (["--early-stop-patience", "2", "--eval-steps", "5", "--skip-eval"], "no --skip-eval"),
+        (["--early-stop-patience", "-1"], ">= 0"),
+        (["--best-metric", "cider"], "--best-metric 'cider' is not one of"),
+    ):
         with pytest.raises(ValueError, match=message):
             validate_eval_plan(parse_config(flags, "t"))
     validate_eval_plan(parse_config(["--early-stop-patience", "2", "--eval-steps", "5"], "t"))
@@ -394,8 +541,9 @@ def test_export_of_the_trained_adapter_captions_like_it(reference_run, shards, t
     assert len(ours) == len(images) and any(ours)
     model = Blip2ForConditionalGeneration.from_pretrained(out).eval()
     processor = Blip2Processor.from_pretrained(out)
-    inputs = processor(images=[Image.open(p).convert("RGB") for p in images], text=["a picture of"] * len(images),
-                       return_tensors="pt")
+    inputs = processor(
+        images=[Image.open(p).convert("RGB") for p in images], text=["a picture of"] * len(images), return_tensors="pt"
+    )
     with torch.no_grad():
         ids = model.generate(**inputs, generation_config=model.generation_config)
     assert [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)] == ours

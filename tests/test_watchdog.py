@@ -15,9 +15,9 @@ import sys
 import time
 
 import pytest
+from launch_helpers import free_port
 
 from blip2_dist.errors import EXIT_PEER_LOST
-from launch_helpers import free_port
 
 HEARTBEAT = 3.0
 # Detection takes timeout + a beat interval + a store round trip; on a loaded 2-core machine
@@ -51,11 +51,26 @@ print("done", flush=True)
 def _start(tmp_path, world: int, steps: int, **env) -> list[subprocess.Popen]:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-                HEARTBEAT=str(HEARTBEAT), STEPS=str(steps), OMP_NUM_THREADS="1",
-                **{k: str(v) for k, v in env.items()})
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**base, "RANK": str(r)}, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(world)]
+    base = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world),
+        HEARTBEAT=str(HEARTBEAT),
+        STEPS=str(steps),
+        OMP_NUM_THREADS="1",
+        **{k: str(v) for k, v in env.items()},
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**base, "RANK": str(r)},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in range(world)
+    ]
     for p in procs:  # every rank past start(): the process group and the watchdog are up
         line = p.stdout.readline()
         assert line.strip() == "started", (line, p.stderr.read() if p.poll() is not None else "")
@@ -83,13 +98,14 @@ def test_frozen_peer_ends_the_rank_blocked_in_a_collective(tmp_path):
     procs = _start(tmp_path, world=2, steps=100000)
     try:
         time.sleep(1)
-        procs[1].send_signal(signal.SIGSTOP)       # node 2 vanished: nothing closes the sockets
+        procs[1].send_signal(signal.SIGSTOP)  # node 2 vanished: nothing closes the sockets
         code, err, took = _wait_exit(procs[0], BOUND)
         assert code == EXIT_PEER_LOST, err
         lines = [line for line in err.splitlines() if "peer lost" in line]
-        assert lines == ["error: rank 0: rank(s) 1 silent for 3 s: process or node lost; exiting with 76 "
-                         "(peer lost)"], err
-        assert took >= HEARTBEAT - 1, took        # not before the peer was really silent that long
+        assert lines == [
+            "error: rank 0: rank(s) 1 silent for 3 s: process or node lost; exiting with 76 (peer lost)"
+        ], err
+        assert took >= HEARTBEAT - 1, took  # not before the peer was really silent that long
     finally:
         _end(procs)
 

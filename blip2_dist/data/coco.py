@@ -27,12 +27,25 @@ import os
 from pathlib import Path
 
 from blip2_dist.data.flickr8k import (
-    IMAGE_DIRS, Layout, PackError, Problem, Record, _Captions, _find_file, _image_folder, _karpathy_entries,
-    _read_text, _records_from, find_images_dir, stem,
+    IMAGE_DIRS,
+    Layout,
+    PackError,
+    Problem,
+    Record,
+    _Captions,
+    _find_file,
+    _image_folder,
+    _karpathy_entries,
+    _read_text,
+    _records_from,
+    find_images_dir,
+    stem,
 )
 
 KARPATHY_FILES = {
-    "dataset_coco.json": "coco", "dataset_flickr30k.json": "flickr30k", "dataset_flickr8k.json": "flickr8k",
+    "dataset_coco.json": "coco",
+    "dataset_flickr30k.json": "flickr30k",
+    "dataset_flickr8k.json": "flickr8k",
 }
 FLICKR_IMAGE_DIRS = {
     "flickr30k": ("flickr30k-images", "flickr30k_images", "Images", "images"),
@@ -77,21 +90,26 @@ def karpathy_records(
     """Records of a Karpathy split file, sorted by split (train, val, test), then file order."""
     json_path = find_karpathy_json(source)
     dataset = KARPATHY_FILES[json_path.name]
-    layout = Layout("karpathy", str(source), {"captions": json_path},
-                    split_rule=f"{json_path.name} (restval -> train)")
+    layout = Layout("karpathy", str(source), {"captions": json_path}, split_rule=f"{json_path.name} (restval -> train)")
     problems: list[Problem] = []
     entries, caps = _karpathy_entries(layout, problems)
     root = Path(source).expanduser()
     root = root if root.is_dir() else json_path.parent
-    bases = [Path(images_dir).expanduser()] if images_dir else list(
-        dict.fromkeys([json_path.parent, json_path.parent.parent, root, root / "images", json_path.parent / "images"])
+    bases = (
+        [Path(images_dir).expanduser()]
+        if images_dir
+        else list(
+            dict.fromkeys(
+                [json_path.parent, json_path.parent.parent, root, root / "images", json_path.parent / "images"]
+            )
+        )
     )
     if any(Path(name).parent.as_posix() != "." for _, name, _ in entries):  # COCO: filepath per entry
         layout.images_dir = _coco_image_root(bases, entries)
         wanted = "train2014/ or val2014/ (each entry's filepath)"
     else:
         names = FLICKR_IMAGE_DIRS.get(dataset, FLICKR_IMAGE_DIRS["flickr30k"])
-        layout.images_dir = (_image_folder(bases[0]) if images_dir else find_images_dir(bases, names))
+        layout.images_dir = _image_folder(bases[0]) if images_dir else find_images_dir(bases, names)
         wanted = ", ".join(names)
     if layout.images_dir is None:
         raise PackError(f"{source}: no image folder ({wanted}) beside {json_path.name}; point to it with --images DIR")
@@ -115,8 +133,9 @@ def _annotation_files(root: Path) -> dict[int, dict[str, Path]]:
 
 def _pick_year(root: Path, found: dict[int, dict[str, Path]], year: int | None) -> int:
     if not found:
-        raise PackError(f"{root}: no annotations/captions_{{train,val}}{{2014,2017}}.json found "
-                        "(up to two folders down)")
+        raise PackError(
+            f"{root}: no annotations/captions_{{train,val}}{{2014,2017}}.json found (up to two folders down)"
+        )
     if year is None:
         if len(found) > 1:
             raise PackError(f"{root}: captions for {' and '.join(map(str, sorted(found)))}; choose one with --year")
@@ -131,15 +150,16 @@ def _load_annotations(path: Path) -> tuple[list, list]:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise PackError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-            data.get("annotations"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
         raise PackError(f"{path}: expected a COCO captions file with 'images' and 'annotations' lists")
     return data["images"], data["annotations"]
 
 
-def _official_split(
-    path: Path, split: str, folder: Path, problems: list[Problem]
-) -> list[Record]:
+def _official_split(path: Path, split: str, folder: Path, problems: list[Problem]) -> list[Record]:
     """One captions_*.json: its images in file order, each with its captions in annotation order."""
     images, annotations = _load_annotations(path)
     names: dict[object, tuple[str, str]] = {}
@@ -161,8 +181,9 @@ def _official_split(
         if image_key not in names:
             problems.append(Problem("", where, f"caption for image id {image_key!r}, which is not in 'images'", "line"))
         elif not isinstance(caption, str):
-            problems.append(Problem(stem(names[image_key][0]), where, f"caption is {caption!r}, not a string",
-                                    "caption"))
+            problems.append(
+                Problem(stem(names[image_key][0]), where, f"caption is {caption!r}, not a string", "caption")
+            )
         else:
             caps.add(names[image_key][0], caption, where)
     layout = Layout("coco", str(path), {"captions": path}, images_dir=folder)
@@ -192,8 +213,10 @@ def coco_records(
         folder = find_images_dir(list(dict.fromkeys(bases)), (wanted,))
         if folder is None:
             looked = ", ".join(map(str, bases))
-            raise PackError(f"{source}: no image folder {wanted}/ with images (looked in {looked}); "
-                            "point to the folder holding it with --images DIR")
+            raise PackError(
+                f"{source}: no image folder {wanted}/ with images (looked in {looked}); "
+                "point to the folder holding it with --images DIR"
+            )
         records += _official_split(path, split, folder, problems)
     info = {"layout": "coco", "path": str(source), "year": year, "split_rule": COCO_SPLIT_RULE, "notes": notes}
     return info, records, problems

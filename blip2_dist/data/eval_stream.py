@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from itertools import islice
-from typing import Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -116,9 +116,7 @@ class _EvalPart(IterableDataset):
         return self.stream._part_batches(part, parts)
 
 
-def _collate_eval(
-    records: list[Record], fmt: CaptionFormat, transform: ImageTransform, slog: SampleLog
-) -> dict | None:
+def _collate_eval(records: list[Record], fmt: CaptionFormat, transform: ImageTransform, slog: SampleLog) -> dict | None:
     images, ids, refs = [], [], []
     for rec in records:
         try:

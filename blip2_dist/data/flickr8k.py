@@ -30,9 +30,9 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 LAYOUTS = ("original", "karpathy", "kaggle")
 TOKEN_FILE = "Flickr8k.token.txt"

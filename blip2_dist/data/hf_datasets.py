@@ -11,17 +11,22 @@ when the packer's workers need them. `datasets` is imported only here, when this
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 from blip2_dist.data.flickr8k import PackError, Problem, Record, parse_split_ratio, ratio_split, stem
 
-
 HF_SPLITS = {
-    "train": "train", "training": "train", "restval": "train",
-    "validation": "val", "valid": "val", "val": "val", "dev": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "restval": "train",
+    "validation": "val",
+    "valid": "val",
+    "val": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
 }
 
 
@@ -113,7 +118,9 @@ def hf_records(
     if not (split_column or ratio):
         unknown = [name for name, _ in parts if name.lower() not in HF_SPLITS]
         if unknown:
-            raise PackError(f"{path}: split {unknown[0]!r} is not train/validation/test; use --split-column or --split-ratio")
+            raise PackError(
+                f"{path}: split {unknown[0]!r} is not train/validation/test; use --split-column or --split-ratio"
+            )
 
     records, problems, seen = [], [], {}
     index = 0
@@ -141,7 +148,9 @@ def hf_records(
                 problems.append(Problem(image_id, where, f"image id {image_id!r} also used by {seen[image_id]}"))
             elif has_bytes:
                 seen[image_id] = where
-                records.append(Record(image_id, split, captions, data=partial(_hf_bytes, view, image_column, i), origin=where))
+                records.append(
+                    Record(image_id, split, captions, data=partial(_hf_bytes, view, image_column, i), origin=where)
+                )
             elif img_path:
                 seen[image_id] = where
                 full = img_path if os.path.isabs(img_path) else str(root / img_path)
@@ -149,8 +158,12 @@ def hf_records(
             else:
                 problems.append(Problem(image_id, where, "no image (neither bytes nor path)"))
     info = {
-        "layout": "hf", "path": str(path), "loader": loader, "image_column": image_column,
-        "caption_columns": caption_columns, "split_column": split_column,
+        "layout": "hf",
+        "path": str(path),
+        "loader": loader,
+        "image_column": image_column,
+        "caption_columns": caption_columns,
+        "split_column": split_column,
         "split_ratio": list(ratio) if ratio else None,
     }
     return info, records, problems

@@ -21,7 +21,7 @@ nothing but the captions is held in memory.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from webdataset.shardlists import expand_urls
 
@@ -71,7 +71,11 @@ class _ImageFeed:
 
 
 def img2dataset_records(
-    spec: str, *, group_by: str | None = None, split: str = "train", split_ratio: tuple | None = None,
+    spec: str,
+    *,
+    group_by: str | None = None,
+    split: str = "train",
+    split_ratio: tuple | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> tuple[dict, list[Record], list[Problem]]:
     if split not in SPLITS:
@@ -106,10 +110,21 @@ def img2dataset_records(
     for value, g in groups.items():
         image_id = value if group_by == "image_id" else g["key"]
         chosen = ratio_split(image_id, split_ratio) if split_ratio else split
-        records.append(Record(image_id, chosen, g["captions"], data=lambda p=g["first"]: feed.image(p),
-                              origin=f"{g['first'][0]} [{g['key']}]"))
+        records.append(
+            Record(
+                image_id,
+                chosen,
+                g["captions"],
+                data=lambda p=g["first"]: feed.image(p),
+                origin=f"{g['first'][0]} [{g['key']}]",
+            )
+        )
     info = {
-        "layout": "img2dataset", "path": spec, "group_by": group_by, "samples": samples, "images": len(records),
+        "layout": "img2dataset",
+        "path": spec,
+        "group_by": group_by,
+        "samples": samples,
+        "images": len(records),
         "split_rule": f"sha1(image id) by {list(split_ratio)}" if split_ratio else f"all {split}",
     }
     return info, records, problems

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from webdataset.shardlists import expand_urls
 
@@ -59,8 +59,13 @@ def _base_manifest(path: Path) -> dict:
 
 
 def index_shards(
-    spec: str, out: str | os.PathLike, *, split: str = "train", workers: int | None = None,
-    retry: RetryPolicy = DEFAULT_RETRY, log: Callable[[str], None] = print,
+    spec: str,
+    out: str | os.PathLike,
+    *,
+    split: str = "train",
+    workers: int | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Count every shard `spec` names (brace patterns, several joined by '::') into `out`'s manifest."""
     if split not in SPLITS:
@@ -81,12 +86,15 @@ def index_shards(
     }
     manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("file") not in set(urls)] + [
         {"image_id": key, "file": c.url, "reason": f"sample the loader skips: {why}"}
-        for c in counts for key, why in c.bad
+        for c in counts
+        for key, why in c.bad
     ]
     manifest["source"].setdefault("indexed", {})[split] = spec
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, manifest)
     total = sum(c.bytes for c in counts)
-    log(f"indexed {len(urls)} shard(s), {manifest['splits'][split]['images']} samples, {total / 1e6:.1f} MB "
-        f"in {time.time() - t0:.1f} s into {path} (split {split})")
+    log(
+        f"indexed {len(urls)} shard(s), {manifest['splits'][split]['images']} samples, {total / 1e6:.1f} MB "
+        f"in {time.time() - t0:.1f} s into {path} (split {split})"
+    )
     return manifest

@@ -21,9 +21,9 @@ import os
 import re
 import sys
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
@@ -211,8 +211,16 @@ def pack_records(
     source = dict(source or {}, max_side=max_side, samples_per_shard=samples_per_shard, jpeg_quality=quality)
     workers = default_workers() if workers is None else workers
     with staged_out(out_dir, overwrite) as tmp:
-        return _write_pack(todo, problems, ShardWriter(tmp, samples_per_shard, source=source),
-                           max_side, quality, workers, skip_bad, progress)
+        return _write_pack(
+            todo,
+            problems,
+            ShardWriter(tmp, samples_per_shard, source=source),
+            max_side,
+            quality,
+            workers,
+            skip_bad,
+            progress,
+        )
 
 
 def check_options(samples_per_shard: int, max_side: int | None, quality: int, workers: int | None) -> None:
@@ -227,8 +235,16 @@ def check_options(samples_per_shard: int, max_side: int | None, quality: int, wo
         raise PackError(f"--workers must be >= 1, got {workers}")
 
 
-def _write_pack(todo: list[Record], problems: list[Problem], writer: ShardWriter, max_side: int | None,
-                quality: int, workers: int, skip_bad: bool, progress: bool) -> dict:
+def _write_pack(
+    todo: list[Record],
+    problems: list[Problem],
+    writer: ShardWriter,
+    max_side: int | None,
+    quality: int,
+    workers: int,
+    skip_bad: bool,
+    progress: bool,
+) -> dict:
     try:
         for p in problems:
             writer.skip(p.image_id, p.file, p.manifest_reason())
@@ -245,7 +261,9 @@ def _write_pack(todo: list[Record], problems: list[Problem], writer: ShardWriter
                 else:
                     raise PackError(f"{record.origin}: {payload}\n{_HINT}")
         if written == 0:
-            raise PackError("nothing to pack: no image with a caption was found" + (" (all skipped)" if problems else ""))
+            raise PackError(
+                "nothing to pack: no image with a caption was found" + (" (all skipped)" if problems else "")
+            )
         return writer.close()
     except BaseException:
         writer.abort()
@@ -271,8 +289,12 @@ def pack_flickr8k(
 
 
 def pack_karpathy(
-    source: str | os.PathLike, out_dir: str | os.PathLike, *, images_dir: str | os.PathLike | None = None,
-    log: Callable[[str], None] = print, **options,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    images_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+    **options,
 ) -> dict:
     """Pack Karpathy's dataset_{coco,flickr30k,flickr8k}.json and its images (see coco.py)."""
     from blip2_dist.data.coco import karpathy_records
@@ -280,14 +302,23 @@ def pack_karpathy(
     layout, records, problems = karpathy_records(source, images_dir)
     for note in layout.notes:
         log(note)
-    info = {"layout": "karpathy", "path": str(source), "file": layout.files["captions"].name,
-            "split_rule": layout.split_rule}
+    info = {
+        "layout": "karpathy",
+        "path": str(source),
+        "file": layout.files["captions"].name,
+        "split_rule": layout.split_rule,
+    }
     return pack_records(records, out_dir, problems=problems, source=info, **options)
 
 
 def pack_coco(
-    source: str | os.PathLike, out_dir: str | os.PathLike, *, year: int | None = None,
-    images_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print, **options,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    year: int | None = None,
+    images_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+    **options,
 ) -> dict:
     """Pack the official COCO caption annotations and images (see coco.py for the splits)."""
     from blip2_dist.data.coco import coco_records
@@ -299,16 +330,24 @@ def pack_coco(
 
 
 def pack_img2dataset(
-    spec: str, out_dir: str | os.PathLike, *, group_by: str | None = None, split: str = "train",
-    split_ratio: str | None = None, retries: int = 5, log: Callable[[str], None] = print, **options,
+    spec: str,
+    out_dir: str | os.PathLike,
+    *,
+    group_by: str | None = None,
+    split: str = "train",
+    split_ratio: str | None = None,
+    retries: int = 5,
+    log: Callable[[str], None] = print,
+    **options,
 ) -> dict:
     """Convert img2dataset-style shards, captions grouped per image (see img2dataset.py)."""
     from blip2_dist.data.img2dataset import img2dataset_records
     from blip2_dist.data.urls import RetryPolicy
 
     ratio = parse_split_ratio(split_ratio) if split_ratio else None
-    info, records, problems = img2dataset_records(spec, group_by=group_by, split=split, split_ratio=ratio,
-                                                  retry=RetryPolicy(retries=retries))
+    info, records, problems = img2dataset_records(
+        spec, group_by=group_by, split=split, split_ratio=ratio, retry=RetryPolicy(retries=retries)
+    )
     log(f"{info['samples']} samples -> {info['images']} images (grouped by {info['group_by']})")
     return pack_records(records, out_dir, problems=problems, source=info, **options)
 

@@ -21,14 +21,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from blip2_dist.commands import PACK_SOURCES, sections_of
 from blip2_dist.config import DEBUG_HELP, add_section_args, save_config, section_from
 from blip2_dist.data.flickr8k import PackError
 from blip2_dist.data.pack import (
-    DEFAULT_QUALITY, check_options, pack_coco, pack_flickr8k, pack_hf, pack_img2dataset, pack_karpathy,
+    DEFAULT_QUALITY,
+    check_options,
+    pack_coco,
+    pack_flickr8k,
+    pack_hf,
+    pack_img2dataset,
+    pack_karpathy,
     summarize_manifest,
 )
 from blip2_dist.data.shards import MANIFEST
@@ -45,7 +52,8 @@ SUBCOMMAND_HELP = {
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per source; its flags from its sections (blip2_dist.commands.COMMANDS)."""
     parser = argparse.ArgumentParser(
-        prog="blip2-pack", description="\n\n".join(__doc__.split("\n\n")[:2]),
+        prog="blip2-pack",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,21 +75,44 @@ def parse(argv: Sequence[str] | None) -> tuple[str, dict]:
 def pack_source(command: str, s: dict) -> dict:
     """Pack one source layout into --out; the manifest."""
     src, out, opt = s["source"], s["output"].out, s["pack"]
-    options = dict(samples_per_shard=opt.samples_per_shard, max_side=opt.max_side, quality=opt.quality,
-                   workers=opt.workers, skip_bad=opt.skip_bad, progress=opt.progress, overwrite=s["output"].overwrite)
+    options = dict(
+        samples_per_shard=opt.samples_per_shard,
+        max_side=opt.max_side,
+        quality=opt.quality,
+        workers=opt.workers,
+        skip_bad=opt.skip_bad,
+        progress=opt.progress,
+        overwrite=s["output"].overwrite,
+    )
     check_options(opt.samples_per_shard, opt.max_side, opt.quality, opt.workers)
     if command == "flickr8k":
-        return pack_flickr8k(src.source, out, format=src.format, images_dir=src.images, splits_dir=src.splits,
-                             **options)
+        return pack_flickr8k(
+            src.source, out, format=src.format, images_dir=src.images, splits_dir=src.splits, **options
+        )
     if command == "karpathy":
         return pack_karpathy(src.source, out, images_dir=src.images, **options)
     if command == "coco":
         return pack_coco(src.source, out, year=src.year, images_dir=src.images, **options)
     if command == "img2dataset":
-        return pack_img2dataset(src.shards, out, group_by=src.group_by, split=src.split, split_ratio=src.split_ratio,
-                                retries=src.retries, **options)
-    return pack_hf(src.path, out, image_column=src.image_column, caption_column=src.caption_column,
-                   split_column=src.split_column, split_ratio=src.split_ratio, cache_dir=src.cache_dir, **options)
+        return pack_img2dataset(
+            src.shards,
+            out,
+            group_by=src.group_by,
+            split=src.split,
+            split_ratio=src.split_ratio,
+            retries=src.retries,
+            **options,
+        )
+    return pack_hf(
+        src.path,
+        out,
+        image_column=src.image_column,
+        caption_column=src.caption_column,
+        split_column=src.split_column,
+        split_ratio=src.split_ratio,
+        cache_dir=src.cache_dir,
+        **options,
+    )
 
 
 def pack_synthetic(s: dict) -> dict:
@@ -89,13 +120,24 @@ def pack_synthetic(s: dict) -> dict:
     from blip2_dist.data.synthetic import write_synthetic
 
     check_options(syn.samples_per_shard, None, DEFAULT_QUALITY, None)
-    for flag, value, low in (("--n-train", syn.n_train, 0), ("--n-val", syn.n_val, 0),
-                             ("--n-test", syn.n_test, 0), ("--image-size", syn.image_size, 16)):
+    for flag, value, low in (
+        ("--n-train", syn.n_train, 0),
+        ("--n-val", syn.n_val, 0),
+        ("--n-test", syn.n_test, 0),
+        ("--image-size", syn.image_size, 16),
+    ):
         if value < low:
             raise PackError(f"{flag} must be >= {low}, got {value}")
     with staged_out(out.out, out.overwrite) as tmp:
-        return write_synthetic(tmp, n_train=syn.n_train, n_val=syn.n_val, n_test=syn.n_test,
-                               image_size=syn.image_size, seed=syn.seed, samples_per_shard=syn.samples_per_shard)
+        return write_synthetic(
+            tmp,
+            n_train=syn.n_train,
+            n_val=syn.n_val,
+            n_test=syn.n_test,
+            image_size=syn.image_size,
+            seed=syn.seed,
+            samples_per_shard=syn.samples_per_shard,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,8 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = pack_synthetic(s) if command == "synthetic" else pack_source(command, s)
     except PackError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(f"error: nothing packed; {out} is as it was" if command != "index" else
-              f"error: {out} not written", file=sys.stderr)
+        print(
+            f"error: nothing packed; {out} is as it was" if command != "index" else f"error: {out} not written",
+            file=sys.stderr,
+        )
         return 1
     except UserError as e:  # a remote shard that could not be read, named
         print(f"error: {e}", file=sys.stderr)

@@ -35,16 +35,25 @@ import re
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from blip2_dist.data.shards import MANIFEST, expand_runs, read_manifest, split_shards
 from blip2_dist.data.urls import (
-    DEFAULT_RETRY, ReadFailure, RetryPolicy, ShardReadError, Source, as_failure, fetch_bytes, is_remote, local_path,
+    DEFAULT_RETRY,
+    ReadFailure,
+    RetryPolicy,
+    ShardReadError,
+    Source,
+    as_failure,
+    fetch_bytes,
+    is_remote,
+    local_path,
     tries,
 )
 from blip2_dist.errors import UserError
@@ -161,7 +170,9 @@ def _pattern_shards(urls: list[str], spec: str, retry: RetryPolicy) -> list[Shar
             known[url] = count_shard(url, retry).caption_counts
         log.warning(
             "%s: no manifest.json lists %d of the shards; scanned them for counts in %.1f s (write one "
-            "beside them with `python -m blip2_dist.data.pack_cli index` to skip this)", spec, len(missing),
+            "beside them with `python -m blip2_dist.data.pack_cli index` to skip this)",
+            spec,
+            len(missing),
             time.time() - t0,
         )
     return [ShardInfo(u, _display_name(u), known[u]) for u in urls]
@@ -195,7 +206,7 @@ def _manifest_counts(urls: list[str]) -> dict[str, tuple[int, ...]]:
 def stats_url(url: str) -> str | None:
     """img2dataset writes NAME_stats.json beside NAME.tar; the URL (or pipe: command) of it."""
     found = list(re.finditer(r"\.tar(?=$|[\s?#'\"])", url))
-    return None if not found else url[: found[-1].start()] + "_stats.json" + url[found[-1].end():]
+    return None if not found else url[: found[-1].start()] + "_stats.json" + url[found[-1].end() :]
 
 
 def _stats_counts(urls: list[str]) -> dict[str, tuple[int, ...]]:
@@ -237,15 +248,21 @@ class SampleLog:
         if self._due():
             log.warning(
                 "%s: skipping %s in %s key %r (%s): %s; %d bad so far here (later warnings rate-limited)",
-                self.where, "sample" if n == 1 else f"{n} samples", shard, key, reason,
-                str(detail)[:200], self._bad,
+                self.where,
+                "sample" if n == 1 else f"{n} samples",
+                shard,
+                key,
+                reason,
+                str(detail)[:200],
+                self._bad,
             )
 
     def retry(self, url: str, failure: int, wait_s: float, detail: str) -> None:
         self.counts["retries"] += 1
         if self._due():
-            log.warning("%s: reading %s failed (%s); retry %d in %.1f s", self.where, url, detail[:300], failure,
-                        wait_s)
+            log.warning(
+                "%s: reading %s failed (%s); retry %d in %.1f s", self.where, url, detail[:300], failure, wait_s
+            )
 
     def _due(self) -> bool:
         now = time.monotonic()
@@ -328,8 +345,13 @@ def _read_once(source: Source, name: str, pos: _Position) -> Iterator[dict]:
 
 
 def read_shard(
-    url: str, name: str, lo: int, hi: int | None, slog: SampleLog,
-    parts: tuple[str, ...] | None = None, retry: RetryPolicy = DEFAULT_RETRY,
+    url: str,
+    name: str,
+    lo: int,
+    hi: int | None,
+    slog: SampleLog,
+    parts: tuple[str, ...] | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> Iterator[dict]:
     """Samples lo..hi-1 of a tar (hi=None: to the end), key groups in file order, each handed out
     once. Remote failures are retried (see the module docstring); local ones counted as bad_tar."""

@@ -19,9 +19,9 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from blip2_dist.data.urls import DEFAULT_RETRY, fetch_bytes, local_path
 from blip2_dist.io import write_json_atomic
@@ -162,8 +162,13 @@ class ShardWriter:
                     "captions": sum(s["captions"] for s in shards),
                     "shards": shards,
                 }
-        return {"format": FORMAT, "written_by": WRITER, "source": self.source, "splits": splits,
-                "skipped": self.skipped}
+        return {
+            "format": FORMAT,
+            "written_by": WRITER,
+            "source": self.source,
+            "splits": splits,
+            "skipped": self.skipped,
+        }
 
     def close(self) -> dict:
         for split in list(self._open):
@@ -177,7 +182,7 @@ class ShardWriter:
             shard.tar.close()
         self._open.clear()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -206,7 +211,7 @@ def shard_url(source: str | os.PathLike, name: str) -> str:
     if not found:
         raise ValueError(f"{source}: cannot tell the manifest's file name (expected a name ending in .json)")
     last = found[-1]
-    return location[: last.start()] + name + location[last.end():]
+    return location[: last.start()] + name + location[last.end() :]
 
 
 def read_manifest(source: str | os.PathLike, retry=None) -> dict:

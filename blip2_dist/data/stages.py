@@ -18,10 +18,11 @@ import logging
 import os
 import random
 import signal
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import count
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,9 +117,7 @@ def slot_range(n: int, slots: int, slot: int) -> tuple[int, int]:
     return slot * n // slots, (slot + 1) * n // slots
 
 
-def range_pieces(
-    shards: list[ShardInfo], order: list[int], start: int, stop: int
-) -> list[tuple[ShardInfo, int, int]]:
+def range_pieces(shards: list[ShardInfo], order: list[int], start: int, stop: int) -> list[tuple[ShardInfo, int, int]]:
     """The (shard, lo, hi) pieces covering images start..stop-1 of the sequence `order` defines."""
     pieces, offset = [], 0
     for i in order:
@@ -171,8 +170,13 @@ def worker_loader(
     if num_workers == 0:
         return iter(dataset)
     return DataLoader(
-        dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers,
-        prefetch_factor=prefetch_factor, persistent_workers=False, multiprocessing_context=mp_context,
+        dataset,
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=False,
+        multiprocessing_context=mp_context,
         worker_init_fn=partial(_init_worker, parent=os.getpid()),
     )
 

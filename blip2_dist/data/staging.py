@@ -18,13 +18,12 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from blip2_dist.data.flickr8k import PackError
 from blip2_dist.data.shards import MANIFEST, WRITER, read_manifest
-
 
 _SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 
@@ -56,9 +55,11 @@ def check_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     foreign = sorted(set(os.listdir(out)) - (own_pack_files(out) or set()))
     if foreign and not overwrite:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise PackError(f"--out {out} holds files this packer did not write ({listed}): choose an empty or new "
-                        "folder, or pass --overwrite to write the pack there (files not named like the pack's "
-                        "are kept)")
+        raise PackError(
+            f"--out {out} holds files this packer did not write ({listed}): choose an empty or new "
+            "folder, or pass --overwrite to write the pack there (files not named like the pack's "
+            "are kept)"
+        )
 
 
 @contextmanager
@@ -104,5 +105,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
         raise PackError(f"--out {out}: cannot move the finished pack there ({e.strerror or e})") from None
     stray = sorted(n for n in os.listdir(out) if _SHARD_NAME.match(n) and n not in new)
     if stray:
-        print(f"note: {out} also holds {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}, not written by "
-              "this packer: left in place, and not part of the new pack", file=sys.stderr)
+        print(
+            f"note: {out} also holds {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}, not written by "
+            "this packer: left in place, and not part of the new pack",
+            file=sys.stderr,
+        )

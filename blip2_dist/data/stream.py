@@ -58,9 +58,10 @@ JPEG with a good header) is left out of its batch, which then has fewer than mic
 summed in `TrainStream.last_epoch_stats` / `EvalStream.last_stats` (this rank) and logged.
 
 Resume: `epoch(e, start_batch=k)` yields exactly the batches k.. of the uninterrupted epoch e
-(tensors equal; augmentation is seeded per image, so it replays too). Each worker skips its share of the first k batches before anything is decoded or
-tokenised (their samples are read, not decoded), and the workers' roles are rotated by k % W so the
-DataLoader's round-robin continues where it stopped. `state_dict()` holds (epoch, batches handed
+(tensors equal; augmentation is seeded per image, so it replays too). Each worker skips its share
+of the first k batches before anything is decoded or tokenised (their samples are read, not
+decoded), and the workers' roles are rotated by k % W so the DataLoader's round-robin continues
+where it stopped. `state_dict()` holds (epoch, batches handed
 out); the same seed, world size, workers, micro-batch and caption mode are needed for an exact
 resume (a changed configuration is warned about and resumes at the same fraction of the epoch).
 One exception: if every image of a batch fails to decode, the worker repeats its previous batch
@@ -93,18 +94,31 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import islice
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from blip2_dist.data.reader import LoaderStats, SampleLog, read_pieces, resolve_shards
 from blip2_dist.data.stages import (
-    Record, can_pin, caption_batches, choose_captions, compose, mark_repeat, passes, range_pieces, seeded_rng,
-    shuffled, slot_range, to_torch, valid_samples, worker_loader,
+    Record,
+    can_pin,
+    caption_batches,
+    choose_captions,
+    compose,
+    mark_repeat,
+    passes,
+    range_pieces,
+    seeded_rng,
+    shuffled,
+    slot_range,
+    to_torch,
+    valid_samples,
+    worker_loader,
 )
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy
@@ -222,17 +236,31 @@ class TrainStream:
             log.info(
                 "%s %s: %d images, %d captions; %d ranks x %d workers = %d slots; %d steps/epoch/rank of %d "
                 "examples (%s captions); %d examples/epoch, %d dropped by rounding (%.2f%%)",
-                self.source, self.split, self.num_images, self.num_captions, self.world_size,
-                self.slots_per_rank, self.num_slots, self.steps_per_epoch, self.micro_batch, self.caption_mode,
-                self.examples_per_epoch, self.dropped_examples_per_epoch,
+                self.source,
+                self.split,
+                self.num_images,
+                self.num_captions,
+                self.world_size,
+                self.slots_per_rank,
+                self.num_slots,
+                self.steps_per_epoch,
+                self.micro_batch,
+                self.caption_mode,
+                self.examples_per_epoch,
+                self.dropped_examples_per_epoch,
                 100.0 * self.dropped_examples_per_epoch / max(total, 1),
             )
 
     def summary(self) -> dict:
         return dict(
-            images=self.num_images, captions=self.num_captions, slots=self.num_slots,
-            steps_per_epoch=self.steps_per_epoch, micro_batch=self.micro_batch, caption_mode=self.caption_mode,
-            examples_per_epoch=self.examples_per_epoch, dropped_examples_per_epoch=self.dropped_examples_per_epoch,
+            images=self.num_images,
+            captions=self.num_captions,
+            slots=self.num_slots,
+            steps_per_epoch=self.steps_per_epoch,
+            micro_batch=self.micro_batch,
+            caption_mode=self.caption_mode,
+            examples_per_epoch=self.examples_per_epoch,
+            dropped_examples_per_epoch=self.dropped_examples_per_epoch,
         )
 
     # -- the epoch iterator (main process) ---------------------------------------------------
@@ -244,8 +272,9 @@ class TrainStream:
         worker_stats: dict[int, dict] = {}
         handed = 0
         if start_batch < self.steps_per_epoch:
-            loader = worker_loader(_TrainEpoch(self, epoch, start_batch), self.num_workers, self.prefetch_factor,
-                             self.mp_context)
+            loader = worker_loader(
+                _TrainEpoch(self, epoch, start_batch), self.num_workers, self.prefetch_factor, self.mp_context
+            )
             for wire in loader:
                 if "_final" in wire:  # a worker's counters, sent after its last batch
                     role, stats = wire["_final"]
@@ -272,9 +301,13 @@ class TrainStream:
     # -- checkpoint state --------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         return dict(
-            seed=self.seed, world_size=self.world_size, num_workers=self.num_workers,
-            micro_batch=self.micro_batch, caption_mode=self.caption_mode,
-            shards=[s.name for s in self.shards], num_captions=self.num_captions,
+            seed=self.seed,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            micro_batch=self.micro_batch,
+            caption_mode=self.caption_mode,
+            shards=[s.name for s in self.shards],
+            num_captions=self.num_captions,
             steps_per_epoch=self.steps_per_epoch,
         )
 
@@ -291,7 +324,10 @@ class TrainStream:
             log.warning(
                 "loader configuration changed since the checkpoint (%s): the batches after this resume "
                 "differ from the interrupted run's; resuming epoch %d at batch %d of %d",
-                ", ".join(k for k in changed), epoch, batch, self.steps_per_epoch,
+                ", ".join(k for k in changed),
+                epoch,
+                batch,
+                self.steps_per_epoch,
             )
         if batch >= self.steps_per_epoch:
             epoch, batch = epoch + 1, 0
@@ -348,8 +384,13 @@ class _TrainEpoch(IterableDataset):
 
 
 def _collate_train(
-    raw: list[tuple[Record, list[str]]], fmt: CaptionFormat, transform: ImageTransform,
-    slog: SampleLog, aug_key: str, previous: dict | None, last: dict,
+    raw: list[tuple[Record, list[str]]],
+    fmt: CaptionFormat,
+    transform: ImageTransform,
+    slog: SampleLog,
+    aug_key: str,
+    previous: dict | None,
+    last: dict,
 ) -> dict:
     """Decode + resize each image once, stack them (uint8), tokenise the captions in one call."""
     images, index, captions, ids = [], [], [], []

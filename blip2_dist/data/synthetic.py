@@ -29,8 +29,8 @@ import io
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -182,8 +182,11 @@ def attribute_accuracy(predictions: dict[str, str], seed: int = 0) -> dict[str, 
         plural = scene.count > 1
         hits["colour"] += {w for w in words if w in COLOURS} == {scene.colour}
         hits["shape"] += {SINGULARS.get(w, w) for w in nouns} == {scene.shape}
-        hits["count"] += (bool(nouns) and all((w in PLURALS.values()) == plural for w in nouns)
-                          and {w for w in words if w in NUMBERS.values()} <= {NUMBERS[scene.count]})
+        hits["count"] += (
+            bool(nouns)
+            and all((w in PLURALS.values()) == plural for w in nouns)
+            and {w for w in words if w in NUMBERS.values()} <= {NUMBERS[scene.count]}
+        )
         hits["all"] += caption_matches(caption, scene)
     return {k: v / max(1, len(predictions)) for k, v in hits.items()}
 
@@ -217,8 +220,12 @@ def write_synthetic(
 ) -> dict:
     """Draw and write the set through ShardWriter (train, val, test); returns the manifest."""
     source = {
-        "layout": "synthetic", "path": f"seed {seed}", "seed": seed, "image_size": image_size,
-        "samples_per_shard": samples_per_shard, "max_side": None,
+        "layout": "synthetic",
+        "path": f"seed {seed}",
+        "seed": seed,
+        "image_size": image_size,
+        "samples_per_shard": samples_per_shard,
+        "max_side": None,
     }
     with ShardWriter(out_dir, samples_per_shard, source=source) as writer:
         for split, n in zip(SPLITS, (n_train, n_val, n_test)):
@@ -248,8 +255,9 @@ def natural_image(rng: np.random.Generator, width: int = 500, height: int = 375)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def synthetic_batches(processor, model_config, *, n_batches: int, micro_batch: int, captions_per_image: int,
-                      seed: int = 0) -> list[dict]:
+def synthetic_batches(
+    processor, model_config, *, n_batches: int, micro_batch: int, captions_per_image: int, seed: int = 0
+) -> list[dict]:
     """Micro-batches as the shard stream makes them: whole caption groups in order, a group straddling
     two batches when it does not fit; pixel_values one row per image (normalised noise at the model's
     image size). Captions: 12 +- 4 words (Flickr8k averages ~11) from the tiny tokenizer's vocabulary."""
@@ -266,19 +274,22 @@ def synthetic_batches(processor, model_config, *, n_batches: int, micro_batch: i
     while len(batches) < n_batches:
         image = len(pixels)
         pixels[image] = torch.randn(3, size, size, generator=gen)
-        captions = [" ".join(rng.choice(TINY_CORPUS_WORDS) for _ in range(max(4, round(rng.gauss(12, 4)))))
-                    for _ in range(captions_per_image)]
+        captions = [
+            " ".join(rng.choice(TINY_CORPUS_WORDS) for _ in range(max(4, round(rng.gauss(12, 4)))))
+            for _ in range(captions_per_image)
+        ]
         pending += [(image, c) for c in captions]
         while len(pending) >= micro_batch and len(batches) < n_batches:
             take, pending = pending[:micro_batch], pending[micro_batch:]
             ids = sorted({i for i, _ in take})
-            batches.append({
-                "pixel_values": torch.stack([pixels[i] for i in ids]),  # a straddling image in both batches
-                "image_index": torch.tensor([ids.index(i) for i, _ in take]),
-                **fmt.encode_train([c for _, c in take]),
-            })
+            batches.append(
+                {
+                    "pixel_values": torch.stack([pixels[i] for i in ids]),  # a straddling image in both batches
+                    "image_index": torch.tensor([ids.index(i) for i, _ in take]),
+                    **fmt.encode_train([c for _, c in take]),
+                }
+            )
     return batches
-
 
 
 def photo_jpeg(seed: int, quality: int = 90) -> bytes:
@@ -287,10 +298,13 @@ def photo_jpeg(seed: int, quality: int = 90) -> bytes:
     w, h = [(500, 375), (500, 375), (500, 333), (375, 500)][seed % 4]
     base = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
     texture = rng.normal(0, 45, (h // 2, w // 2, 3))
-    texture = np.asarray(
-        Image.fromarray(np.clip(texture + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC),
-        dtype=np.float32,
-    ) - 128
+    texture = (
+        np.asarray(
+            Image.fromarray(np.clip(texture + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC),
+            dtype=np.float32,
+        )
+        - 128
+    )
     noise = rng.normal(0, 11, (h, w, 3)).astype(np.float32)
     pixels = np.clip(np.asarray(base, dtype=np.float32) + texture + noise, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -318,11 +332,16 @@ def write_photo_flickr8k(root: str | os.PathLike, n: int = 8000, workers: int = 
     text.mkdir(parents=True, exist_ok=True)
     names = [flickr_name(i) for i in range(n)]
     held = max(1, round(n / 8))
-    splits = {"train": names[: n - 2 * held], "val": names[n - 2 * held: n - held], "test": names[n - held:]}
+    splits = {"train": names[: n - 2 * held], "val": names[n - 2 * held : n - held], "test": names[n - held :]}
     for split, members in splits.items():
         (text / SPLIT_FILES[split]).write_text("".join(f"{name}\n" for name in members))
-    (text / TOKEN_FILE).write_text("".join(f"{name}#{k}\tA dog number {i} runs on the grass , take {k} .\n"
-                                           for i, name in enumerate(names) for k in range(5)))
+    (text / TOKEN_FILE).write_text(
+        "".join(
+            f"{name}#{k}\tA dog number {i} runs on the grass , take {k} .\n"
+            for i, name in enumerate(names)
+            for k in range(5)
+        )
+    )
     jobs = [(str(images / name), i) for i, name in enumerate(names)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -331,4 +350,3 @@ def write_photo_flickr8k(root: str | os.PathLike, n: int = 8000, workers: int = 
         for job in jobs:
             _write_photo(job)
     return [images / name for name in names]
-

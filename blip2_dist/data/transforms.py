@@ -102,7 +102,7 @@ class ImageTransform:
             raise ValueError(f"backend must be 'torch' or 'pil', got {self.backend!r}")
 
     @classmethod
-    def from_processor(cls, processor: Any, augment: bool = False, **overrides: Any) -> "ImageTransform":
+    def from_processor(cls, processor: Any, augment: bool = False, **overrides: Any) -> ImageTransform:
         ip = getattr(processor, "image_processor", processor)
         size = ip.size
         height = size["height"] if isinstance(size, dict) else size.height
@@ -291,7 +291,7 @@ class CaptionFormat:
     @classmethod
     def from_processor(
         cls, processor: Any, model_config: Any, prompt: str = "", max_caption_tokens: int = 64
-    ) -> "CaptionFormat":
+    ) -> CaptionFormat:
         image_token_id = model_config.image_token_index
         if image_token_id is None:
             raise ValueError(

@@ -112,12 +112,19 @@ class Source:
         if urlparse(url).scheme in ("http", "https"):
             self._stderr = tempfile.TemporaryFile()
             try:
-                self.stream = Pipe(_curl_command(rewrite_url(url), retry), mode="rb", bufsize=1 << 16,
-                                   ignore_status=[141, 23], stderr=self._stderr)
+                self.stream = Pipe(
+                    _curl_command(rewrite_url(url), retry),
+                    mode="rb",
+                    bufsize=1 << 16,
+                    ignore_status=[141, 23],
+                    stderr=self._stderr,
+                )
             except FileNotFoundError:
                 self._stderr.close()
-                raise ReadFailure("curl not found: http(s) shards are read with curl, as webdataset "
-                                  "reads them; install curl", permanent=True) from None
+                raise ReadFailure(
+                    "curl not found: http(s) shards are read with curl, as webdataset reads them; install curl",
+                    permanent=True,
+                ) from None
         else:
             self.stream = gopen(url, "rb")
         self.proc = getattr(self.stream, "proc", None)
@@ -160,8 +167,9 @@ class Source:
         try:
             self.stream.close()
         except subprocess.TimeoutExpired:
-            raise ReadFailure(f"the command did not exit within {self.watchdog.stall_s:.0f} s after its output "
-                              "ended") from None
+            raise ReadFailure(
+                f"the command did not exit within {self.watchdog.stall_s:.0f} s after its output ended"
+            ) from None
 
     def failure(self, error: BaseException) -> ReadFailure:
         """What went wrong, in one line; permanent for an HTTP 4xx (but 408/425/429)."""
@@ -205,8 +213,17 @@ class Source:
 def _curl_command(url: str, retry: RetryPolicy) -> list[str]:
     """gopen's curl call for http(s), minus `--retry` (we retry, count and resume ourselves) and
     with --show-error (the message, e.g. the HTTP status, goes into our error) and --globoff."""
-    return ["curl", "--fail", "--silent", "--show-error", "--location", "--globoff",
-            "--connect-timeout", str(retry.connect_timeout_s), url]
+    return [
+        "curl",
+        "--fail",
+        "--silent",
+        "--show-error",
+        "--location",
+        "--globoff",
+        "--connect-timeout",
+        str(retry.connect_timeout_s),
+        url,
+    ]
 
 
 def fetch_bytes(url: str, retry: RetryPolicy = DEFAULT_RETRY) -> bytes:
@@ -242,5 +259,3 @@ def as_failure(source: Source | None, error: BaseException) -> ReadFailure:
 
 def tries(failures: int) -> str:
     return f"; failed {failures} times in a row" if failures > 1 else ""
-
-
