@@ -18,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-from fake_flickr8k import FakeSet, small_jpeg
+from fake_flickr8k import FakeSet, karpathy_entry, small_jpeg
 
 KARPATHY_COCO_SPLITS = ["train", "restval", "val", "train", "test", "restval", "train"]
 
@@ -82,17 +82,7 @@ def write_karpathy_flickr30k(root: str | Path, n: int = 9) -> FakeSet:
         split = ["train", "train", "val", "test"][i % 4]  # Flickr30k's json has no restval
         name = f"{1000092795 + 31 * i}.jpg"
         caps = coco_captions(i)[:5]
-        images.append(
-            {
-                "filename": name,
-                "imgid": i,
-                "split": split,
-                "sentids": list(range(5 * i, 5 * i + 5)),
-                "sentences": [
-                    {"raw": c, "tokens": c.split(), "imgid": i, "sentid": 5 * i + k} for k, c in enumerate(caps)
-                ],
-            }
-        )
+        images.append(karpathy_entry(i, name, split, caps))
         fake.add(Path(name).stem, split, [c.strip() for c in caps])
         fake.files[Path(name).stem] = _image(fake.images_dir, name, i)
     (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))

@@ -120,6 +120,17 @@ def write_original(
     return fake
 
 
+def karpathy_entry(i: int, name: str, split: str, caps: list[str]) -> dict:
+    """One image of a Karpathy split file (dataset_*.json), five captions with their sentence ids."""
+    return {
+        "filename": name,
+        "imgid": i,
+        "split": split,
+        "sentids": list(range(5 * i, 5 * i + 5)),
+        "sentences": [{"raw": c, "tokens": c.split(), "imgid": i, "sentid": 5 * i + k} for k, c in enumerate(caps)],
+    }
+
+
 def write_karpathy(root: str | os.PathLike, n: int = 12, image_dir: str = "Images") -> FakeSet:
     root = Path(root)
     images_dir = root / image_dir
@@ -131,17 +142,7 @@ def write_karpathy(root: str | os.PathLike, n: int = 12, image_dir: str = "Image
         name = fake_name(i)
         caps = captions_for(i)
         split = kinds[i % len(kinds)]
-        images.append(
-            {
-                "filename": name,
-                "imgid": i,
-                "split": split,
-                "sentids": list(range(5 * i, 5 * i + 5)),
-                "sentences": [
-                    {"raw": c, "tokens": c.split(), "imgid": i, "sentid": 5 * i + k} for k, c in enumerate(caps)
-                ],
-            }
-        )
+        images.append(karpathy_entry(i, name, split, caps))
         fake.add(Path(name).stem, "train" if split == "restval" else split, [c.strip() for c in caps])
         fake.files[Path(name).stem] = images_dir / name
     (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
