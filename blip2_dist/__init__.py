@@ -21,8 +21,8 @@ _API = {
     "apply_lora": "lora",
     "caption_loss": "captioning",
     "generate_captions": "captioning",
-    # training and evaluation (rank-aware)
-    "train": "train",
+    # training and evaluation (rank-aware); training itself is `blip2_dist.train.train(cfg)`: a name
+    # "train" here would shadow the submodule of the same name
     "evaluate_model": "evaluate",
     "score_captions": "metrics",
     "score_captions_detailed": "metrics",

@@ -25,7 +25,7 @@ from blip2_dist.data.reader import check_data, is_manifest, split_sources
 from blip2_dist.data.shards import manifest_location, read_manifest, split_shards
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, local_path
 from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config, precision_of
-from blip2_dist.errors import UserError
+from blip2_dist.errors import UsageError, UserError
 from blip2_dist.models import REAL_TEXT, TINY_MODELS
 
 
@@ -251,3 +251,46 @@ def check_adapter(path: str, model: str | None) -> None:
         )
     if model is None and not (folder / "blip2_dist_adapter.json").is_file():
         raise UserError(f"--adapter {path} records no base model (no blip2_dist_adapter.json): pass --model")
+
+
+# ---- the step and evaluation plans (identical on every rank) ------------------------------------
+
+
+@dataclass
+class Plan:
+    """Step counts decided before training, identical on every rank."""
+
+    micro_per_epoch: int  # micro-batches each rank takes per epoch
+    steps_per_epoch: int  # optimizer steps per epoch
+    total_steps: int
+
+
+def plan_steps(cfg: Config, loader_steps: int) -> Plan:
+    accum = cfg.optim.grad_accum
+    steps_per_epoch = loader_steps // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch gives {loader_steps} micro-batches per rank, fewer than --grad-accum {accum}")
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    return Plan(steps_per_epoch * accum, steps_per_epoch, total)
+
+
+# What --best-metric may name: the COCO toolkit's metrics and the validation loss.
+EVAL_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "loss")
+
+
+def validate_eval_plan(cfg: Config) -> None:
+    """--best-metric names a metric; --early-stop-patience has evaluations to count."""
+    if cfg.eval.best_metric not in EVAL_METRICS:
+        raise UsageError(f"--best-metric {cfg.eval.best_metric!r} is not one of {', '.join(EVAL_METRICS)}")
+    patience = cfg.train.early_stop_patience
+    if patience < 0:
+        raise UsageError(f"--early-stop-patience must be >= 0, got {patience}")
+    if patience and (cfg.train.skip_eval or not cfg.train.eval_steps):
+        raise UsageError("--early-stop-patience counts evaluations: it needs --eval-steps N and no --skip-eval")
+
+
+def improved(metric: str, value: float, best: float | None) -> bool:
+    """Whether `value` beats `best`: the loss is better lower, every caption metric higher."""
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +23,7 @@ from tqdm import tqdm
 from blip2_dist import dist
 from blip2_dist.adapters import caption_format_record, save_adapter
 from blip2_dist.checkpoint import Checkpointer, TrainState
-from blip2_dist.checks import TrainingPlan, check_training
+from blip2_dist.checks import EVAL_METRICS, TrainingPlan, check_training, improved, plan_steps, validate_eval_plan
 from blip2_dist.config import Config
 from blip2_dist.data.stream import TrainStream
 from blip2_dist.data.transforms import CaptionFormat, ImageTransform
@@ -42,10 +39,11 @@ from blip2_dist.engine import (
     to_device,
     train_step,
 )
-from blip2_dist.errors import EXIT_PREEMPTED, UsageError, write_exit_report
+from blip2_dist.errors import EXIT_PREEMPTED, write_exit_report
 from blip2_dist.io import write_json_atomic
 from blip2_dist.lora import describe_trainable
 from blip2_dist.models import family_from_name, family_of
+from blip2_dist.run_record import ExampleLog, training_record
 from blip2_dist.tensorboard import ThroughputMeter, build_writer, hparams_of, memory_gib, tensorboard_layout
 from blip2_dist.watchdog import Watchdog
 
@@ -68,28 +66,6 @@ class StopFlag:
         return dist.all_reduce_max(1.0 if self.requested else 0.0) > 0
 
 
-@dataclass
-class Plan:
-    """Step counts decided before training, identical on every rank."""
-
-    micro_per_epoch: int  # micro-batches each rank takes per epoch
-    steps_per_epoch: int  # optimizer steps per epoch
-    total_steps: int
-
-
-def plan_steps(cfg: Config, loader_steps: int) -> Plan:
-    accum = cfg.optim.grad_accum
-    steps_per_epoch = loader_steps // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"one epoch gives {loader_steps} micro-batches per rank, fewer than --grad-accum {accum}")
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    return Plan(steps_per_epoch * accum, steps_per_epoch, total)
-
-
-# What --best-metric may name: the COCO toolkit's metrics and the validation loss.
-EVAL_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "loss")
-
-
 def validate(cfg: Config, world_size: int, rank: int = 0) -> TrainingPlan:
     """Checks that need no other rank (blip2_dist.checks: flags, data, DeepSpeed JSON, model, output,
     resume), with the precisions this device has: a FLAN-T5 that would train in fp16 is refused here."""
@@ -97,56 +73,6 @@ def validate(cfg: Config, world_size: int, rank: int = 0) -> TrainingPlan:
     checked = check_training(cfg, world_size, rank, device_precisions())
     check_fp16_family(checked.precision, family_from_name(cfg.model.model), cfg)
     return checked
-
-
-def validate_eval_plan(cfg: Config) -> None:
-    """--best-metric names a metric; --early-stop-patience has evaluations to count."""
-    if cfg.eval.best_metric not in EVAL_METRICS:
-        raise UsageError(f"--best-metric {cfg.eval.best_metric!r} is not one of {', '.join(EVAL_METRICS)}")
-    patience = cfg.train.early_stop_patience
-    if patience < 0:
-        raise UsageError(f"--early-stop-patience must be >= 0, got {patience}")
-    if patience and (cfg.train.skip_eval or not cfg.train.eval_steps):
-        raise UsageError("--early-stop-patience counts evaluations: it needs --eval-steps N and no --skip-eval")
-
-
-def improved(metric: str, value: float, best: float | None) -> bool:
-    """Whether `value` beats `best`: the loss is better lower, every caption metric higher."""
-    if best is None:
-        return True
-    return value < best if metric == "loss" else value > best
-
-
-def command_line() -> str:
-    """This process's command as the user typed it, minus the --local_rank the launcher appends."""
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg in ("--local_rank", "--local-rank"):
-            skip = True
-        elif not arg.startswith(("--local_rank=", "--local-rank=")):
-            args.append(arg)
-    script = os.path.relpath(sys.argv[0]) if os.path.abspath(sys.argv[0]).startswith(os.getcwd()) else sys.argv[0]
-    return shlex.join([script, *args])
-
-
-def training_record(cfg: Config, world_size: int, precision: str) -> dict:
-    """What an adapter records about the run that made it (for its model card)."""
-    micro, accum = cfg.data.micro_batch, cfg.optim.grad_accum
-    return {
-        "data": cfg.data.data,
-        "train_split": cfg.data.train_split,
-        "eval_split": cfg.data.eval_split,
-        "micro_batch": micro,
-        "grad_accum": accum,
-        "world_size": world_size,
-        "global_batch": micro * accum * world_size,
-        "lr": cfg.optim.lr,
-        "precision": precision,
-        "deepspeed": cfg.train.deepspeed,
-        "command": command_line(),
-    }
 
 
 class Trainer:
@@ -522,31 +448,6 @@ class Trainer:
 
 def _json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
-
-
-class ExampleLog:
-    """`--sample-log`: one JSON line per micro-batch with [image id, caption] of each example it
-    trained on, per rank, appended (a resumed run repeats the lines of the micro-batches it
-    replays after the checkpoint). For auditing what a run saw; off by default."""
-
-    def __init__(self, folder: Path, rank: int, enabled: bool):
-        self.file = None
-        if enabled:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.file = open(folder / f"rank-{rank}.jsonl", "a", encoding="utf-8")
-
-    def write(self, state: TrainState, batch: dict) -> None:
-        if self.file is None:
-            return
-        ids = batch["image_ids"]
-        examples = [[ids[row], caption] for row, caption in zip(batch["image_index"].tolist(), batch["captions"])]
-        line = {"step": state.step + 1, "epoch": state.epoch, "micro_batch": state.batch_in_epoch, "examples": examples}
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
 
 
 def train(cfg: Config) -> int:

@@ -116,3 +116,5 @@ def test_public_api_is_lazy_and_complete():
     assert not missing, f"README's code map lacks {missing}"
     with pytest.raises(AttributeError):
         blip2_dist.no_such_name  # noqa: B018
+    submodules = {p.stem for p in Path(blip2_dist.__file__).parent.glob("*.py")} | {"data"}
+    assert not submodules & set(blip2_dist.__all__), "an API name would shadow a submodule"

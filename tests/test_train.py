@@ -505,8 +505,8 @@ def test_early_stop_all_ranks_together_best_kept(shards, tmp_path):
 
 
 def test_early_stop_flag_checks_and_direction():
+    from blip2_dist.checks import improved, validate_eval_plan
     from blip2_dist.config import parse_config
-    from blip2_dist.train import improved, validate_eval_plan
 
     for flags, message in (
         (["--early-stop-patience", "2"], "needs --eval-steps"),
