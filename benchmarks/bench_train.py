@@ -206,7 +206,7 @@ def run_ours(cfg: TrainBenchConfig) -> dict:
     config.optim.fused_adamw = cfg.fused_adamw
     config.data.micro_batch = cfg.micro_batch
     config.train.deepspeed, config.train.seed = cfg.deepspeed, cfg.seed
-    model, processor, _ = build_model(config, cfg.torch_dtype, device=cfg.device)
+    model, processor = build_model(config, cfg.torch_dtype, device=cfg.device)
     blip2 = unwrap_blip2(model)
     if cfg.compile:
         _compile_parts(blip2)

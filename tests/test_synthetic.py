@@ -156,7 +156,7 @@ def test_cli(tmp_path, capsys):
     assert main(["synthetic", *args]) == 0
     assert "packed synthetic" in capsys.readouterr().out
     run = subprocess.run(
-        [sys.executable, "-m", "blip2_dist.data.pack", "synthetic", *args[:1], str(tmp_path / "b"), *args[2:]],
+        [sys.executable, "-m", "blip2_dist.data.pack_cli", "synthetic", *args[:1], str(tmp_path / "b"), *args[2:]],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -164,6 +164,14 @@ def test_cli(tmp_path, capsys):
     )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "a/train-000001.tar").read_bytes() == (tmp_path / "b/train-000001.tar").read_bytes()
+    wrong = subprocess.run(  # the packer module itself is not the command: it says which one is
+        [sys.executable, "-m", "blip2_dist.data.pack", "synthetic", "--out", str(tmp_path / "c")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wrong.returncode == 1 and "blip2_dist.data.pack_cli" in wrong.stderr and not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("size", [32, 96])

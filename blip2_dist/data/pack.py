@@ -407,3 +407,9 @@ def summarize_manifest(manifest: dict, seconds: float | None = None) -> str:
     if seconds is not None:
         lines.append(f"{total[0]} images in {seconds:.1f} s ({total[0] / max(seconds, 1e-9):.1f} images/s)")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # The command lives in pack_cli.py (it imports this module); running this file would otherwise do
+    # nothing and exit 0, a silent no-op for anyone who types the module's name.
+    raise SystemExit("error: the packer's command is `python -m blip2_dist.data.pack_cli` (or `blip2-pack`)")
