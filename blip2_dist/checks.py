@@ -26,6 +26,7 @@ from blip2_dist.data.shards import manifest_location, read_manifest, split_shard
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, local_path
 from blip2_dist.deepspeed_config import fill_deepspeed_config, load_deepspeed_config, precision_of
 from blip2_dist.errors import UsageError, UserError
+from blip2_dist.lora import check_lora
 from blip2_dist.models import REAL_TEXT, TINY_MODELS
 
 
@@ -46,6 +47,7 @@ def check_training(
     has (blip2_dist.engine.device_precisions)."""
     for section in (cfg.model, cfg.data, cfg.optim, cfg.eval, cfg.train):
         check_values(section)
+    check_lora(cfg.model)  # the rule across LoRA fields, before any rank waits on another
     splits = {"--train-split": cfg.data.train_split}
     if not cfg.train.skip_eval:
         splits["--eval-split"] = cfg.data.eval_split

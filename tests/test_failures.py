@@ -135,6 +135,12 @@ def test_flag_out_of_range(shards, tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_lora_fields_that_clash_are_refused_before_the_process_group(shards, tmp_path):
+    code, got = train_check(shards, tmp_path, "--train-qformer", "--qformer-lora-targets", "query")
+    assert code == 1 and got.startswith("--train-qformer trains the whole Q-Former"), got
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_file_values_are_checked_too(shards, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("optim:\n  lr: 1e-4\n")  # YAML 1.1 reads 1e-4 (no dot) as a string
