@@ -16,13 +16,13 @@ only record, into PROBE.json (rank 0):
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from blip2_dist.config import parse_config
+from blip2_dist.errors import run_main
 from blip2_dist.lora import unwrap_blip2
 from blip2_dist.train import Trainer
 
@@ -73,8 +73,9 @@ def main(argv: list[str]) -> int:
     code = trainer.fit()
     if trainer.is_main:
         out.write_text(json.dumps(record))
+    trainer.close(code)  # as blip2_dist.train.train ends a run
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_main(main)  # the entry points' exit path (hard_exit), so the process group cannot hold the exit
