@@ -70,6 +70,18 @@ class _ImageFeed:
         raise ValueError(f"{position[0]} sample {position[1]}: not found on the second read (did the shard change?)")
 
 
+def shard_urls(spec: str, split: str) -> list[str]:
+    """The shards a packer command's SPEC names (brace patterns, several joined by '::'), checked:
+    a PackError for an unknown --split or a local shard that is not there (img2dataset and index)."""
+    if split not in SPLITS:
+        raise PackError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    urls = [u for part in split_sources(spec) for u in expand_urls(part)]
+    missing = [u for u in urls if not is_remote(u) and not local_path(u).is_file()]
+    if not urls or missing:
+        raise PackError(f"{spec}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {(missing or [spec])[0]}")
+    return urls
+
+
 def img2dataset_records(
     spec: str,
     *,
@@ -78,12 +90,7 @@ def img2dataset_records(
     split_ratio: tuple | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> tuple[dict, list[Record], list[Problem]]:
-    if split not in SPLITS:
-        raise PackError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    urls = [u for part in split_sources(spec) for u in expand_urls(part)]
-    missing = [u for u in urls if not is_remote(u) and not local_path(u).is_file()]
-    if not urls or missing:
-        raise PackError(f"{spec}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {(missing or [spec])[0]}")
+    urls = shard_urls(spec, split)
     groups: dict[str, dict] = {}
     problems: list[Problem] = []
     slog = SampleLog("img2dataset captions")

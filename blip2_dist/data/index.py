@@ -19,11 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from webdataset.shardlists import expand_urls
-
+from blip2_dist.data.img2dataset import shard_urls
 from blip2_dist.data.pack import PackError, default_workers, ordered_map
-from blip2_dist.data.reader import count_shard, split_sources
-from blip2_dist.data.shards import FORMAT, MANIFEST, SPLITS, read_manifest, run_length
+from blip2_dist.data.reader import count_shard
+from blip2_dist.data.shards import FORMAT, MANIFEST, read_manifest, run_length
 from blip2_dist.data.urls import DEFAULT_RETRY, RetryPolicy, is_remote, local_path
 from blip2_dist.io import write_json_atomic
 
@@ -68,12 +67,7 @@ def index_shards(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Count every shard `spec` names (brace patterns, several joined by '::') into `out`'s manifest."""
-    if split not in SPLITS:
-        raise PackError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    urls = [u for part in split_sources(spec) for u in expand_urls(part)]
-    missing = [u for u in urls if not is_remote(u) and not local_path(u).is_file()]
-    if not urls or missing:
-        raise PackError(f"{spec}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {(missing or [spec])[0]}")
+    urls = shard_urls(spec, split)
     path = manifest_path(out)
     manifest = _base_manifest(path)
     t0 = time.time()
